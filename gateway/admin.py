@@ -1,0 +1,265 @@
+"""The operators' API under `/admin/`: kill switches, policy reload, status and the audit trail.
+
+Every route needs `Authorization: Bearer $GATEWAY_ADMIN_TOKEN` (compared in constant time); with no token
+configured the admin API is disabled and answers 403. A flip is checked against the live policy first (unknown
+route or variant → 404; a flip that would leave a route with no live variant → 409 unless `"force": true`), then
+written with its audit entry in one SQLite transaction, and only then published to the live view, so the next
+request sees it. Writes are serialised by one lock per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.errors import (
+    AuthenticationError,
+    BadRequest,
+    ConfigError,
+    Conflict,
+    GatewayError,
+    NotFound,
+    PermissionDenied,
+)
+from gateway.policy import View, build_view, newly_dark
+from gateway.policy_store import LiveView
+from gateway.state import Flip, StateStore, apply_flip
+
+
+@dataclass(slots=True)
+class AdminContext:
+    token: str | None
+    live: LiveView
+    state: StateStore
+    counters: Counter[tuple[str, str, str, str]]
+    reload: Any  # () -> PolicySnapshot, raises ConfigError (blocking; run in a thread)
+    lock: asyncio.Lock
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def admin_routes(ctx: AdminContext) -> list[Route]:
+    def flip_endpoint(scope: str, killed: bool) -> Any:
+        async def endpoint(request: Request) -> Response:
+            return await _flip(ctx, request, scope, killed)
+
+        return endpoint
+
+    return [
+        Route(
+            "/admin/routes/{route}/variants/{variant}/kill", flip_endpoint("variant", True), methods=["POST"]
+        ),
+        Route(
+            "/admin/routes/{route}/variants/{variant}/revive",
+            flip_endpoint("variant", False),
+            methods=["POST"],
+        ),
+        Route("/admin/routes/{route}/kill", flip_endpoint("route", True), methods=["POST"]),
+        Route("/admin/routes/{route}/revive", flip_endpoint("route", False), methods=["POST"]),
+        Route("/admin/kill-all", flip_endpoint("global", True), methods=["POST"]),
+        Route("/admin/revive-all", flip_endpoint("global", False), methods=["POST"]),
+        Route("/admin/reload", _guard(ctx, _reload), methods=["POST"]),
+        Route("/admin/status", _guard(ctx, _status), methods=["GET"]),
+        Route("/admin/audit", _guard(ctx, _audit), methods=["GET"]),
+    ]
+
+
+def _guard(ctx: AdminContext, handler: Any) -> Any:
+    async def endpoint(request: Request) -> Response:
+        _authorize(ctx, request)
+        result: Response = await handler(ctx, request)
+        return result
+
+    return endpoint
+
+
+def _authorize(ctx: AdminContext, request: Request) -> None:
+    if ctx.token is None:
+        raise PermissionDenied("The admin API is disabled: set GATEWAY_ADMIN_TOKEN to enable it.")
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise AuthenticationError("The admin API needs 'Authorization: Bearer <admin token>'.")
+    if not hmac.compare_digest(presented.strip().encode(), ctx.token.encode()):
+        raise AuthenticationError("Incorrect admin token.")
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def _reason_actor(request: Request, body: dict[str, Any]) -> tuple[str, str]:
+    reason = body.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise BadRequest("A non-empty 'reason' is required: it goes into the audit log.", param="reason")
+    actor = body.get("actor") or request.headers.get("x-gateway-actor") or "admin"
+    if not isinstance(actor, str):
+        raise BadRequest("'actor' must be a string.", param="actor")
+    return reason.strip(), actor
+
+
+async def _flip(ctx: AdminContext, request: Request, scope: str, killed: bool) -> Response:
+    _authorize(ctx, request)
+    body = await _body(request)
+    reason, actor = _reason_actor(request, body)
+    flip = Flip(scope, killed, request.path_params.get("route", ""), request.path_params.get("variant", ""))  # type: ignore[arg-type]
+    async with ctx.lock:
+        view = ctx.live.view
+        _check_target(view, flip)
+        proposed = build_view(view.policy, apply_flip(view.switches, flip))
+        dark = newly_dark(view, proposed)
+        if dark and not body.get("force", False):
+            raise Conflict(
+                f"This would leave {', '.join(repr(r) for r in dark)} with no live variant; "
+                'send "force": true to do it anyway (their requests then get 503).',
+                code="last_live_variant",
+            )
+        switches = await asyncio.to_thread(
+            ctx.state.apply, flip, actor=actor, reason=reason, policy_version=view.policy.version
+        )
+        now = ctx.live.set_switches(switches)
+    return json_response(
+        {
+            "action": flip.action,
+            "route": flip.route or None,
+            "variant": flip.variant or None,
+            "switches": _switches_json(now),
+            "routes": _routes_json(now, ctx.counters),
+        }
+    )
+
+
+def _check_target(view: View, flip: Flip) -> None:
+    if flip.scope == "global":
+        return
+    route = view.policy.routes.get(flip.route)
+    if route is None:
+        raise NotFound(f"No route {flip.route!r}.")
+    if flip.scope == "variant" and route.variant(flip.variant) is None:
+        raise NotFound(f"Route {flip.route!r} has no variant {flip.variant!r}.")
+
+
+async def _reload(ctx: AdminContext, request: Request) -> Response:
+    body = await _body(request)
+    actor = body.get("actor") or request.headers.get("x-gateway-actor") or "admin"
+    async with ctx.lock:
+        before = ctx.live.view.policy.version
+        try:
+            policy = await asyncio.to_thread(ctx.reload)
+        except ConfigError as err:
+            await asyncio.to_thread(
+                ctx.state.record,
+                "reload_rejected",
+                actor=str(actor),
+                reason=err.message,
+                policy_version=before,
+            )
+            raise
+        view = ctx.live.set_policy(policy)
+        await asyncio.to_thread(
+            ctx.state.record,
+            "reload",
+            actor=str(actor),
+            reason=body.get("reason"),
+            policy_version=policy.version,
+            detail={"previous_version": before, "routes": sorted(policy.routes)},
+        )
+    return json_response(
+        {
+            "policy_version": view.policy.version,
+            "previous_version": before,
+            "routes": sorted(view.policy.routes),
+        }
+    )
+
+
+async def _status(ctx: AdminContext, request: Request) -> Response:
+    view = ctx.live.view
+    return json_response(
+        {
+            "policy_version": view.policy.version,
+            "switches": _switches_json(view),
+            "routes": _routes_json(view, ctx.counters),
+        }
+    )
+
+
+async def _audit(ctx: AdminContext, request: Request) -> Response:
+    try:
+        limit = int(request.query_params.get("limit", "100"))
+        since = float(request.query_params["since"]) if "since" in request.query_params else None
+    except ValueError:
+        raise BadRequest("'limit' must be an integer and 'since' a Unix timestamp.") from None
+    entries = await asyncio.to_thread(
+        ctx.state.audit,
+        limit=max(1, min(limit, 10_000)),
+        route=request.query_params.get("route"),
+        since=since,
+    )
+    return json_response({"entries": [e.as_dict() for e in entries]})
+
+
+def _switches_json(view: View) -> dict[str, Any]:
+    s = view.switches
+    return {
+        "global_kill": s.global_kill,
+        "routes": sorted(s.routes),
+        "variants": [{"route": r, "variant": v} for r, v in sorted(s.variants)],
+    }
+
+
+def _routes_json(view: View, counters: Counter[tuple[str, str, str, str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, plan in view.plans.items():
+        route = plan.route
+        total = sum(v.weight for v in route.variants) or 1.0
+        out[name] = {
+            "killed": view.switches.route_down(name),
+            "live": plan.live,
+            "fallback": list(route.fallback),
+            "tool_calls": route.tool_calls,
+            "variants": {
+                v.name: {
+                    "model": v.model,
+                    "engine": v.engine,
+                    "weight": v.weight,
+                    "configured_share": v.weight / total,
+                    "effective_share": plan.shares.get(v.name, 0.0),
+                    "killed": view.switches.variant_killed(name, v.name),
+                    "requests": _counts(counters, name, v.name),
+                }
+                for v in route.variants
+            },
+        }
+    return out
+
+
+def _counts(counters: Counter[tuple[str, str, str, str]], route: str, variant: str) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for (r, v, outcome, verdict), n in list(counters.items()):
+        if r == route and v == variant:
+            total["total"] += n
+            total[outcome] += n
+            if verdict in ("invalid", "truncated"):
+                total[f"tool_calls_{verdict}"] += n
+    return dict(total)
+
+
+def error_response(err: GatewayError) -> Response:
+    return Response(err.envelope(), status_code=err.status, media_type="application/json")

@@ -1,0 +1,244 @@
+"""Composes the gateway: `create_app(settings)` builds every component, checks the configuration, and returns the
+ASGI application whose lifespan starts and stops them.
+
+Configuration is checked before anything listens: a bad policy, a missing keys file (with authentication on) or an
+unknown engine raises `ConfigError` from `create_app`, so `gateway serve` refuses to start with a clear message.
+Resources that need the event loop (engine sessions, the switch watcher) start in the lifespan and close there; the
+request log is flushed on shutdown.
+
+`POST /v1/chat/completions` is dispatched by a thin ASGI front (`GatewayASGI`) straight to the chat endpoint; every
+other path goes through Starlette's router, middleware and exception handlers, where per-request cost matters less.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.admin import AdminContext, admin_routes, error_response, json_response
+from gateway.engine import EnginePool
+from gateway.errors import ConfigError, GatewayError, NotFound
+from gateway.keys import KeyRing
+from gateway.policy import PolicySnapshot, Timeouts
+from gateway.policy_store import LiveView, load_policies
+from gateway.proxy import ChatEndpoint, Deps
+from gateway.records import RecordWriter
+from gateway.settings import Settings
+from gateway.state import StateStore
+from gateway.telemetry import Telemetry
+from gateway.toolcalls import SchemaCache
+
+log = logging.getLogger("gateway")
+CHAT_PATH = "/v1/chat/completions"
+
+
+class GatewayASGI:
+    """The chat endpoint on a direct path; everything else (lifespan included) through Starlette."""
+
+    def __init__(self, chat: ChatEndpoint, starlette: Starlette, components: Components) -> None:
+        self.chat = chat
+        self.starlette = starlette
+        self.components = components
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
+            await self.chat(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+
+class Components:
+    """Everything the app owns, built synchronously (so configuration errors surface before serving)."""
+
+    def __init__(
+        self, settings: Settings, *, engines: EnginePool | None, telemetry: Telemetry | None
+    ) -> None:
+        self.settings = settings
+        self.keys = _load_keys(settings)
+        self.defaults = Timeouts(
+            settings.connect_timeout, settings.first_byte_timeout, settings.total_timeout
+        )
+        policy = self.load_policy()
+        self.state = StateStore(settings.state_db)
+        self.live = LiveView(policy, self.state.switches())
+        self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
+        self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
+        self.records = RecordWriter(settings.records_db)
+        self.counters: Counter[tuple[str, str, str, str]] = Counter()
+
+    def load_policy(self) -> PolicySnapshot:
+        return load_policies(self.settings.policies_dir, self.settings.engines, self.defaults)
+
+    async def start(self) -> None:
+        self.records.start()
+        await self.engines.start()
+
+    async def close(self) -> None:
+        await self.engines.close()
+        self.records.close()
+        self.telemetry.shutdown()
+        self.state.close()
+
+
+def _load_keys(settings: Settings) -> KeyRing | None:
+    if settings.auth == "off":
+        log.warning("client authentication is OFF (GATEWAY_AUTH=off): every caller may use every route")
+        return None
+    if settings.keys_file is None:
+        raise ConfigError(
+            "No client keys: set GATEWAY_KEYS_FILE to a keys file, or GATEWAY_AUTH=off to run without authentication."
+        )
+    return KeyRing.load(settings.keys_file)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engines: EnginePool | None = None,
+    telemetry: Telemetry | None = None,
+    draw: Callable[[], float] | None = None,
+) -> GatewayASGI:
+    c = Components(settings, engines=engines, telemetry=telemetry)
+    deps = Deps(
+        live=c.live,
+        keys=c.keys,
+        engines=c.engines,
+        schemas=SchemaCache(),
+        records=c.records,
+        telemetry=c.telemetry,
+        max_body_bytes=settings.max_body_bytes,
+        counters=c.counters,
+        **({"draw": draw} if draw is not None else {}),
+    )
+    admin = AdminContext(
+        token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+        live=c.live,
+        state=c.state,
+        counters=c.counters,
+        reload=c.load_policy,
+        lock=asyncio.Lock(),
+    )
+    chat = ChatEndpoint(deps)
+    starlette = Starlette(
+        # The chat route is listed here too so that other methods on its path get a 405 from the router.
+        routes=[Route(CHAT_PATH, chat, methods=["POST"]), *_routes(c), *admin_routes(admin)],
+        exception_handlers={
+            GatewayError: _on_gateway_error,
+            HTTPException: _on_http_error,
+            Exception: _on_bug,
+        },
+        lifespan=_lifespan(c),
+    )
+    return GatewayASGI(chat, starlette, c)
+
+
+def _lifespan(c: Components) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await c.start()
+        watcher = asyncio.create_task(_watch_switches(c))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await c.close()
+
+    return lifespan
+
+
+async def _watch_switches(c: Components) -> None:
+    """Pick up flips made by another gateway process sharing the state database."""
+    seen = await asyncio.to_thread(c.state.data_version)
+    while True:
+        await asyncio.sleep(c.settings.switch_poll_s)
+        try:
+            version = await asyncio.to_thread(c.state.data_version)
+            if version != seen:
+                seen = version
+                c.live.set_switches(await asyncio.to_thread(c.state.switches))
+        except Exception:  # a locked or unreadable file must not stop the watcher
+            log.exception("reading kill switches failed; retrying")
+
+
+def _routes(c: Components) -> list[Route]:
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        return await _readiness(c)
+
+    async def models(request: Request) -> Response:
+        return _models(c, request)
+
+    async def metrics(request: Request) -> Response:
+        return Response(c.telemetry.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+
+
+async def _readiness(c: Components) -> Response:
+    view = c.live.view
+    engines: dict[str, str] = {}
+    for name in c.engines.names:
+        try:
+            await c.engines.get_json(name, "v1/models")
+            engines[name] = "ok"
+        except GatewayError as err:
+            engines[name] = err.message
+    ready = bool(view.policy.routes) and all(v == "ok" for v in engines.values())
+    body = {
+        "ready": ready,
+        "policy_version": view.policy.version,
+        "routes": len(view.policy.routes),
+        "engines": engines,
+    }
+    return json_response(body, 200 if ready else 503)
+
+
+def _models(c: Components, request: Request) -> Response:
+    if c.keys is not None:
+        key = c.keys.authenticate(request.headers.get("authorization"))
+        allowed = [r for r in c.live.view.policy.routes if "*" in key.routes or r in key.routes]
+    else:
+        allowed = list(c.live.view.policy.routes)
+    created = int(time.time())
+    data = [{"id": r, "object": "model", "created": created, "owned_by": "gateway"} for r in sorted(allowed)]
+    return json_response({"object": "list", "data": data})
+
+
+async def _on_gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound(f"No such endpoint: {request.method} {request.url.path}"))
+    err = GatewayError(str(exc.detail), code="method_not_allowed" if exc.status_code == 405 else None)
+    body = orjson.dumps({"error": {**err.body()["error"], "type": "invalid_request_error"}})
+    return Response(body, status_code=exc.status_code, media_type="application/json")
+
+
+async def _on_bug(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(GatewayError("The gateway failed to handle this request."))

@@ -1,0 +1,331 @@
+"""The `gateway` command: run the gateway (or the simulated engine, or both as a demo), and operate it.
+
+Operator commands (`kill`, `revive`, `status`, `audit`, `reload`) call the admin API over HTTP with
+`GATEWAY_ADMIN_TOKEN`, so they work the same against a local or a remote gateway (`--url`). `report` reads the
+request log (SQLite) directly, so it also works while the gateway is down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as err:
+        print(f"gateway: configuration rejected: {err.message}", file=sys.stderr)
+        return 2
+    except CommandError as err:
+        print(f"gateway: {err}", file=sys.stderr)
+        return 1
+
+
+class CommandError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="Canary gateway for fine-tuned model variants.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway (configured by GATEWAY_* variables)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    sim = sub.add_parser("sim-engine", help="run the simulated OpenAI-compatible engine")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8001)
+    sim.add_argument("--behaviour", type=Path, default=None, help="TOML behaviour file")
+    sim.set_defaults(func=cmd_sim_engine)
+
+    demo = sub.add_parser("demo", help="run the simulated engine and the gateway together")
+    demo.add_argument("--engine-port", type=int, default=8001)
+    demo.add_argument("--behaviour", type=Path, default=Path("loadtests/sim/engine.toml"))
+    demo.set_defaults(func=cmd_demo)
+
+    for name, killed in (("kill", True), ("revive", False)):
+        k = sub.add_parser(name, help=f"{name} a variant, a route, or everything (--all)")
+        k.add_argument("route", nargs="?")
+        k.add_argument("variant", nargs="?")
+        k.add_argument("--all", action="store_true", help="every route")
+        k.add_argument("--reason", required=True)
+        k.add_argument("--force", action="store_true", help="even if it leaves a route with no live variant")
+        _admin_args(k)
+        k.set_defaults(func=cmd_flip, killed=killed)
+
+    status = sub.add_parser("status", help="routes, variants, weights, switches and live counters")
+    _admin_args(status)
+    status.set_defaults(func=cmd_status)
+
+    audit = sub.add_parser("audit", help="the audit trail, newest first")
+    audit.add_argument("--route")
+    audit.add_argument("--since", help="ISO time or a duration such as 2h, 30m, 7d")
+    audit.add_argument("--limit", type=int, default=50)
+    _admin_args(audit)
+    audit.set_defaults(func=cmd_audit)
+
+    reload = sub.add_parser("reload", help="reload policies/ (the old policy stays if the new one is bad)")
+    reload.add_argument("--reason")
+    _admin_args(reload)
+    reload.set_defaults(func=cmd_reload)
+
+    report = sub.add_parser("report", help="per route and variant figures from the request log")
+    report.add_argument("--route")
+    report.add_argument("--since", help="ISO time or a duration such as 2h, 30m, 7d")
+    report.add_argument("--json", action="store_true")
+    report.add_argument("--db", type=Path, help="request log (default: $GATEWAY_DATA_DIR/requests.db)")
+    report.set_defaults(func=cmd_report)
+
+    keys = sub.add_parser("hash-key", help="print the sha256 line for a keys file entry")
+    keys.add_argument("token")
+    keys.set_defaults(func=cmd_hash_key)
+    return p
+
+
+def _admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="gateway base URL (default: from GATEWAY_HOST/GATEWAY_PORT)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+
+
+# -- running ------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    app = create_app(settings)
+    print(
+        f"gateway: policy {app.components.live.view.policy.version}, "
+        f"routes {sorted(app.components.live.view.policy.routes)}, listening on {settings.host}:{settings.port}",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        lifespan="on",
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def cmd_sim_engine(args: argparse.Namespace) -> int:
+    from gateway.sim_engine import serve
+
+    serve(args.host, args.port, args.behaviour)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    engine_url = f"http://127.0.0.1:{args.engine_port}"
+    os.environ.setdefault("GATEWAY_ENGINES", orjson.dumps({"default": engine_url}).decode())
+    if "GATEWAY_KEYS_FILE" not in os.environ:
+        os.environ.setdefault("GATEWAY_AUTH", "off")
+    os.environ.setdefault("GATEWAY_ADMIN_TOKEN", "demo-admin-token")
+    engine = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.sim_engine",
+            "--port",
+            str(args.engine_port),
+            "--behaviour",
+            str(args.behaviour),
+        ]
+    )
+    try:
+        _wait_healthy(engine_url + "/health", engine)
+        settings = Settings()
+        print(
+            f"\ndemo: simulated engine on {engine_url}; gateway on {settings.admin_url}\n"
+            f"  try:  curl -s {settings.admin_url}/v1/chat/completions -H 'content-type: application/json' "
+            '-d \'{"model": "crm-assistant", "messages": [{"role": "user", "content": "hi"}]}\'\n'
+            f"  admin token: {os.environ['GATEWAY_ADMIN_TOKEN']}  (gateway status / kill / revive / audit)\n",
+            file=sys.stderr,
+        )
+        return cmd_serve(argparse.Namespace(host=None, port=None))
+    finally:
+        engine.terminate()
+        engine.wait(timeout=10)
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise CommandError(f"the engine exited with status {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise CommandError(f"the engine at {url} did not become healthy within {timeout:g} s")
+
+
+# -- operating ----------------------------------------------------------------------------------------------
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    settings = Settings()
+    if settings.admin_token is None:
+        raise CommandError("GATEWAY_ADMIN_TOKEN is not set")
+    url = (args.url or settings.admin_url).rstrip("/")
+    headers = {
+        "Authorization": f"Bearer {settings.admin_token.get_secret_value()}",
+        "X-Gateway-Actor": os.environ.get("USER") or "cli",
+    }
+    try:
+        response = httpx.request(method, url + path, headers=headers, timeout=10.0, **kwargs)
+    except httpx.HTTPError as exc:
+        raise CommandError(f"cannot reach the gateway at {url}: {exc}") from None
+    body = response.json() if response.content else {}
+    if response.status_code >= 400:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise CommandError(f"{response.status_code}: {error.get('message', response.text)}")
+    return body
+
+
+def cmd_flip(args: argparse.Namespace) -> int:
+    verb = "kill" if args.killed else "revive"
+    if args.all:
+        path = f"/admin/{verb}-all"
+    elif args.route and args.variant:
+        path = f"/admin/routes/{args.route}/variants/{args.variant}/{verb}"
+    elif args.route:
+        path = f"/admin/routes/{args.route}/{verb}"
+    else:
+        raise CommandError(f"{verb}: name a ROUTE (and optionally a VARIANT), or pass --all")
+    body = _admin(args, "POST", path, json={"reason": args.reason, "force": args.force})
+    if args.json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(f"{body['action']}: done")
+        _print_routes(body["routes"])
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    body = _admin(args, "GET", "/admin/status")
+    if args.json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    switches = body["switches"]
+    print(f"policy {body['policy_version']}   kill-all: {'ON' if switches['global_kill'] else 'off'}")
+    _print_routes(body["routes"])
+    return 0
+
+
+def _print_routes(routes: dict[str, Any]) -> None:
+    for name, route in routes.items():
+        state = "KILLED" if route["killed"] else ("no live variant" if not route["live"] else "live")
+        print(
+            f"\n{name}  [{state}]  tool_calls={route['tool_calls']}  fallback={','.join(route['fallback']) or '-'}"
+        )
+        print(f"  {'variant':<16} {'model':<24} {'weight':>7} {'share':>7} {'state':<7} {'requests':>9}")
+        for vname, v in route["variants"].items():
+            print(
+                f"  {vname:<16} {v['model']:<24} {v['weight']:>7g} {v['effective_share']:>7.1%} "
+                f"{'KILLED' if v['killed'] else 'live':<7} {v['requests'].get('total', 0):>9}"
+            )
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.route:
+        params["route"] = args.route
+    if args.since:
+        params["since"] = parse_since(args.since)
+    body = _admin(args, "GET", "/admin/audit", params=params)
+    if args.json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    for e in body["entries"]:
+        when = dt.datetime.fromtimestamp(e["at"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        target = "/".join(p for p in (e["route"], e["variant"]) if p) or "*"
+        print(
+            f"{when}Z  {e['actor']:<12} {e['action']:<16} {target:<28} {e['reason'] or ''}  "
+            f"[policy {e['policy_version']}]"
+        )
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    body = _admin(args, "POST", "/admin/reload", json={"reason": args.reason} if args.reason else {})
+    print(
+        f"policy {body['previous_version']} -> {body['policy_version']}; routes: {', '.join(body['routes'])}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gateway import report
+    from gateway.records import read_records
+
+    db = args.db or Settings().records_db
+    if not db.exists():
+        raise CommandError(f"no request log at {db}")
+    since = parse_since(args.since) if args.since else None
+    summaries = report.summarize(read_records(db, route=args.route, since=since))
+    if args.json:
+        sys.stdout.buffer.write(report.to_json(summaries) + b"\n")
+    else:
+        print(report.format_table(summaries))
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from gateway.keys import digest_of
+
+    print(f'sha256 = "{digest_of(args.token)}"')
+    return 0
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'2h', '30m', '7d', '45s' back from now, or an ISO 8601 time (UTC when it has no offset)."""
+    match = _DURATION.match(text.strip())
+    if match:
+        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return (time.time() if now is None else now) - seconds
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(f"--since: {text!r} is neither a duration (2h, 30m) nor an ISO time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

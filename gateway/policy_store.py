@@ -1,0 +1,186 @@
+"""Loads `policies/*.toml` into one validated `PolicySnapshot`, and holds the live `View` that requests read.
+
+Loading is all-or-nothing: every file is parsed into strict pydantic models (unknown keys are errors, so a typo
+never silently changes routing), cross-checked (engines exist, fallbacks name variants of the route, no two files
+claim one route, some weight is positive), and only then turned into frozen `policy` objects. Any failure raises
+`ConfigError` naming the file and field; the caller keeps the old snapshot. The version is a content hash of the
+files, so the same files always give the same version on every gateway process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import ConfigError
+from gateway.policy import (
+    PolicySnapshot,
+    Route,
+    Sticky,
+    Switches,
+    Timeouts,
+    Variant,
+    View,
+    build_view,
+)
+from gateway.records import Price
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+Name = Annotated[str, Field(pattern=_NAME)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PriceModel(_Strict):
+    input_per_mtok: NonNegative
+    output_per_mtok: NonNegative
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
+
+
+class VariantModel(_Strict):
+    model: Annotated[str, Field(min_length=1)]
+    engine: Name = "default"
+    weight: NonNegative = 0.0
+    system_prompt: str | None = None
+    price: PriceModel | None = None
+
+
+class TimeoutsModel(_Strict):
+    connect: Positive | None = None
+    first_byte: Positive | None = None
+    total: Positive | None = None
+
+
+class PolicyModel(_Strict):
+    route: Name
+    sticky: str = "none"
+    tool_calls: Literal["observe", "annotate", "enforce"] = "observe"
+    fallback: list[Name] = Field(default_factory=list)
+    salt: str | None = None
+    description: str | None = None
+    timeouts: TimeoutsModel = TimeoutsModel()
+    variants: dict[Name, VariantModel] = Field(min_length=1)
+
+    @field_validator("sticky")
+    @classmethod
+    def _sticky(cls, value: str) -> str:
+        parse_sticky(value)
+        return value
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> PolicyModel:
+        for name in self.fallback:
+            if name not in self.variants:
+                raise ValueError(f"fallback {name!r} is not a variant of this route")
+        if not any(v.weight > 0 for v in self.variants.values()):
+            raise ValueError("at least one variant needs a positive weight")
+        return self
+
+
+def parse_sticky(spec: str) -> Sticky:
+    if spec == "none":
+        return Sticky()
+    source, _, name = spec.partition(":")
+    if source not in ("header", "body") or not name:
+        raise ValueError(f"sticky must be 'header:<name>', 'body:<field>' or 'none', not {spec!r}")
+    return Sticky(
+        source="header" if source == "header" else "body", name=name.lower() if source == "header" else name
+    )
+
+
+def load_policies(directory: Path, engines: Mapping[str, str], defaults: Timeouts) -> PolicySnapshot:
+    """Parse and validate every `*.toml` in `directory` (not recursive). Raises `ConfigError`."""
+    if not directory.is_dir():
+        raise ConfigError(f"policies directory {str(directory)!r} does not exist")
+    files = sorted(directory.glob("*.toml"))
+    digest = hashlib.sha256()
+    routes: dict[str, Route] = {}
+    sources: dict[str, str] = {}
+    for path in files:
+        raw = path.read_bytes()
+        digest.update(path.name.encode() + b"\0" + raw + b"\0")
+        route = _route_from(path, raw, engines, defaults)
+        if route.name in routes:
+            raise ConfigError(f"{path}: route {route.name!r} is already defined in {sources[route.name]}")
+        routes[route.name] = route
+        sources[route.name] = str(path)
+    return PolicySnapshot(MappingProxyType(routes), digest.hexdigest()[:16], MappingProxyType(sources))
+
+
+def _route_from(path: Path, raw: bytes, engines: Mapping[str, str], defaults: Timeouts) -> Route:
+    try:
+        model = PolicyModel.model_validate(tomllib.loads(raw.decode()))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_first_error(exc)}") from None
+    for name, variant in model.variants.items():
+        if variant.engine not in engines:
+            raise ConfigError(
+                f"{path}: variants.{name}.engine: {variant.engine!r} is not in GATEWAY_ENGINES ({sorted(engines)})"
+            )
+    return _route(model, defaults)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "policy"
+    return f"{where}: {err['msg']}"
+
+
+def _route(model: PolicyModel, defaults: Timeouts) -> Route:
+    variants = tuple(
+        Variant(
+            name=name,
+            model=v.model,
+            engine=v.engine,
+            weight=v.weight,
+            system_prompt=v.system_prompt,
+            price=Price(v.price.input_per_mtok, v.price.output_per_mtok, v.price.currency)
+            if v.price
+            else None,
+        )
+        for name, v in model.variants.items()
+    )
+    t = model.timeouts
+    timeouts = Timeouts(
+        connect=t.connect or defaults.connect,
+        first_byte=t.first_byte or defaults.first_byte,
+        total=t.total or defaults.total,
+    )
+    return Route(
+        name=model.route,
+        variants=variants,
+        fallback=tuple(model.fallback),
+        sticky=parse_sticky(model.sticky),
+        tool_calls=model.tool_calls,
+        timeouts=timeouts,
+        salt=model.salt if model.salt is not None else model.route,
+    )
+
+
+class LiveView:
+    """The one holder of what requests read. Each change builds a whole new `View` and swaps one reference, so a
+    request that read `.view` once sees one policy and one set of switches, never a mix."""
+
+    def __init__(self, policy: PolicySnapshot, switches: Switches) -> None:
+        self.view: View = build_view(policy, switches)
+
+    def set_policy(self, policy: PolicySnapshot) -> View:
+        self.view = build_view(policy, self.view.switches)
+        return self.view
+
+    def set_switches(self, switches: Switches) -> View:
+        if switches != self.view.switches:
+            self.view = build_view(self.view.policy, switches)
+        return self.view

@@ -1,0 +1,500 @@
+"""The request path, in one place: read, authenticate, parse, decide, rewrite, send, check, record.
+
+`ChatEndpoint` is a plain ASGI callable (mounted in the Starlette app for `POST /v1/chat/completions`): on this
+path Starlette's Request/Response layers are a measurable share of the CPU per request (DESIGN.md), and a plain
+callable also lets a stream be relayed event by event as it arrives.
+
+Every request gets exactly one `Record`, written in `finally`, whatever the exit: success, a client error, an engine
+failure, a client that hung up, a stream that broke mid-way, or a bug (which answers a clean 500 envelope and logs
+the traceback). Errors before the response started are sent as a status and OpenAI's envelope; after a stream
+started, as an SSE error event. A failure before the engine's first byte falls back once to the route's first live
+fallback variant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway import relay, sse
+from gateway.engine import EnginePool, EngineResponse
+from gateway.errors import (
+    ClientDisconnected,
+    EngineError,
+    GatewayError,
+    InvalidToolCall,
+    PayloadTooLarge,
+    PermissionDenied,
+    UnknownRoute,
+)
+from gateway.keys import ANONYMOUS, ApiKey, KeyRing
+from gateway.openai_types import ChatRequest, parse_chat_request
+from gateway.policy import Decision, Plan, Route, Variant, bucket
+from gateway.policy_store import LiveView
+from gateway.records import Record, RecordWriter, cost
+from gateway.rewrite import engine_body
+from gateway.telemetry import Telemetry
+from gateway.toolcalls import (
+    Completion,
+    Expectation,
+    SchemaCache,
+    Verdict,
+    check,
+    completions_from_response,
+    expectation_from_request,
+)
+
+log = logging.getLogger("gateway.proxy")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+
+NO_VERDICT = Verdict(status="none", reason=None, path=None, detail=None, calls=0)
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's mutable context while it is in flight."""
+
+    rec: Record
+    t0: float
+    send: Send
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    started: bool = False  # response headers sent: errors must now go in-band
+    disconnected: bool = False
+    response: EngineResponse | None = None
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        rec = self.rec
+        out = [(b"x-request-id", rec.request_id.encode())]
+        if rec.route:
+            out.append((b"x-gateway-route", rec.route.encode()))
+        if rec.variant:
+            out.append((b"x-gateway-variant", rec.variant.encode()))
+        if rec.policy_version:
+            out.append((b"x-gateway-policy-version", rec.policy_version.encode()))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    live: LiveView
+    keys: KeyRing | None  # None: authentication is off
+    engines: EnginePool
+    schemas: SchemaCache
+    records: RecordWriter
+    telemetry: Telemetry
+    max_body_bytes: int
+    counters: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)  # live, for /admin/status
+    clock: Callable[[], float] = time.perf_counter
+    wallclock: Callable[[], float] = time.time
+    draw: Callable[[], float] = random.random
+
+
+class ChatEndpoint:
+    def __init__(self, deps: Deps) -> None:
+        self.d = deps
+        self.inflight = 0  # requests between arrival and their record's submission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        d = self.d
+        headers = dict(scope["headers"])
+        x = Exchange(Record(ts=d.wallclock(), request_id=_request_id(headers)), d.clock(), send, headers)
+        self.inflight += 1
+        try:
+            await self._handle(x, scope, receive)
+        except GatewayError as err:
+            await self._fail(x, err)
+        except asyncio.CancelledError:
+            if not x.disconnected:
+                _set_outcome(x.rec, ClientDisconnected("server shutting down"))
+                raise
+            _set_outcome(x.rec, ClientDisconnected("client disconnected"))
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # the cancellation was ours (the disconnect watcher), not the server's
+        except Exception:
+            log.exception("unhandled error in request %s", x.rec.request_id)
+            await self._fail(x, GatewayError("The gateway failed to handle this request."))
+        finally:
+            try:
+                self._finish(x)
+            finally:
+                self.inflight -= 1
+
+    async def _handle(self, x: Exchange, scope: Scope, receive: Receive) -> None:
+        body = await _read_body(receive, x.headers, self.d.max_body_bytes)
+        key = self._authenticate(x)
+        req = parse_chat_request(body)
+        plan = self._plan_for(x, key, req)
+        forced = self._forced(x, key)
+        decision = plan.decide(self._draw(plan.route, x.headers, req), forced)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(_watch_disconnect(receive, x, task))
+        try:
+            if req.stream:
+                await self._stream(x, req, plan, decision)
+            else:
+                await self._unary(x, req, plan, decision)
+        finally:
+            watcher.cancel()
+        if x.disconnected:  # the reply was complete, but the client had already gone
+            _set_outcome(x.rec, ClientDisconnected("client disconnected"))
+
+    # -- before the engine ------------------------------------------------------------------------------------
+
+    def _authenticate(self, x: Exchange) -> ApiKey:
+        keys = self.d.keys
+        key = ANONYMOUS if keys is None else keys.authenticate(_header(x.headers, b"authorization"))
+        x.rec.key_name, x.rec.tenant = key.name, key.tenant
+        return key
+
+    def _plan_for(self, x: Exchange, key: ApiKey, req: ChatRequest) -> Plan:
+        view = self.d.live.view  # read once: this request sees one policy and one set of switches
+        x.rec.policy_version = view.policy.version
+        x.rec.stream = req.stream
+        plan = view.plans.get(req.model)
+        if plan is None:
+            raise UnknownRoute(f"The model {req.model!r} does not exist on this gateway.", param="model")
+        x.rec.route = req.model
+        key.check_route(req.model)
+        return plan
+
+    def _forced(self, x: Exchange, key: ApiKey) -> str | None:
+        forced = _header(x.headers, b"x-gateway-variant")
+        if forced and not key.can_force_variant:
+            raise PermissionDenied(
+                f"API key {key.name!r} may not force a variant.", param="x-gateway-variant"
+            )
+        return forced or None
+
+    def _draw(self, route: Route, headers: dict[bytes, bytes], req: ChatRequest) -> float:
+        sticky = route.sticky
+        key: Any = None
+        if sticky.source == "header":
+            key = _header(headers, sticky.name.encode())
+        elif sticky.source == "body":
+            key = req.body.get(sticky.name)
+        if isinstance(key, str) and key:
+            return bucket(key, route.salt)
+        return self.d.draw()  # no key: an independent draw per request
+
+    async def _open(
+        self, x: Exchange, req: ChatRequest, plan: Plan, variant: Variant
+    ) -> tuple[Variant, EngineResponse]:
+        """Send to the variant's engine; on a failure before the first byte, once to the route's fallback."""
+        _assign(x.rec, variant, plan)
+        try:
+            response = await self._send_to(x, req, plan, variant)
+        except EngineError as err:
+            fallback = plan.fallback_for(variant.name) if err.fallback_ok else None
+            if fallback is None:
+                raise
+            log.warning("request %s: %s; falling back to %r", x.rec.request_id, err.message, fallback.name)
+            x.rec.fallback_from, x.rec.fallback_reason = variant.name, err.code
+            variant = fallback
+            _assign(x.rec, variant, plan)
+            response = await self._send_to(x, req, plan, variant)
+        x.rec.engine_first_byte_s = self.d.clock() - x.t0
+        x.response = response
+        return variant, response
+
+    async def _send_to(self, x: Exchange, req: ChatRequest, plan: Plan, variant: Variant) -> EngineResponse:
+        body = engine_body(req.body, variant, stream=req.stream)
+        return await self.d.engines.chat(variant.engine, body, plan.route.timeouts, x.rec.request_id)
+
+    # -- non-stream -------------------------------------------------------------------------------------------
+
+    async def _unary(self, x: Exchange, req: ChatRequest, plan: Plan, decision: Decision) -> None:
+        exp = expectation_from_request(req.body)
+        variant, response = await self._open(x, req, plan, decision.variant)
+        raw, data = await _read_json(response)
+        x.response = None
+        verdict = self._verdict(x, completions_from_response(data), exp)
+        if verdict.status == "invalid" and plan.route.tool_calls == "enforce":
+            variant, raw, data, verdict = await self._retry_unary(x, req, plan, variant, verdict, exp)
+        self._account(x, variant, data.get("usage"))
+        headers = [_JSON, *x.response_headers(), *self._verdict_headers(plan, verdict)]
+        await self._respond(x, 200, headers, raw)
+
+    async def _retry_unary(
+        self, x: Exchange, req: ChatRequest, plan: Plan, variant: Variant, verdict: Verdict, exp: Expectation
+    ) -> tuple[Variant, bytes, dict[str, Any], Verdict]:
+        """Enforce mode: an invalid answer is retried once on the route's fallback variant."""
+        fallback = plan.fallback_for(variant.name)
+        if fallback is None:
+            raise _invalid(verdict, variant)
+        x.rec.fallback_from, x.rec.fallback_reason = variant.name, verdict.reason
+        _assign(x.rec, fallback, plan)
+        x.response = response = await self._send_to(x, req, plan, fallback)
+        raw, data = await _read_json(response)
+        x.response = None
+        retried = self._verdict(x, completions_from_response(data), exp)
+        if retried.status == "invalid":
+            raise _invalid(retried, fallback)
+        return fallback, raw, data, retried
+
+    # -- stream -----------------------------------------------------------------------------------------------
+
+    async def _stream(self, x: Exchange, req: ChatRequest, plan: Plan, decision: Decision) -> None:
+        exp = expectation_from_request(req.body)
+        enforce = plan.route.tool_calls == "enforce" and exp.active
+        variant, response = await self._open(x, req, plan, decision.variant)
+        stream = relay.StreamRelay(client_wants_usage=req.include_usage, hold_tool_calls=enforce)
+        await self._start(x, 200, [*_SSE_HEADERS, *x.response_headers()])
+        clock = self.d.clock
+        async for data in response.chunks():
+            out = stream.feed(data, clock())
+            if out:
+                await x.send({"type": "http.response.body", "body": out, "more_body": True})
+        response.release()
+        x.response = None
+        await self._end_stream(x, req, plan, variant, stream, exp)
+
+    async def _end_stream(
+        self,
+        x: Exchange,
+        req: ChatRequest,
+        plan: Plan,
+        variant: Variant,
+        stream: relay.StreamRelay,
+        exp: Expectation,
+    ) -> None:
+        acc = stream.acc
+        _timing(x, stream)
+        if acc.error is not None or not stream.done:
+            _stream_failure(x.rec, acc.error)
+            body = b"".join(stream.discard())  # never release calls that were not checked
+            if acc.error is None:  # the engine's own error event was already relayed
+                body += sse.error_event(
+                    EngineError("The engine ended the stream before it was complete.").body()
+                )
+            await x.send({"type": "http.response.body", "body": body + sse.DONE, "more_body": False})
+            return
+        verdict = self._verdict(x, acc.completions(), exp)
+        if verdict.status == "invalid" and plan.route.tool_calls == "enforce" and exp.active:
+            tail, verdict = await self._replace_stream_calls(x, req, plan, variant, stream, verdict, exp)
+        else:
+            tail = stream.release()
+        self._account(x, variant, acc.usage)
+        if plan.route.tool_calls != "observe" and exp.active:
+            tail += sse.comment(_verdict_comment(verdict))
+        await x.send({"type": "http.response.body", "body": tail + sse.DONE, "more_body": False})
+
+    async def _replace_stream_calls(
+        self,
+        x: Exchange,
+        req: ChatRequest,
+        plan: Plan,
+        variant: Variant,
+        stream: relay.StreamRelay,
+        verdict: Verdict,
+        exp: Expectation,
+    ) -> tuple[bytes, Verdict]:
+        """Enforce mode in a stream: the held calls were invalid; send the fallback's call, or an error event."""
+        kept = stream.discard()
+        fallback = plan.fallback_for(variant.name)
+        if fallback is None:
+            raise _invalid(verdict, variant)
+        x.rec.fallback_from, x.rec.fallback_reason = variant.name, verdict.reason
+        _assign(x.rec, fallback, plan)
+        unary = ChatRequest({**req.body, "stream": False}, req.model, False, False, req.user)
+        x.response = response = await self._send_to(x, unary, plan, fallback)
+        _, data = await _read_json(response)
+        x.response = None
+        completions = completions_from_response(data)
+        retried = self._verdict(x, completions, exp)
+        if retried.status == "invalid" or not completions:
+            raise _invalid(retried, fallback)
+        stream.acc.usage = data.get("usage") if isinstance(data.get("usage"), dict) else stream.acc.usage
+        events = relay.tool_call_events(
+            completions[0].tool_calls,
+            chunk_id=str(data.get("id", x.rec.request_id)),
+            model=str(data.get("model", fallback.model)),
+            created=int(data.get("created", 0)),
+            finish_reason=completions[0].finish_reason or "tool_calls",
+        )
+        return events + b"".join(kept), retried
+
+    # -- shared -----------------------------------------------------------------------------------------------
+
+    def _verdict(self, x: Exchange, completions: list[Completion], exp: Expectation) -> Verdict:
+        """Check the answer and note the verdict in the record (the last one checked is the one served)."""
+        if not exp.active:
+            return NO_VERDICT
+        verdict = check(completions, exp, self.d.schemas)
+        rec = x.rec
+        rec.tool_verdict, rec.tool_reason = verdict.status, verdict.reason
+        rec.tool_path, rec.tool_detail, rec.tool_calls = verdict.path, verdict.detail, verdict.calls
+        rec.tool_choice = exp.tool_choice
+        return verdict
+
+    def _verdict_headers(self, plan: Plan, verdict: Verdict) -> list[tuple[bytes, bytes]]:
+        if plan.route.tool_calls == "observe":
+            return []
+        out = [(b"x-gateway-tool-calls", verdict.header.encode())]
+        if verdict.reason:
+            out.append((b"x-gateway-tool-calls-reason", verdict.reason.encode()))
+        return out
+
+    def _account(self, x: Exchange, variant: Variant, usage: Any) -> None:
+        rec = x.rec
+        if isinstance(usage, dict):
+            rec.input_tokens = usage.get("prompt_tokens")
+            rec.output_tokens = usage.get("completion_tokens")
+        rec.cost = cost(variant.price, rec.input_tokens, rec.output_tokens)
+        rec.currency = variant.price.currency if variant.price else None
+        rec.status = 200
+
+    async def _start(self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        x.started = True
+        x.rec.status = status
+        await x.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _respond(
+        self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        await self._start(x, status, headers)
+        await x.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _fail(self, x: Exchange, err: GatewayError) -> None:
+        _set_outcome(x.rec, err)
+        if x.response is not None:
+            x.response.close()
+            x.response = None
+        if x.started:  # a stream is under way: the error goes in-band, then the stream ends
+            x.rec.outcome = "stream_error"
+            body = sse.error_event(err.body()) + sse.DONE
+            await x.send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        x.rec.status = err.status
+        await self._respond(x, err.status, [_JSON, *x.response_headers()], err.envelope())
+
+    def _finish(self, x: Exchange) -> None:
+        if x.response is not None:  # abandoned mid-way (disconnect, cancellation): stop the engine's work
+            x.response.close()
+        rec = x.rec
+        rec.e2e_s = self.d.clock() - x.t0
+        self.d.counters[(rec.route or "", rec.variant or "", rec.outcome, rec.tool_verdict)] += 1
+        try:
+            self.d.telemetry.observe(rec)
+        finally:
+            self.d.records.submit(rec)
+
+
+async def _watch_disconnect(receive: Receive, x: Exchange, task: asyncio.Task[Any]) -> None:
+    """Cancel the request's work when the client goes: the engine request is then closed, not left running."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            x.disconnected = True
+            task.cancel()
+            return
+
+
+async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _read_json(response: EngineResponse) -> tuple[bytes, dict[str, Any]]:
+    raw = await response.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise EngineError(f"Engine {response.engine!r} answered with a body that is not a JSON object.")
+    return raw, data
+
+
+def _assign(rec: Record, variant: Variant, plan: Plan) -> None:
+    rec.variant = variant.name
+    rec.engine_model = variant.model
+    rec.adapter = variant.adapter
+    rec.share = plan.shares.get(variant.name, 0.0)
+
+
+def _timing(x: Exchange, stream: relay.StreamRelay) -> None:
+    first, last = stream.first_token_at, stream.last_token_at
+    if first is None or last is None:
+        return
+    x.rec.ttft_s = first - x.t0
+    tokens = (stream.acc.usage or {}).get("completion_tokens")
+    if isinstance(tokens, int) and tokens > 1:
+        x.rec.tpot_s = (last - first) / (tokens - 1)
+
+
+def _set_outcome(rec: Record, err: GatewayError) -> None:
+    rec.outcome = err.outcome
+    rec.error_code = err.code
+    if not rec.status:
+        rec.status = err.status
+
+
+def _stream_failure(rec: Record, error: dict[str, Any] | None) -> None:
+    rec.status = 200
+    rec.outcome = "stream_error"
+    if error is None:
+        rec.error_code = "engine_stream_truncated"
+    else:
+        code = error.get("code") or error.get("type")
+        rec.error_code = str(code) if code is not None else "engine_error"
+
+
+def _invalid(verdict: Verdict, variant: Variant) -> InvalidToolCall:
+    where = f" at {verdict.path}" if verdict.path else ""
+    return InvalidToolCall(
+        f"Variant {variant.name!r} returned an invalid tool call ({verdict.reason}{where}) and no valid "
+        "fallback answer was available.",
+        code=verdict.reason,
+    )
+
+
+def _verdict_comment(verdict: Verdict) -> str:
+    parts = [f"x-gateway-tool-calls={verdict.header}"]
+    if verdict.reason:
+        parts.append(f"reason={verdict.reason}")
+    if verdict.path:
+        parts.append(f"path={verdict.path}")
+    return " ".join(parts)
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+def _request_id(headers: dict[bytes, bytes]) -> str:
+    incoming = headers.get(b"x-request-id")
+    if incoming and len(incoming) <= 128 and incoming.isascii() and incoming.replace(b"-", b"").isalnum():
+        return incoming.decode()
+    return os.urandom(12).hex()

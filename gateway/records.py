@@ -1,0 +1,382 @@
+"""The per-request record, its cost arithmetic, and the batched SQLite request log.
+
+Owns `Record` (the one row written per request, plain data filled in along the request path), `Price` and
+`cost()`, the request-log schema (table `records`, versioned with `PRAGMA user_version`), `RecordWriter`
+(which keeps SQLite off the request path: `submit()` only appends to a queue, and a dedicated thread with its
+own connection writes batches) and `read_records()` for reports and tests. Several gateway processes may share
+one log file: it is opened in WAL mode with a busy timeout, and each write transaction takes the write lock
+up front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Record:
+    """The one row written per request; every exit path of the request path produces exactly one."""
+
+    ts: float  # epoch seconds at request start
+    request_id: str
+    key_name: str | None = None  # the client API key's name
+    tenant: str | None = None
+    route: str | None = None
+    variant: str | None = None
+    engine_model: str | None = None
+    adapter: str | None = None  # "name@version" when the variant serves an adapter
+    stream: bool = False
+    status: int = 0  # HTTP status sent to the client (200 for a stream even if it failed mid-way)
+    # ok | client_error | engine_error | engine_timeout | no_live_variant | invalid_tool_call |
+    # client_disconnected | stream_error | gateway_error
+    outcome: str = "ok"
+    error_code: str | None = None
+    # The variant chosen first, when another one answered instead: it failed before its first byte (reason: the
+    # error code) or, in enforce mode, returned an invalid tool call (reason: the verdict's reason).
+    fallback_from: str | None = None
+    fallback_reason: str | None = None
+    engine_first_byte_s: float | None = None
+    e2e_s: float | None = None
+    ttft_s: float | None = None  # streams: time to first token
+    tpot_s: float | None = None  # streams: mean time per output token after the first
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost: float | None = None
+    currency: str | None = None
+    tool_verdict: str = "none"  # valid | invalid | none | truncated
+    tool_reason: str | None = None
+    tool_path: str | None = None
+    tool_detail: str | None = None
+    tool_calls: int = 0
+    tool_choice: str | None = None
+    share: float | None = None  # the variant's routing share at that moment (0..1)
+    policy_version: str | None = None
+    retrieval_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A variant's price table, per million tokens."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+    currency: str
+
+
+def cost(price: Price | None, input_tokens: int | None, output_tokens: int | None) -> float | None:
+    """Cost of one request, or None when it cannot be known.
+
+    A missing price or a missing token count gives None rather than a partial figure: a cost that silently
+    leaves out one side would make a variant look cheaper than it is.
+    """
+    if price is None or input_tokens is None or output_tokens is None:
+        return None
+    return (input_tokens * price.input_per_mtok + output_tokens * price.output_per_mtok) / 1_000_000
+
+
+# --- schema -------------------------------------------------------------------------------------------------
+
+FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(Record))
+_as_row = operator.attrgetter(*FIELDS)  # one C call per record, much cheaper than dataclasses.astuple
+
+
+def _sql_type(annotation: object) -> str:
+    text = str(annotation)
+    if text.startswith(("bool", "int")):
+        return "INTEGER"
+    return "REAL" if text.startswith("float") else "TEXT"
+
+
+_COLUMNS: Final = ",\n  ".join(f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(Record))
+
+# _MIGRATIONS[i] takes a file from user_version i to i + 1. Later versions append statements here (for example
+# `ALTER TABLE records ADD COLUMN ...`); never edit an entry once released.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        f"CREATE TABLE IF NOT EXISTS records (\n  {_COLUMNS}\n)",
+        "CREATE INDEX IF NOT EXISTS records_route_ts ON records (route, ts)",
+        "CREATE INDEX IF NOT EXISTS records_ts ON records (ts)",
+    ),
+)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+_INSERT: Final = f"INSERT INTO records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+
+
+def connect(path: Path, *, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """Open the request log for writing, creating or upgrading its schema (idempotent, multi-process safe)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL under WAL: a power loss may lose the last commits but never corrupts the file (SQLite docs).
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    with _transaction(conn):
+        # Re-read the version inside the write lock: another process may have migrated meanwhile.
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        for step in _MIGRATIONS[version:]:
+            for statement in step:
+                conn.execute(statement)
+        if version < SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock at BEGIN, where busy_timeout applies; a deferred transaction that
+    # upgrades later can fail at once with SQLITE_BUSY under WAL.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may already have rolled back (e.g. SQLITE_FULL)
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+# --- writer -------------------------------------------------------------------------------------------------
+
+_STOP: Final = object()
+# Errors that come from the rows themselves: retrying the same rows cannot help, so they are isolated.
+_DATA_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+)
+_MAX_BACKOFF_S: Final = 5.0
+
+
+class RecordWriter:
+    """Writes records to the SQLite request log from a dedicated thread, in batches.
+
+    `submit()` is the only call on the request path: it appends to a `queue.SimpleQueue` (about a
+    microsecond). The writer thread commits every `interval_s` or every `batch` rows, whichever comes first.
+    A failed write (database locked, disk full) is logged and retried with backoff, keeping the rows; a row
+    that SQLite rejects by itself (a value it cannot bind) is logged with its content and counted in `failed`.
+    """
+
+    def __init__(
+        self, path: Path, *, batch: int = 512, interval_s: float = 0.2, busy_timeout_ms: int = 5000
+    ) -> None:
+        self.path = Path(path)
+        self._batch = max(1, batch)
+        self._interval_s = interval_s
+        self._busy_timeout_ms = busy_timeout_ms
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # Orders submit() against close(): every record is either queued before the stop marker or written
+        # by the late path, never left behind in a queue nobody drains.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._inflight = 0  # rows taken off the queue, not yet committed (written by the writer thread only)
+        self.written = 0
+        self.failed = 0
+
+    @property
+    def pending(self) -> int:
+        """Rows submitted but not yet on disk (exact once `flush()` returns; approximate while writing)."""
+        return self._queue.qsize() + self._inflight
+
+    def start(self) -> None:
+        """Open the file (creating the schema) and start the writer thread; a bad path raises here."""
+        if self._closed:
+            raise RuntimeError("RecordWriter.start() after close()")
+        if self._thread is None:
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        conn = connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
+        # daemon: a writer stuck retrying a broken disk must not hang interpreter exit after close() gave up.
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="record-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: Record) -> None:
+        """Queue one record for writing. Never blocks on I/O unless the writer is already closed."""
+        with self._lock:
+            if not self._closed:
+                self._queue.put(record)
+                return
+        self._write_late(record)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until everything submitted so far is on disk; False if `timeout` passed first."""
+        if self._closed:
+            return self.pending == 0
+        if self._thread is None:
+            raise RuntimeError("RecordWriter.flush() before start()")
+        done = threading.Event()
+        self._queue.put(done)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        # Wait in slices so a writer thread that died (a bug, not an I/O error) raises instead of hanging.
+        while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            if not self._thread.is_alive():
+                raise RuntimeError("record writer thread is not running")
+        return True
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Write everything still queued, then stop the thread. Idempotent.
+
+        `timeout` bounds the wait when the disk keeps failing; the rows left are then reported in the log.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        if self._thread is None:  # closed without start: start only to write what was queued
+            self._start_thread()
+        assert self._thread is not None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            _log.error(
+                "record writer: close timed out with %d records not written to %s", self.pending, self.path
+            )
+
+    # --- writer thread ------------------------------------------------------------------------------------
+
+    def _run(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                rows, marker = self._collect()
+                self._write(conn, rows)
+                if isinstance(marker, threading.Event):
+                    marker.set()
+                elif marker is _STOP:
+                    return
+        finally:
+            conn.close()
+
+    def _collect(self) -> tuple[list[tuple[Any, ...]], object]:
+        """Take rows until a batch is full, `interval_s` has passed since the first, or a marker arrives."""
+        item = self._queue.get()
+        rows: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + self._interval_s
+        while isinstance(item, Record):
+            rows.append(_as_row(item))
+            self._inflight += 1
+            remaining = deadline - time.monotonic()
+            if len(rows) >= self._batch or remaining <= 0:
+                return rows, None
+            try:
+                item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                return rows, None
+        return rows, item
+
+    def _write(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        attempt = 0
+        while rows:
+            try:
+                self._insert(conn, rows)
+                return
+            except _DATA_ERRORS:
+                self._isolate(conn, rows)
+                return
+            except sqlite3.Error:
+                delay = min(_MAX_BACKOFF_S, 0.05 * 2**attempt)
+                _log.exception(
+                    "record writer: writing %d rows to %s failed; retrying in %.2fs",
+                    len(rows),
+                    self.path,
+                    delay,
+                )
+                attempt += 1
+                time.sleep(delay)
+
+    def _insert(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        with _transaction(conn):
+            conn.executemany(_INSERT, rows)
+        self.written += len(rows)
+        self._inflight -= len(rows)
+
+    def _isolate(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        # SQLite rejected some row's values: write the rows one by one so the others are still stored.
+        if len(rows) > 1:
+            for row in rows:
+                self._write(conn, [row])
+            return
+        _log.error("record writer: SQLite rejected a record; it is not stored: %r", rows[0], exc_info=True)
+        self.failed += 1
+        self._inflight -= 1
+
+    def _write_late(self, record: Record) -> None:
+        # A request that finished after close(): written on the caller's thread, once, without the retry
+        # loop, so a broken disk during shutdown cannot hang the caller. It only happens while shutting down.
+        _log.warning("record writer: %s submitted after close; writing it synchronously", record.request_id)
+        row = _as_row(record)
+        try:
+            with (
+                closing(connect(self.path, busy_timeout_ms=self._busy_timeout_ms)) as conn,
+                _transaction(conn),
+            ):
+                conn.execute(_INSERT, row)
+        except sqlite3.Error:
+            _log.error("record writer: a record submitted after close is not stored: %r", row, exc_info=True)
+            self.failed += 1
+        else:
+            self.written += 1
+
+
+# --- reader -------------------------------------------------------------------------------------------------
+
+
+def read_records(
+    path: Path, *, route: str | None = None, since: float | None = None, until: float | None = None
+) -> list[Record]:
+    """Records from a request log, oldest first; `since` is inclusive and `until` exclusive (epoch seconds).
+
+    Opens the file read-only (a mistyped path raises instead of creating an empty log). Columns a newer
+    gateway added are ignored; columns an older file lacks take the field's default.
+    """
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    with closing(sqlite3.connect(uri, uri=True)) as conn:
+        present = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+        if not present:  # a file no gateway has written yet
+            return []
+        names = [name for name in FIELDS if name in present]
+        where, params = _filters(route, since, until)
+        sql = f"SELECT {', '.join(names)} FROM records{where} ORDER BY ts, rowid"
+        return [_record(names, row) for row in conn.execute(sql, params)]
+
+
+def _filters(route: str | None, since: float | None, until: float | None) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    for clause, value in (("route = ?", route), ("ts >= ?", since), ("ts < ?", until)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _record(names: Sequence[str], row: Sequence[Any]) -> Record:
+    values = dict(zip(names, row, strict=True))
+    if "stream" in values:
+        values["stream"] = bool(values["stream"])
+    return Record(**values)

@@ -1,0 +1,105 @@
+"""What the gateway does with the engine's output on its way back. Pure: the caller passes the clock readings.
+
+- `StreamRelay`: takes the engine's SSE bytes as they arrive and returns the bytes to forward at once: every event
+  untouched, except the usage-only chunk when the client did not ask for it (the gateway always asks the engine,
+  to price every stream) and the engine's own `[DONE]` (the relay's caller ends the stream itself, after the
+  verdict comment). In enforce mode, everything from the first tool-call delta on is held back until the verdict.
+  It also notes when output tokens arrived (time to first token, time per output token).
+- `tool_call_events(...)`: a replacement answer's tool calls as stream chunks (enforce mode, fallback's call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from gateway import sse
+from gateway.toolcalls import ToolCall
+
+
+class StreamRelay:
+    def __init__(self, *, client_wants_usage: bool, hold_tool_calls: bool) -> None:
+        self._decoder = sse.SSEDecoder()
+        self.acc = sse.StreamAccumulator()
+        self._client_wants_usage = client_wants_usage
+        self._hold = hold_tool_calls
+        self.held: list[bytes] = []
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.done = False  # the engine sent [DONE]: the stream ended normally
+
+    def feed(self, data: bytes, now: float) -> bytes:
+        out: list[bytes] = []
+        for event in self._decoder.feed(data):
+            keep = self._event(event, now)
+            if keep is None:
+                continue
+            if self.held:
+                self.held.append(keep)
+            else:
+                out.append(keep)
+        return b"".join(out)
+
+    def _event(self, event: bytes, now: float) -> bytes | None:
+        payload = sse.event_data(event)
+        if payload is None:
+            return event
+        if payload == b"[DONE]":
+            self.done = True
+            return None
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event  # not ours to judge: relay it untouched
+        flags = self.acc.add(chunk) if isinstance(chunk, dict) else 0
+        if flags & sse.TOKENS:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+        if flags & sse.USAGE_ONLY and not self._client_wants_usage:
+            return None
+        if self._hold and flags & sse.TOOL_DELTA and not self.held:
+            self.held.append(event)
+            return None
+        return event
+
+    def release(self) -> bytes:
+        """The held events, once the verdict allows them through."""
+        out = b"".join(self.held)
+        self.held.clear()
+        return out
+
+    def discard(self) -> list[bytes]:
+        """Drop the held tool-call events; return the held events that were not about tool calls (usage...)."""
+        kept = [e for e in self.held if not _is_tool_event(e)]
+        self.held.clear()
+        return kept
+
+    def tail(self) -> bytes:
+        return self._decoder.flush()
+
+
+def _is_tool_event(event: bytes) -> bool:
+    payload = sse.event_data(event)
+    if payload is None:
+        return False
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and bool(chunk.get("choices"))
+
+
+def tool_call_events(
+    calls: Sequence[ToolCall], *, chunk_id: str, model: str, created: int, finish_reason: str
+) -> bytes:
+    """A complete call per delta, then the finish chunk: what a client's SDK accumulates into the same calls."""
+    deltas = [
+        {"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for i, c in enumerate(calls)
+    ]
+    head = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    first = {**head, "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "finish_reason": None}]}
+    last = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]}
+    return sse.data_event(first) + sse.data_event(last)

@@ -1,0 +1,247 @@
+"""Per-variant summaries of the request log, for `gateway report` and load-test comparisons.
+
+Owns the arithmetic that turns records into a comparison of variants: request and error counts, the
+invalid-tool-call rate with its 95 % Wilson score interval, latency percentiles, tokens and cost, and the two
+renderings (a fixed-width table for people, JSON for scripts). Everything here is pure: the caller reads the
+records (`records.read_records`) and writes the output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import orjson
+
+from gateway.records import Record
+
+# Outcomes that count against the variant. client_error (the caller's fault) and client_disconnected (the
+# caller left) are counted separately: they say nothing about the variant's health.
+ERROR_OUTCOMES: Final = frozenset(
+    {
+        "engine_error",
+        "engine_timeout",
+        "stream_error",
+        "gateway_error",
+        "invalid_tool_call",
+        "no_live_variant",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VariantSummary:
+    """What one variant of one route did over the records summarized. Latencies are in seconds."""
+
+    route: str | None
+    variant: str | None
+    requests: int
+    errors: int
+    error_rate: float
+    client_errors: int
+    client_disconnects: int
+    tool_checked: int  # requests whose tool-call verdict was valid or invalid: the invalid rate's denominator
+    invalid: int
+    invalid_rate: float | None
+    invalid_ci: tuple[float, float]  # 95 % Wilson score interval for invalid_rate
+    truncated: int
+    e2e_p50: float | None
+    e2e_p95: float | None
+    ttft_p50: float | None
+    ttft_p95: float | None
+    input_tokens: int
+    output_tokens: int
+    cost_total: dict[str, float] = field(default_factory=dict)  # by currency
+    cost_per_request: dict[str, float] = field(default_factory=dict)  # by currency, over priced requests
+
+
+def wilson(x: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for x successes in n trials (Wilson 1927; Newcombe 1998, method 3).
+
+    Preferred over the normal approximation because invalid-call rates are small proportions, where the
+    Wald interval collapses to zero width or crosses 0. With n = 0 nothing is known: (0, 1).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = x / n
+    z2 = z * z
+    denominator = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    # At x = 0 and x = n the bounds are exactly 0 and 1; rounding would otherwise leave 1e-16 gaps.
+    low = 0.0 if x <= 0 else max(0.0, center - half)
+    high = 1.0 if x >= n else min(1.0, center + half)
+    return low, high
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by linear interpolation between closest ranks.
+
+    This is the usual "type 7" definition (numpy's default `linear`, Excel's PERCENTILE.INC), chosen so the
+    figures match what a reader gets from numpy or a spreadsheet. None for no values.
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(slots=True)
+class _Group:
+    """Accumulates one (route, variant) while the records stream past."""
+
+    requests: int = 0
+    errors: int = 0
+    client_errors: int = 0
+    client_disconnects: int = 0
+    valid: int = 0
+    invalid: int = 0
+    truncated: int = 0
+    e2e: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    priced: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, record: Record) -> None:
+        self.requests += 1
+        self.errors += record.outcome in ERROR_OUTCOMES
+        self.client_errors += record.outcome == "client_error"
+        self.client_disconnects += record.outcome == "client_disconnected"
+        self.valid += record.tool_verdict == "valid"
+        self.invalid += record.tool_verdict == "invalid"
+        self.truncated += record.tool_verdict == "truncated"
+        if record.e2e_s is not None:
+            self.e2e.append(record.e2e_s)
+        if record.stream and record.ttft_s is not None:
+            self.ttft.append(record.ttft_s)
+        self.input_tokens += record.input_tokens or 0
+        self.output_tokens += record.output_tokens or 0
+        if record.cost is not None and record.currency:
+            self.cost[record.currency] += record.cost
+            self.priced[record.currency] += 1
+
+    def summary(self, route: str | None, variant: str | None) -> VariantSummary:
+        checked = self.valid + self.invalid
+        return VariantSummary(
+            route=route,
+            variant=variant,
+            requests=self.requests,
+            errors=self.errors,
+            error_rate=self.errors / self.requests if self.requests else 0.0,
+            client_errors=self.client_errors,
+            client_disconnects=self.client_disconnects,
+            tool_checked=checked,
+            invalid=self.invalid,
+            invalid_rate=self.invalid / checked if checked else None,
+            invalid_ci=wilson(self.invalid, checked),
+            truncated=self.truncated,
+            e2e_p50=percentile(self.e2e, 50),
+            e2e_p95=percentile(self.e2e, 95),
+            ttft_p50=percentile(self.ttft, 50),
+            ttft_p95=percentile(self.ttft, 95),
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cost_total=dict(self.cost),
+            cost_per_request={c: total / self.priced[c] for c, total in self.cost.items()},
+        )
+
+
+def summarize(records: Iterable[Record]) -> list[VariantSummary]:
+    """One summary per (route, variant), sorted by route then variant (records with none sort first).
+
+    - errors: outcomes in `ERROR_OUTCOMES`; client_error and client_disconnected are counted apart and are
+      not errors. error_rate = errors / requests.
+    - invalid_rate = invalid / (valid + invalid): only requests whose tool calls were checked (verdict valid or
+      invalid) are in the denominator; requests without tool calls (`none`) and those cut off before the
+      calls were complete (`truncated`, counted apart) are not. None when no request was checked.
+    - e2e percentiles over every record with an e2e time; TTFT percentiles over streams only.
+    - cost_per_request = cost_total / requests that had a cost, per currency (unpriced requests, such as
+      errors without usage, would otherwise pull the figure down).
+    """
+    groups: dict[tuple[str | None, str | None], _Group] = defaultdict(_Group)
+    for record in records:
+        groups[record.route, record.variant].add(record)
+    ordered = sorted(groups, key=lambda key: (key[0] or "", key[1] or ""))
+    return [groups[key].summary(*key) for key in ordered]
+
+
+def to_json(summaries: Iterable[VariantSummary]) -> bytes:
+    """The summaries as a JSON array of objects, one per (route, variant), fields as in `VariantSummary`."""
+    return orjson.dumps(list(summaries), option=orjson.OPT_INDENT_2)
+
+
+# --- table --------------------------------------------------------------------------------------------------
+
+_HEADERS: Final = (
+    "route",
+    "variant",
+    "requests",
+    "errors",
+    "client",
+    "invalid (95% CI)",
+    "trunc",
+    "e2e p50/p95 ms",
+    "ttft p50/p95 ms",
+    "tokens in/out",
+    "cost/req",
+    "cost total",
+)
+_LEFT: Final = 2  # the first two columns are names, left-aligned; the rest are numbers
+
+
+def format_table(summaries: Iterable[VariantSummary]) -> str:
+    """A fixed-width table, one row per (route, variant), for a terminal."""
+    rows = [_HEADERS, *(_row(s) for s in summaries)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+    lines = [_line(row, widths) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    padded = (
+        c.ljust(w) if i < _LEFT else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
+    return "  ".join(padded).rstrip()
+
+
+def _row(s: VariantSummary) -> tuple[str, ...]:
+    return (
+        s.route or "-",
+        s.variant or "-",
+        str(s.requests),
+        f"{s.errors} ({s.error_rate:.1%})",
+        str(s.client_errors + s.client_disconnects),
+        _invalid(s),
+        str(s.truncated),
+        f"{_ms(s.e2e_p50)}/{_ms(s.e2e_p95)}",
+        f"{_ms(s.ttft_p50)}/{_ms(s.ttft_p95)}",
+        f"{s.input_tokens}/{s.output_tokens}",
+        _money(s.cost_per_request),
+        _money(s.cost_total),
+    )
+
+
+def _invalid(s: VariantSummary) -> str:
+    if s.invalid_rate is None:
+        return "-"
+    low, high = s.invalid_ci
+    return f"{s.invalid}/{s.tool_checked} {s.invalid_rate:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def _money(by_currency: dict[str, float]) -> str:
+    if not by_currency:
+        return "-"
+    return "; ".join(f"{amount:.6g} {currency}" for currency, amount in sorted(by_currency.items()))

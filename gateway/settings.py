@@ -1,0 +1,69 @@
+"""Process configuration: the one place that reads the environment.
+
+`Settings` is a pydantic-settings model with the `GATEWAY_` prefix (plus the standard `OTEL_EXPORTER_OTLP_*`
+endpoint variables). Every other module receives a `Settings` (or the values it needs) as an argument, so tests
+build one directly and never touch `os.environ`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", frozen=True, extra="ignore")
+
+    policies_dir: Path = Path("policies")
+    engines: dict[str, str] = Field(default_factory=lambda: {"default": "http://127.0.0.1:8001"})
+    data_dir: Path = Path("var")
+    admin_token: SecretStr | None = None
+    keys_file: Path | None = None
+    auth: Literal["on", "off"] = "on"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Default per-route timeouts (seconds); a policy's [timeouts] table overrides them per route.
+    connect_timeout: float = Field(default=2.0, gt=0)
+    first_byte_timeout: float = Field(default=60.0, gt=0)
+    total_timeout: float = Field(default=300.0, gt=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # Connections kept per engine; 0 means unbounded (aiohttp's `limit=0`).
+    engine_connections: int = Field(default=256, ge=0)
+    # How often a gateway process looks for kill-switch flips made by another process on the same database.
+    switch_poll_s: float = Field(default=0.05, gt=0)
+    otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    )
+
+    @field_validator("engines")
+    @classmethod
+    def _engines_are_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, url in value.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"engine {name!r}: {url!r} is not an http(s) URL")
+        return {name: url.rstrip("/") for name, url in value.items()}
+
+    @field_validator("connect_timeout", "first_byte_timeout", "total_timeout")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def records_db(self) -> Path:
+        return self.data_dir / "requests.db"
+
+    @property
+    def admin_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,468 @@
+"""Gateway overhead benchmark: CPU per request of the full gateway against a bare passthrough, same load, one run.
+
+What it measures. The same closed-loop load (`--concurrency` connections, a fixed number of requests after a
+warm-up) is sent, one target at a time, through
+  (a) the gateway with everything on, as a real `gateway serve` process: API-key authentication, the policy
+      decision (`loadtests/bench/policies/bench.toml`, sticky on `x-user-id`, a 90/10 split), tool-call validation
+      in `annotate` mode, the SQLite request log and the OTel metrics;
+  (b) the bare passthrough (`loadtests/bench/passthrough.py`: Starlette + one aiohttp session, uvicorn with uvloop
+      and httptools), which only forwards the body and relays the answer;
+both in front of one simulated engine (`gateway.sim_engine`, model `bench`: zero latency, a valid tool call).
+
+How. Every process is started here, on free loopback ports, and stopped at the end (terminate, then kill after a
+timeout), also on Ctrl-C or an error. The load comes from a separate process (this script with `--client`), an
+aiohttp client using uvloop, so its CPU is not charged to anyone. The request is `loadtests/bench/request.json`
+(a small chat with one `update_crm` tool), with a bearer key and an `x-user-id` drawn from 1,000 users; streams
+ask for usage (the gateway always asks the engine for it, so both targets get the same bytes from the engine)
+and are read to the end. An error is a non-200 answer, a unary body without `choices`, or a stream without
+`data: [DONE]`. CPU per request is the server process's utime + stime (all its threads, from /proc/<pid>/stat)
+over the measured phase, divided by its requests; the engine's is shown for context. The figure that matters is
+the ratio gateway / passthrough (target ≤ 1.5×): requests/s and latency depend on the three processes sharing
+the machine's cores.
+
+    .venv/bin/python loadtests/bench_overhead.py [--requests 4000] [--concurrency 32] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "loadtests" / "bench"
+ENGINE_BEHAVIOUR = ROOT / "loadtests" / "sim" / "engine.toml"
+BIN = Path(sys.executable).parent
+TOKEN = "bench-overhead-key-0123456789"
+USERS = 1000
+MODES = ("unary", "stream")
+TARGETS = ("passthrough", "gateway")
+TARGET_RATIO = 1.5
+SETTLE_S = (
+    0.25  # idle time before each CPU reading: work deferred past the last answer (log batches) is counted
+)
+STOP_TIMEOUT_S = 10.0
+CLIENT_TIMEOUT_S = 150.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+
+# ----------------------------------------------------------------------------------------------- the client
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    url: str
+    stream: bool
+    requests: int
+    warmup: int
+    concurrency: int
+    seed: int = 1
+
+
+@dataclass(slots=True)
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+
+
+def _bodies() -> dict[bool, bytes]:
+    body = json.loads((BENCH / "request.json").read_text())
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    return {False: json.dumps(body).encode(), True: json.dumps(stream).encode()}
+
+
+def _headers() -> list[dict[str, str]]:
+    base = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    return [{**base, "x-user-id": f"user-{n:04d}"} for n in range(USERS)]
+
+
+def _stream_verdict(data: bytes) -> str:
+    marker = b": x-gateway-tool-calls="
+    at = data.rfind(marker)
+    if at < 0:
+        return "-"
+    return data[at + len(marker) :].split(b"\n", 1)[0].split(b" ", 1)[0].decode()
+
+
+async def _one(session: aiohttp.ClientSession, spec: ClientSpec, body: bytes, headers: dict[str, str]) -> str:
+    """Send one request and read its whole answer; returns the tool-call verdict seen, or "error"."""
+    try:
+        async with session.post(spec.url, data=body, headers=headers) as response:
+            data = await response.read()
+            status, verdict = response.status, response.headers.get("x-gateway-tool-calls", "-")
+    except (aiohttp.ClientError, TimeoutError):
+        return "error"
+    if status != 200:
+        return "error"
+    if spec.stream:
+        return _stream_verdict(data) if b"data: [DONE]" in data else "error"
+    return verdict if b'"choices"' in data else "error"
+
+
+async def _phase(session: aiohttp.ClientSession, spec: ClientSpec, count: int, rng: random.Random) -> Tally:
+    """`count` requests over `spec.concurrency` connections, each sending its next request when one ends."""
+    body, users, tally = _bodies()[spec.stream], _headers(), Tally()
+    left = [count]
+
+    async def worker() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            t0 = time.perf_counter()
+            verdict = await _one(session, spec, body, rng.choice(users))
+            tally.latencies.append(time.perf_counter() - t0)
+            tally.errors += verdict == "error"
+            tally.verdicts[verdict] += 1
+
+    await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+    return tally
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] if ordered else float("nan")
+
+
+async def _client(spec: ClientSpec) -> dict[str, Any]:
+    """Warm up, say `ready`, wait for the go line on stdin (the parent reads CPU counters), then measure."""
+    rng = random.Random(spec.seed)
+    connector = aiohttp.TCPConnector(limit=spec.concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await _phase(session, spec, spec.warmup, rng)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        t0 = time.perf_counter()
+        tally = await _phase(session, spec, spec.requests, rng)
+        elapsed = time.perf_counter() - t0
+    return {
+        "seconds": elapsed,
+        "p50_ms": 1000 * _percentile(tally.latencies, 0.50),
+        "p99_ms": 1000 * _percentile(tally.latencies, 0.99),
+        "errors": tally.errors,
+        "verdicts": dict(tally.verdicts),
+    }
+
+
+def client_main(raw_spec: str) -> int:
+    import uvloop
+
+    spec = ClientSpec(**json.loads(raw_spec))
+    result = uvloop.run(_client(spec))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- the processes
+
+
+def _die_with_parent() -> None:
+    """Runs in each child before exec: SIGTERM it if this script dies, even by SIGKILL (Linux prctl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Processes:
+    """Every child process of the run; all are stopped on exit, whatever the exit."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in reversed(self.children):
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        with log:
+            proc = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
+        self.children.append((name, proc))
+        return proc
+
+    def start_client(self, spec: ClientSpec) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, __file__, "--client", json.dumps(asdict(spec))]
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
+        self.children.append(("client", proc))
+        return proc
+
+    def log_tail(self, name: str) -> str:
+        text = (self.logs / f"{name}.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-20:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_listening(procs: Processes, name: str, proc: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not listen on port {port} within 30 s:\n{procs.log_tail(name)}")
+
+
+def _gateway_env(tmp: Path, port: int, engine_port: int) -> dict[str, str]:
+    keys = tmp / "keys.toml"
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    keys.write_text(
+        f'[keys.bench]\nsha256 = "{digest}"\ntenant = "bench"\nroutes = ["*"]\ncan_force_variant = true\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OTEL_"))}
+    env.update(
+        GATEWAY_PORT=str(port),
+        GATEWAY_POLICIES_DIR=str(BENCH / "policies"),
+        GATEWAY_ENGINES=json.dumps({"default": f"http://127.0.0.1:{engine_port}"}),
+        GATEWAY_DATA_DIR=str(tmp / "data"),
+        GATEWAY_KEYS_FILE=str(keys),
+        GATEWAY_AUTH="on",
+    )
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class Servers:
+    engine: subprocess.Popen[bytes]
+    urls: dict[str, str]  # target -> chat completions URL
+    pids: dict[str, int]  # target -> server pid
+
+
+def start_servers(procs: Processes, tmp: Path) -> Servers:
+    engine_port, pass_port, gw_port = _free_port(), _free_port(), _free_port()
+    engine_argv = [
+        "-m",
+        "gateway.sim_engine",
+        "--port",
+        str(engine_port),
+        "--behaviour",
+        str(ENGINE_BEHAVIOUR),
+    ]
+    engine = procs.start("engine", [sys.executable, *engine_argv])
+    engine_url = f"http://127.0.0.1:{engine_port}"
+    passthrough = procs.start(
+        "passthrough",
+        [sys.executable, str(BENCH / "passthrough.py"), "--port", str(pass_port), "--engine", engine_url],
+    )
+    gateway = procs.start("gateway", [str(BIN / "gateway"), "serve"], _gateway_env(tmp, gw_port, engine_port))
+    for name, proc, port in (
+        ("engine", engine, engine_port),
+        ("passthrough", passthrough, pass_port),
+        ("gateway", gateway, gw_port),
+    ):
+        _wait_listening(procs, name, proc, port)
+    _check_no_workers(gateway.pid)
+    urls = {
+        t: f"http://127.0.0.1:{p}/v1/chat/completions"
+        for t, p in (("passthrough", pass_port), ("gateway", gw_port))
+    }
+    return Servers(engine, urls, {"passthrough": passthrough.pid, "gateway": gateway.pid})
+
+
+def _check_no_workers(pid: int) -> None:
+    """Per-process CPU is only the whole gateway if uvicorn serves in that process (no worker processes)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists() and children.read_text().strip():
+        raise RuntimeError(f"the gateway process {pid} has child processes: its CPU would be undercounted")
+
+
+# ------------------------------------------------------------------------------------------ the measurement
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    mode: str
+    target: str
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_req: float
+    engine_cpu_us_per_req: float
+    errors: int
+    verdicts: dict[str, int]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of `pid` (fields 14 and 15 of /proc/<pid>/stat, after the `(comm)`)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else b""
+    if not line:
+        raise RuntimeError(f"the load client gave no answer within {timeout:g} s (exit {proc.poll()})")
+    return line.decode().strip()
+
+
+def measure(procs: Processes, servers: Servers, target: str, spec: ClientSpec) -> Row:
+    pids = (servers.pids[target], servers.engine.pid)
+    client = procs.start_client(spec)
+    assert client.stdin is not None
+    if _read_line(client, CLIENT_TIMEOUT_S) != "ready":
+        raise RuntimeError("the load client did not finish its warm-up")
+    time.sleep(SETTLE_S)
+    before = [cpu_seconds(pid) for pid in pids]
+    client.stdin.write(b"go\n")
+    client.stdin.flush()
+    result = json.loads(_read_line(client, CLIENT_TIMEOUT_S))
+    time.sleep(SETTLE_S)
+    server_cpu, engine_cpu = (cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True))
+    client.wait(timeout=STOP_TIMEOUT_S)
+    per_req = 1e6 / spec.requests
+    return Row(
+        mode="stream" if spec.stream else "unary",
+        target=target,
+        requests=spec.requests,
+        seconds=result["seconds"],
+        rps=spec.requests / result["seconds"],
+        p50_ms=result["p50_ms"],
+        p99_ms=result["p99_ms"],
+        cpu_us_per_req=server_cpu * per_req,
+        engine_cpu_us_per_req=engine_cpu * per_req,
+        errors=result["errors"],
+        verdicts=result["verdicts"],
+    )
+
+
+def ratios(rows: list[Row]) -> dict[str, float]:
+    cpu = {(r.mode, r.target): r.cpu_us_per_req for r in rows}
+    return {m: cpu[(m, "gateway")] / cpu[(m, "passthrough")] for m in MODES if (m, "passthrough") in cpu}
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def render(rows: list[Row]) -> str:
+    lines = [
+        f"{'mode':<8} {'target':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req':>11} "
+        f"{'engine µs/req':>14} {'errors':>7}  tool calls"
+    ]
+    for r in rows:
+        verdicts = ", ".join(f"{k} {v}" for k, v in sorted(r.verdicts.items()))
+        lines.append(
+            f"{r.mode:<8} {r.target:<12} {r.rps:>8.0f} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} "
+            f"{r.cpu_us_per_req:>11.0f} {r.engine_cpu_us_per_req:>14.0f} {r.errors:>7}  {verdicts}"
+        )
+    found = ratios(rows)
+    parts = ", ".join(f"{m} {v:.2f}×" for m, v in found.items())
+    verdict = "ok" if all(v <= TARGET_RATIO for v in found.values()) else "ABOVE TARGET"
+    lines.append(f"gateway / passthrough CPU: {parts}   (target ≤ {TARGET_RATIO}×: {verdict})")
+    return "\n".join(lines)
+
+
+def report_json(rows: list[Row], args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "config": {
+            "requests": args.requests,
+            "stream_requests": args.stream_requests,
+            "warmup": args.warmup,
+            "concurrency": args.concurrency,
+            "cpu_count": os.cpu_count(),
+        },
+        "rows": [asdict(r) for r in rows],
+        "cpu_ratio": ratios(rows),
+        "target_ratio": TARGET_RATIO,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    p.add_argument("--requests", type=int, default=4000, help="measured non-stream requests per target")
+    p.add_argument("--stream-requests", type=int, help="measured stream requests per target (default: half)")
+    p.add_argument("--warmup", type=int, default=300, help="requests sent before each measured phase")
+    p.add_argument("--concurrency", type=int, default=32, help="connections of the closed-loop client")
+    p.add_argument("--json", type=Path, dest="json_out", help="also write the figures as JSON here")
+    p.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the load client with this spec
+    return p
+
+
+def _phases(args: argparse.Namespace) -> Iterator[tuple[str, bool, int]]:
+    for stream, count in ((False, args.requests), (True, args.stream_requests)):
+        for target in TARGETS:
+            yield target, stream, count
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, Processes(Path(tmp)) as procs:
+        servers = start_servers(procs, Path(tmp))
+        for target, stream, count in _phases(args):
+            spec = ClientSpec(servers.urls[target], stream, count, args.warmup, args.concurrency)
+            rows.append(measure(procs, servers, target, spec))
+            print(render_progress(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def render_progress(row: Row) -> str:
+    return f"  {row.mode} {row.target}: {row.rps:.0f} req/s, {row.cpu_us_per_req:.0f} µs CPU/req"
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `Processes.__exit__`, which stops every child
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.client:
+        return client_main(args.client)
+    if args.stream_requests is None:
+        args.stream_requests = args.requests // 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    rows = run(args)
+    print(render(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report_json(rows, args), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Shared fixtures: a real simulated engine process, and real gateways served by uvicorn on loopback ports.
+
+Tests talk to both over HTTP with real clients (the `openai` SDK, httpx), so what they see is what a product
+service sees. Each gateway gets its own policies directory, keys file and data directory under `tmp_path`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.app import GatewayASGI, create_app
+from gateway.records import read_records
+from gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin-token"
+CLIENT_TOKEN = "sk-test-crm-service"
+FORCER_TOKEN = "sk-test-loadtest"
+
+CRM_POLICY = """
+route = "crm-assistant"
+sticky = "header:x-user-id"
+tool_calls = "annotate"
+fallback = ["baseline"]
+
+[variants.baseline]
+model = "crm-base"
+engine = "default"
+system_prompt = "You update the CRM by calling the update_crm tool."
+weight = 90
+price = { input_per_mtok = 0.40, output_per_mtok = 1.20, currency = "EUR" }
+
+[variants.formatter]
+model = "crm-formatter"
+weight = 10
+price = { input_per_mtok = 0.30, output_per_mtok = 0.90, currency = "EUR" }
+"""
+
+UPDATE_CRM = {
+    "type": "function",
+    "function": {
+        "name": "update_crm",
+        "description": "Update an account in the CRM.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "account": {"type": "string", "minLength": 1},
+                "stage": {"type": "string", "enum": ["lead", "qualified", "proposal", "won", "lost"]},
+                "amount": {"type": "number", "minimum": 0},
+                "close_date": {"type": "string", "format": "date"},
+            },
+            "required": ["account", "stage", "amount"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@pytest.fixture(scope="session")
+def sim_engine_url() -> Iterator[str]:
+    """A real simulated-engine process, shared by the session."""
+    port = free_port()
+    behaviour = ROOT / "tests" / "data" / "sim_engine.toml"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.sim_engine", "--port", str(port), "--behaviour", str(behaviour)]
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/health")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    settings: Settings
+    app: GatewayASGI
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", **kwargs.pop("headers", {})}
+        return httpx.request(method, self.url + path, headers=headers, timeout=10.0, **kwargs)
+
+    def records(self, **kwargs: Any) -> list[Any]:
+        """Every record so far, once the requests in flight have submitted theirs (a reply can reach the client
+        a moment before its request's record is queued)."""
+        deadline = time.monotonic() + 5
+        while self.app.chat.inflight and time.monotonic() < deadline:
+            time.sleep(0.002)
+        self.app.components.records.flush()
+        return read_records(self.settings.records_db, **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def write_keys(path: Path) -> Path:
+    def entry(name: str, token: str, routes: str, force: bool) -> str:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        return (
+            f'[keys.{name}]\nsha256 = "{digest}"\ntenant = "acme"\nroutes = {routes}\n'
+            f"can_force_variant = {'true' if force else 'false'}\n"
+        )
+
+    path.write_text(
+        entry("crm-service", CLIENT_TOKEN, '["crm-assistant"]', False)
+        + entry("loadtest", FORCER_TOKEN, '["*"]', True)
+    )
+    return path
+
+
+def start_gateway(settings: Settings, **app_kwargs: Any) -> RunningGateway:
+    app = create_app(settings, **app_kwargs)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, loop="asyncio", http="httptools", lifespan="on", access_log=False, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.01)
+    return RunningGateway(f"http://127.0.0.1:{port}", settings, app, server, thread)
+
+
+GatewayFactory = Callable[..., RunningGateway]
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, sim_engine_url: str) -> Iterator[GatewayFactory]:
+    """Start a gateway in front of the simulated engine: `make_gateway(policies={"crm.toml": text}, **settings)`."""
+    started: list[RunningGateway] = []
+
+    def factory(policies: dict[str, str] | None = None, **overrides: Any) -> RunningGateway:
+        policy_dir = tmp_path / "policies"
+        policy_dir.mkdir(exist_ok=True)
+        for name, text in (policies if policies is not None else {"crm-assistant.toml": CRM_POLICY}).items():
+            (policy_dir / name).write_text(text)
+        values: dict[str, Any] = {
+            "policies_dir": policy_dir,
+            "engines": {"default": sim_engine_url},
+            "data_dir": tmp_path / "var",
+            "admin_token": ADMIN_TOKEN,
+            "keys_file": write_keys(tmp_path / "keys.toml"),
+        }
+        values.update(overrides)
+        app_kwargs = {k: values.pop(k) for k in ("engines_pool", "draw") if k in values}
+        gateway = start_gateway(Settings(**values), **app_kwargs)
+        started.append(gateway)
+        return gateway
+
+    yield factory
+    for gateway in started:
+        gateway.stop()

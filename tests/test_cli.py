@@ -1,0 +1,108 @@
+"""The `gateway` command as an operator runs it: a real subprocess against a real gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGateway
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gateway_cmd(*args: str, gw: RunningGateway | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    full_env.update(env)
+    if gw is not None:
+        full_env.setdefault("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+        full_env.setdefault("GATEWAY_DATA_DIR", str(gw.settings.data_dir))
+        args = (
+            (*args, "--url", gw.url) if args[0] in ("kill", "revive", "status", "audit", "reload") else args
+        )
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def test_the_gateway_refuses_to_start_without_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_AUTH=off"):
+        create_app(Settings(policies_dir=ROOT / "policies", data_dir=tmp_path, keys_file=None))
+    result = gateway_cmd("serve", GATEWAY_DATA_DIR=str(tmp_path), GATEWAY_PORT="0")
+    assert result.returncode == 2
+    assert "GATEWAY_KEYS_FILE" in result.stderr
+
+
+def test_serve_refuses_a_bad_policy(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text('route = "x"\n[variants.a]\nmodel = "m"\nweight = -5\n')
+    result = gateway_cmd(
+        "serve", GATEWAY_POLICIES_DIR=str(tmp_path), GATEWAY_AUTH="off", GATEWAY_DATA_DIR=str(tmp_path)
+    )
+    assert result.returncode == 2 and "bad.toml" in result.stderr and "weight" in result.stderr
+
+
+def test_kill_status_revive_audit_from_the_command_line(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()
+    killed = gateway_cmd(
+        "kill", "crm-assistant", "formatter", "--reason", "canary regressed", gw=gw, USER="ops-bob"
+    )
+    assert killed.returncode == 0, killed.stderr
+    status = gateway_cmd("status", "--json", gw=gw)
+    assert json.loads(status.stdout)["routes"]["crm-assistant"]["variants"]["formatter"]["killed"] is True
+    table = gateway_cmd("status", gw=gw).stdout
+    assert "formatter" in table and "KILLED" in table
+    assert (
+        gateway_cmd("kill", "crm-assistant", "baseline", "--reason", "x", gw=gw).returncode == 1
+    )  # last live
+    assert (
+        gateway_cmd(
+            "revive", "crm-assistant", "formatter", "--reason", "fixed", gw=gw, USER="ops-bob"
+        ).returncode
+        == 0
+    )
+    audit = gateway_cmd("audit", "--json", gw=gw)
+    entries = json.loads(audit.stdout)["entries"]
+    assert [(e["action"], e["actor"]) for e in entries] == [
+        ("revive_variant", "ops-bob"),
+        ("kill_variant", "ops-bob"),
+    ]
+    assert "canary regressed" in gateway_cmd("audit", gw=gw).stdout
+    assert gateway_cmd("kill", "--reason", "x", gw=gw).returncode == 1  # names nothing
+
+
+def test_the_cli_without_an_admin_token_says_so(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()
+    result = gateway_cmd("status", "--url", gw.url)
+    assert result.returncode == 1 and "GATEWAY_ADMIN_TOKEN" in result.stderr
+
+
+def test_report_reads_the_request_log(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_TOKEN, max_retries=0)
+    for i in range(30):
+        c.chat.completions.create(
+            model="crm-assistant",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-user-id": f"u{i}"},
+        )
+    gw.records()  # flush
+    result = gateway_cmd("report", "--json", gw=gw)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert sum(r["requests"] for r in rows) == 30
+    assert {r["variant"] for r in rows} <= {"baseline", "formatter"}
+    text = gateway_cmd("report", "--route", "crm-assistant", "--since", "1h", gw=gw).stdout
+    assert "baseline" in text

@@ -1,0 +1,157 @@
+"""Per-variant summaries: the Wilson interval, percentiles, grouping and the two renderings."""
+
+from __future__ import annotations
+
+import statistics
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.records import Record
+from gateway.report import format_table, percentile, summarize, to_json, wilson
+
+# --- Wilson interval ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("x", "n", "low", "high"),
+    [
+        # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3.
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+        (29, 29, 0.8830, 1.0),
+        # 5 % invalid over 900 checked requests: p ± ~1.4 points, pulled towards 0.5.
+        (45, 900, 0.0376, 0.0663),
+    ],
+)
+def test_wilson_matches_published_values(x: int, n: int, low: float, high: float) -> None:
+    assert wilson(x, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_wilson_with_no_trials_knows_nothing() -> None:
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+@given(st.integers(1, 100_000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
+def test_wilson_contains_the_point_estimate(xn: tuple[int, int]) -> None:
+    x, n = xn
+    low, high = wilson(x, n)
+    assert 0.0 <= low <= x / n <= high <= 1.0
+
+
+# --- percentiles --------------------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_linearly_between_ranks() -> None:
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([float(v) for v in range(1, 101)], 95) == pytest.approx(95.05)
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([1.0, 2.0], 0) == 1.0
+    assert percentile([1.0, 2.0], 100) == 2.0
+    assert percentile([], 50) is None
+
+
+@given(st.lists(st.floats(0, 1e4), min_size=2, max_size=200), st.integers(1, 99))
+def test_percentile_agrees_with_statistics_inclusive_quantiles(values: list[float], q: int) -> None:
+    expected = statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+    assert percentile(values, q) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+# --- summarize ----------------------------------------------------------------------------------------------
+
+
+def rec(route: str | None, variant: str | None, **fields: object) -> Record:
+    return Record(ts=0.0, request_id="r", route=route, variant=variant, **fields)  # type: ignore[arg-type]
+
+
+RECORDS = [
+    rec("crm", "base", e2e_s=0.1, input_tokens=100, output_tokens=10, cost=0.001, currency="USD",
+        tool_verdict="valid"),
+    rec("crm", "base", e2e_s=0.3, input_tokens=100, output_tokens=30, cost=0.003, currency="USD",
+        tool_verdict="invalid"),
+    rec("crm", "base", e2e_s=0.2, outcome="engine_error"),
+    rec("crm", "base", e2e_s=0.01, outcome="client_error", status=400),
+    rec("crm", "base", outcome="client_disconnected"),
+    rec("crm", "ft", stream=True, e2e_s=1.0, ttft_s=0.05, input_tokens=50, output_tokens=5, cost=2.0,
+        currency="EUR", tool_verdict="truncated"),
+    rec("crm", "ft", stream=False, e2e_s=0.5, ttft_s=0.9, tool_verdict="none", outcome="invalid_tool_call"),
+    rec("search", "base", e2e_s=0.4, outcome="engine_timeout"),
+    rec(None, None, outcome="client_error", status=404),
+]  # fmt: skip
+
+
+def test_summarize_groups_by_route_and_variant_in_order() -> None:
+    keys = [(s.route, s.variant) for s in summarize(RECORDS)]
+    assert keys == [(None, None), ("crm", "base"), ("crm", "ft"), ("search", "base")]
+
+
+def test_summarize_counts_errors_apart_from_client_outcomes() -> None:
+    base = {(s.route, s.variant): s for s in summarize(RECORDS)}["crm", "base"]
+    assert base.requests == 5
+    assert base.errors == 1
+    assert base.error_rate == pytest.approx(0.2)
+    assert base.client_errors == 1
+    assert base.client_disconnects == 1
+
+
+def test_summarize_invalid_rate_counts_only_checked_requests() -> None:
+    by_key = {(s.route, s.variant): s for s in summarize(RECORDS)}
+    base, ft = by_key["crm", "base"], by_key["crm", "ft"]
+    assert (base.tool_checked, base.invalid, base.invalid_rate) == (2, 1, 0.5)
+    assert base.invalid_ci == pytest.approx(wilson(1, 2))
+    assert (ft.tool_checked, ft.invalid_rate, ft.truncated) == (0, None, 1)
+    assert ft.invalid_ci == (0.0, 1.0)
+    assert ft.errors == 1  # invalid_tool_call (enforced) is an error outcome
+
+
+def test_summarize_latency_tokens_and_cost() -> None:
+    by_key = {(s.route, s.variant): s for s in summarize(RECORDS)}
+    base, ft = by_key["crm", "base"], by_key["crm", "ft"]
+    assert base.e2e_p50 == pytest.approx(0.15)  # of 0.01, 0.1, 0.2, 0.3
+    assert base.ttft_p50 is None
+    assert ft.ttft_p50 == 0.05  # the non-stream record's ttft is ignored
+    assert (base.input_tokens, base.output_tokens) == (200, 40)
+    assert base.cost_total == pytest.approx({"USD": 0.004})
+    assert base.cost_per_request == pytest.approx({"USD": 0.002})  # over the two priced requests
+    assert ft.cost_total == {"EUR": 2.0}
+
+
+def test_summarize_nothing() -> None:
+    assert summarize([]) == []
+
+
+# --- rendering ----------------------------------------------------------------------------------------------
+
+
+def test_format_table_has_a_header_and_one_aligned_row_per_variant() -> None:
+    table = format_table(summarize(RECORDS))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["route", "variant", "requests"]
+    assert set(lines[1]) <= {"-", " "}
+    assert len(lines) == 2 + 4
+    assert "1/2 50.0% [9.5%, 90.5%]" in table
+    assert "0.002 USD" in table
+    assert lines[2].startswith("-")  # the record without a route
+    assert len({len(line) for line in lines}) == 1  # fixed width: the last column is right-aligned
+
+
+def test_to_json_round_trips_every_field() -> None:
+    summaries = summarize(RECORDS)
+    data = orjson.loads(to_json(summaries))
+    assert [(d["route"], d["variant"]) for d in data] == [(s.route, s.variant) for s in summaries]
+    base = data[1]
+    assert base["invalid_ci"] == pytest.approx(list(wilson(1, 2)))
+    assert base["cost_total"] == pytest.approx({"USD": 0.004})
+    assert set(base) >= {
+        "requests",
+        "errors",
+        "error_rate",
+        "invalid_rate",
+        "e2e_p95",
+        "ttft_p95",
+        "truncated",
+    }

@@ -1,0 +1,498 @@
+"""Tool-call validation against a realistic CRM tool: what the request declared, what came back, verdicts."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.toolcalls import (
+    Completion,
+    Expectation,
+    SchemaCache,
+    ToolCall,
+    Verdict,
+    check,
+    completions_from_response,
+    expectation_from_request,
+)
+
+UPDATE_CRM: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "account_id": {"type": "string", "pattern": "^ACC-[0-9]{6}$"},
+        "stage": {
+            "type": "string",
+            "enum": ["prospecting", "qualification", "proposal", "negotiation", "closed_won", "closed_lost"],
+        },
+        "amount": {"type": "number", "minimum": 0},
+        "close_date": {"type": "string", "format": "date"},
+        "line_items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
+                "required": ["sku", "qty"],
+            },
+        },
+        "notes": {"type": "string", "maxLength": 500},
+    },
+    "required": ["account_id", "stage", "amount"],
+    "additionalProperties": False,
+}
+
+LOOKUP_ACCOUNT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"query": {"type": "string", "minLength": 1}},
+    "required": ["query"],
+}
+
+GOOD_ARGS = {
+    "account_id": "ACC-004211",
+    "stage": "negotiation",
+    "amount": 48000.0,
+    "close_date": "2025-09-30",
+}
+
+
+def tool(name: str, parameters: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    fn: dict[str, Any] = {"name": name, "description": f"{name} tool", **extra}
+    if parameters is not None:
+        fn["parameters"] = parameters
+    return {"type": "function", "function": fn}
+
+
+def request(tool_choice: Any = None, response_format: Any = None, tools: Any = "crm") -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "crm-assistant",
+        "messages": [
+            {"role": "user", "content": "Move Acme to negotiation at 48k, closing end of September."}
+        ],
+    }
+    if tools == "crm":
+        body["tools"] = [tool("update_crm", UPDATE_CRM), tool("lookup_account", LOOKUP_ACCOUNT)]
+    elif tools is not None:
+        body["tools"] = tools
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    if response_format is not None:
+        body["response_format"] = response_format
+    return body
+
+
+def call(arguments: Any, name: str = "update_crm", id: str = "chatcmpl-tool-1") -> ToolCall:
+    raw = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
+    return ToolCall(id=id, name=name, arguments=raw)
+
+
+def choice(
+    *calls: ToolCall, content: str | None = None, finish: str | None = "tool_calls", index: int = 0
+) -> Completion:
+    return Completion(index=index, content=content, tool_calls=calls, finish_reason=finish)
+
+
+def verdict(
+    *choices: Completion, body: dict[str, Any] | None = None, cache: SchemaCache | None = None
+) -> Verdict:
+    return check(choices, expectation_from_request(body or request()), cache or SchemaCache())
+
+
+# --- reading the request ------------------------------------------------------------------------------------
+
+
+def test_expectation_reads_tools_choice_and_response_format() -> None:
+    schema = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
+    exp = expectation_from_request(
+        request(
+            tool_choice={"type": "function", "function": {"name": "update_crm"}},
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        )
+    )
+    assert dict(exp.tools) == {"update_crm": UPDATE_CRM, "lookup_account": LOOKUP_ACCOUNT}
+    assert exp.required is True
+    assert exp.forced_name == "update_crm"
+    assert exp.tool_choice == "named"
+    assert exp.content_schema == schema
+    assert exp.active
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "tools", "expected", "required"),
+    [
+        (None, "crm", "auto", False),
+        (None, None, "none", False),
+        ("auto", "crm", "auto", False),
+        ("none", "crm", "none", False),
+        ("required", "crm", "required", True),
+        ({"type": "function"}, "crm", "auto", False),
+        ("any", "crm", "auto", False),
+    ],
+)
+def test_tool_choice_forms(tool_choice: Any, tools: Any, expected: str, required: bool) -> None:
+    exp = expectation_from_request(request(tool_choice=tool_choice, tools=tools))
+    assert (exp.tool_choice, exp.required, exp.forced_name) == (expected, required, None)
+
+
+def test_expectation_ignores_malformed_entries() -> None:
+    tools = [
+        "update_crm",
+        None,
+        {"type": "function"},
+        {"type": "function", "function": {"parameters": UPDATE_CRM}},  # no name
+        {"type": "function", "function": {"name": 7}},
+        {"type": "custom", "custom": {"name": "grammar_tool"}},
+        {"type": "function", "function": {"name": "lookup_account", "parameters": "not a schema"}},
+        tool("update_crm", UPDATE_CRM),
+    ]
+    exp = expectation_from_request(
+        request(tools=tools, response_format={"type": "json_schema", "json_schema": 1})
+    )
+    assert dict(exp.tools) == {"lookup_account": None, "update_crm": UPDATE_CRM}
+    assert exp.content_schema is None
+    assert expectation_from_request(request(tools={"not": "a list"})).tools == {}
+
+
+def test_active_only_when_something_can_be_checked() -> None:
+    assert not expectation_from_request(request(tools=None)).active
+    assert not expectation_from_request(request(tools=None, response_format={"type": "json_object"})).active
+    assert not expectation_from_request(request(tool_choice="none")).active
+    assert expectation_from_request(request(tool_choice="auto")).active
+    schema_only = request(tools=None, response_format={"type": "json_schema", "json_schema": {"schema": {}}})
+    assert expectation_from_request(schema_only).active
+
+
+# --- verdicts on tool calls ---------------------------------------------------------------------------------
+
+
+def test_valid_call() -> None:
+    v = verdict(choice(call(GOOD_ARGS)))
+    assert v == Verdict("valid", None, None, None, 1)
+    assert v.header == "valid"
+
+
+def test_parallel_calls_all_valid_count_every_call() -> None:
+    v = verdict(choice(call({"query": "Acme"}, name="lookup_account"), call(GOOD_ARGS, id="chatcmpl-tool-2")))
+    assert (v.status, v.calls) == ("valid", 2)
+
+
+def test_unknown_tool() -> None:
+    v = verdict(choice(call(GOOD_ARGS, name="delete_account")))
+    assert (v.status, v.reason, v.header, v.calls) == ("invalid", "unknown_tool", "invalid", 1)
+
+
+def test_forced_tool_but_another_called_is_unknown_tool() -> None:
+    body = request(tool_choice={"type": "function", "function": {"name": "update_crm"}})
+    v = verdict(choice(call({"query": "Acme"}, name="lookup_account"), finish="stop"), body=body)
+    assert (v.status, v.reason) == ("invalid", "unknown_tool")
+
+
+def test_malformed_arguments() -> None:
+    v = verdict(choice(call('{"account_id": "ACC-004211", "stage": "negotiation", "amount": ')))
+    assert (v.status, v.reason, v.path, v.detail) == ("invalid", "malformed_json", None, None)
+
+
+def test_wrong_type_reports_instance_and_schema_paths() -> None:
+    v = verdict(choice(call({**GOOD_ARGS, "amount": "forty-eight thousand"})))
+    assert v == Verdict("invalid", "schema_violation", "/amount", "type at /properties/amount/type", 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "detail"),
+    [
+        ({"stage": "won"}, "/stage", "enum at /properties/stage/enum"),
+        ({"amount": -5}, "/amount", "minimum at /properties/amount/minimum"),
+        ({"account_id": "acme"}, "/account_id", "pattern at /properties/account_id/pattern"),
+        ({"close_date": "next Friday"}, "/close_date", "format at /properties/close_date/format"),
+        ({"close_date": "2025-02-30"}, "/close_date", "format at /properties/close_date/format"),
+        ({"priority": "high"}, "", "additionalProperties at /additionalProperties"),
+        (
+            {"line_items": [{"sku": "X1", "qty": 2}, {"sku": "X2", "qty": 0}]},
+            "/line_items/1/qty",
+            "minimum at /properties/line_items/items/properties/qty/minimum",
+        ),
+    ],
+)
+def test_schema_violations(change: dict[str, Any], path: str, detail: str) -> None:
+    v = verdict(choice(call({**GOOD_ARGS, **change})))
+    assert (v.status, v.reason, v.path, v.detail) == ("invalid", "schema_violation", path, detail)
+
+
+def test_missing_required_property_points_at_the_object() -> None:
+    args = {k: v for k, v in GOOD_ARGS.items() if k != "amount"}
+    v = verdict(choice(call(args)))
+    assert (v.reason, v.path, v.detail) == ("schema_violation", "", "required at /required")
+
+
+def test_named_call_with_non_object_arguments() -> None:
+    # Seen on vLLM: a forced named call on a non-strict tool returned "arguments": "true".
+    body = request(tool_choice={"type": "function", "function": {"name": "update_crm"}})
+    v = verdict(choice(call("true"), finish="stop"), body=body)
+    assert (v.reason, v.path, v.detail) == ("schema_violation", "", "type at /type")
+
+
+def test_formats_can_be_left_as_annotations() -> None:
+    v = verdict(
+        choice(call({**GOOD_ARGS, "close_date": "next Friday"})), cache=SchemaCache(validate_formats=False)
+    )
+    assert v.status == "valid"
+
+
+def test_tool_without_parameters_needs_only_json() -> None:
+    body = request(tools=[tool("ping", None)])
+    assert verdict(choice(call("{}", name="ping")), body=body).status == "valid"
+    assert verdict(choice(call("{", name="ping")), body=body).reason == "malformed_json"
+
+
+def test_pointer_escapes_and_ref_paths() -> None:
+    schema = {
+        "type": "object",
+        "$defs": {"day": {"type": "string", "format": "date"}},
+        "properties": {"a/b~c": {"type": "integer"}, "due": {"$ref": "#/$defs/day"}},
+    }
+    body = request(tools=[tool("t", schema)])
+    v = verdict(choice(call({"a/b~c": "x"}, name="t")), body=body)
+    assert (v.path, v.detail) == ("/a~1b~0c", "type at /properties/a~1b~0c/type")
+    v = verdict(choice(call({"due": "soon"}, name="t")), body=body)
+    assert (v.path, v.detail) == ("/due", "format at /$defs/day/format")
+
+
+# --- text answers, required calls, truncation ---------------------------------------------------------------
+
+
+def test_text_answer_under_auto_is_none() -> None:
+    v = verdict(choice(content="Which Acme account do you mean?", finish="stop"))
+    assert (v.status, v.reason, v.header, v.calls) == ("none", None, "none", 0)
+
+
+def test_required_call_missing() -> None:
+    for tc in ("required", {"type": "function", "function": {"name": "update_crm"}}):
+        v = verdict(choice(content="Sure, done.", finish="stop"), body=request(tool_choice=tc))
+        assert (v.status, v.reason, v.calls) == ("invalid", "missing_tool_call", 0)
+
+
+def test_nothing_declared_is_none_even_with_calls() -> None:
+    assert verdict(choice(call(GOOD_ARGS)), body=request(tools=None)).status == "none"
+    assert verdict(choice(content="hi", finish="stop"), body=request(tools=None)).status == "none"
+
+
+def test_cut_by_max_tokens_is_truncated_not_invalid() -> None:
+    # vLLM returns the cut call as plain content, with no tool_calls.
+    cut = choice(content='<tool_call>{"name": "update_crm", "arguments": {"account_id": "AC', finish="length")
+    for tc in ("auto", "required"):
+        v = verdict(cut, body=request(tool_choice=tc))
+        assert (v.status, v.reason, v.header) == ("truncated", "truncated", "none")
+
+
+def test_several_choices() -> None:
+    good = choice(call(GOOD_ARGS), index=0)
+    cut = choice(content="<tool_call>{", finish="length", index=1)
+    bad = choice(call({**GOOD_ARGS, "stage": "won"}), call(GOOD_ARGS), index=2)
+    unknown = choice(call("{}", name="nope"), index=3)
+    assert (verdict(good, cut).status, verdict(good, cut).calls) == ("truncated", 1)
+    v = verdict(good, cut, bad, unknown)
+    assert (v.status, v.reason, v.path, v.calls) == ("invalid", "schema_violation", "/stage", 4)
+    assert verdict(good, unknown, bad).reason == "unknown_tool"
+    assert verdict(good, choice(content="text", finish="stop", index=1)).status == "valid"
+    assert verdict().status == "none"
+
+
+# --- response_format json_schema ----------------------------------------------------------------------------
+
+SUMMARY = {
+    "type": "object",
+    "properties": {"account_id": {"type": "string"}, "risk": {"enum": ["low", "medium", "high"]}},
+    "required": ["account_id", "risk"],
+}
+
+
+def schema_request() -> dict[str, Any]:
+    fmt = {"type": "json_schema", "json_schema": {"name": "summary", "strict": True, "schema": SUMMARY}}
+    return request(tools=None, response_format=fmt)
+
+
+def test_content_schema() -> None:
+    body = schema_request()
+    ok = choice(content='{"account_id": "ACC-004211", "risk": "low"}', finish="stop")
+    assert verdict(ok, body=body) == Verdict("valid", None, None, None, 0)
+    v = verdict(choice(content='{"account_id": "ACC-004211", "risk": "severe"}', finish="stop"), body=body)
+    assert (v.status, v.reason, v.path, v.detail) == (
+        "invalid",
+        "schema_violation",
+        "/risk",
+        "enum at /properties/risk/enum",
+    )
+    v = verdict(choice(content="The account looks low risk.", finish="stop"), body=body)
+    assert (v.status, v.reason) == ("invalid", "malformed_json")
+    assert verdict(choice(content=None, finish="stop"), body=body).reason == "malformed_json"
+    assert verdict(choice(content='{"account_id": "A', finish="length"), body=body).status == "truncated"
+
+
+def test_content_schema_with_tools_checks_the_call_not_the_content() -> None:
+    body = schema_request()
+    body["tools"] = [tool("update_crm", UPDATE_CRM)]
+    assert verdict(choice(call(GOOD_ARGS), content=None), body=body).status == "valid"
+    assert (
+        verdict(choice(content='{"account_id": "x", "risk": "low"}', finish="stop"), body=body).status
+        == "valid"
+    )
+
+
+# --- the schema cache ---------------------------------------------------------------------------------------
+
+
+def test_schema_compiled_once_per_content() -> None:
+    cache = SchemaCache()
+    first = cache.validator(UPDATE_CRM)
+    assert cache.validator(copy.deepcopy(UPDATE_CRM)) is first
+    assert cache.size == 1
+    for _ in range(3):
+        verdict(choice(call(GOOD_ARGS)), cache=cache)
+    assert cache.size == 1
+
+
+def test_cache_is_bounded_lru() -> None:
+    cache = SchemaCache(maxsize=2)
+    a, b, c = ({"type": t} for t in ("string", "integer", "boolean"))
+    va = cache.validator(a)
+    cache.validator(b)
+    assert cache.validator(a) is va  # a is now the most recent; b gets evicted next
+    cache.validator(c)
+    assert cache.size == 2
+    assert cache.validator(a) is va
+    assert cache.validator(b) is not None
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "objekt"},
+        {"type": "object", "properties": {"account_id": {"type": "string", "pattern": "(unclosed"}}},
+        {"$ref": "http://127.0.0.1:9/crm.json"},  # compiled offline: never fetched
+    ],
+)
+def test_bad_schema_does_not_raise_and_is_remembered(schema: dict[str, Any]) -> None:
+    cache = SchemaCache()
+    body = request(tools=[tool("update_crm", schema)])
+    v = verdict(choice(call(GOOD_ARGS)), body=body, cache=cache)
+    assert (v.status, v.bad_schema, v.calls) == ("valid", True, 1)
+    assert verdict(choice(call("{")), body=body, cache=cache).reason == "malformed_json"
+    verdict(choice(call(GOOD_ARGS)), body=body, cache=cache)
+    assert cache.rejected == 1
+    assert cache.validator(schema) is None
+
+
+def test_bad_schema_flag_survives_a_later_invalid_call() -> None:
+    body = request(tools=[tool("broken", {"type": "objekt"}), tool("update_crm", UPDATE_CRM)])
+    v = verdict(choice(call("{}", name="broken"), call({"stage": "won"})), body=body)
+    assert (v.status, v.reason, v.bad_schema) == ("invalid", "schema_violation", True)
+
+
+# --- privacy ------------------------------------------------------------------------------------------------
+
+
+def _verdict_text(v: Verdict) -> str:
+    return repr(v) + "".join(str(getattr(v, f)) for f in ("status", "reason", "path", "detail", "header"))
+
+
+def test_verdict_never_quotes_the_instance() -> None:
+    secret = "SECRET-jane.doe@acme.example"
+    cases = [
+        {**GOOD_ARGS, "amount": secret},
+        {**GOOD_ARGS, "stage": secret},
+        {**GOOD_ARGS, "close_date": secret},
+        {**GOOD_ARGS, secret: 1},  # a key the model invented (additionalProperties: false)
+        {**GOOD_ARGS, "line_items": [{"sku": secret, "qty": secret}]},
+    ]
+    for args in cases:
+        v = verdict(choice(call(args)))
+        assert v.reason == "schema_violation"
+        assert "SECRET" not in _verdict_text(v)
+
+
+def test_model_chosen_keys_are_redacted_from_the_path() -> None:
+    schema = {
+        "type": "object",
+        "additionalProperties": {"type": "integer"},
+        "patternProperties": {"^x-": False},
+    }
+    body = request(tools=[tool("tags", schema)])
+    assert verdict(choice(call({"SECRET-key": "v"}, name="tags")), body=body).path == "/*"
+    assert verdict(choice(call({"x-SECRET": 1}, name="tags")), body=body).path == "/*"
+
+
+@given(
+    field=st.sampled_from(["account_id", "stage", "amount", "close_date", "notes", "extra", "line_items"]),
+    value=st.one_of(
+        st.text(min_size=1).map(lambda s: "SECRET" + s),
+        st.lists(st.text().map(lambda s: "SECRET" + s), min_size=1),
+        st.dictionaries(
+            st.text().map(lambda s: "SECRET" + s), st.text().map(lambda s: "SECRET" + s), min_size=1
+        ),
+    ),
+)
+def test_no_instance_text_in_any_verdict(field: str, value: Any) -> None:
+    args = {**GOOD_ARGS, field: value}
+    v = check([choice(call(args))], expectation_from_request(request()), _CACHE)
+    assert "SECRET" not in _verdict_text(v)
+
+
+_CACHE = SchemaCache()
+
+
+# --- non-stream bodies --------------------------------------------------------------------------------------
+
+
+def test_completions_from_response_reads_a_vllm_body() -> None:
+    body = {
+        "id": "chatcmpl-9f1c",
+        "object": "chat.completion",
+        "model": "crm-lora@3",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "chatcmpl-tool-a1",
+                            "type": "function",
+                            "function": {"name": "update_crm", "arguments": orjson.dumps(GOOD_ARGS).decode()},
+                        },
+                        {"id": "x", "type": "function", "function": "garbage"},
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            },
+            {
+                "index": 1,
+                "message": {"role": "assistant", "content": "No update needed."},
+                "finish_reason": "stop",
+            },
+            "garbage",
+        ],
+        "usage": {"prompt_tokens": 412, "completion_tokens": 38, "total_tokens": 450},
+    }
+    completions = completions_from_response(body)
+    assert completions == [
+        Completion(
+            0,
+            None,
+            (ToolCall("chatcmpl-tool-a1", "update_crm", orjson.dumps(GOOD_ARGS).decode()),),
+            "tool_calls",
+        ),
+        Completion(1, "No update needed.", (), "stop"),
+    ]
+    assert check(completions, expectation_from_request(request()), SchemaCache()).status == "valid"
+    assert completions_from_response({"error": {"message": "x"}}) == []
+
+
+def test_expectation_is_plain_data() -> None:
+    exp = Expectation(tools={}, required=False, forced_name=None, content_schema=None, tool_choice="none")
+    assert not exp.active
+    with pytest.raises(AttributeError):
+        exp.required = True  # type: ignore[misc]
