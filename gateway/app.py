@@ -161,12 +161,13 @@ def _lifespan(c: Components) -> Callable[[Starlette], contextlib.AbstractAsyncCo
 
 
 async def _watch_switches(c: Components) -> None:
-    """Pick up flips made by another gateway process sharing the state database."""
-    seen = await asyncio.to_thread(c.state.data_version)
+    """Pick up flips made by another gateway process sharing the state database. The poll runs on the loop:
+    through a thread it cost ~18 ms of CPU a second at a 50 ms period (overhead benchmark)."""
+    seen = c.state.data_version()
     while True:
         await asyncio.sleep(c.settings.switch_poll_s)
         try:
-            version = await asyncio.to_thread(c.state.data_version)
+            version = c.state.data_version()
             if version != seen:
                 seen = version
                 c.live.set_switches(await asyncio.to_thread(c.state.switches))

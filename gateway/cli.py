@@ -140,7 +140,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_sim_engine(args: argparse.Namespace) -> int:
     from gateway.sim_engine import serve
 
-    serve(args.host, args.port, args.behaviour)
+    try:
+        serve(args.host, args.port, args.behaviour)
+    except ValueError as err:  # a bad behaviour file
+        print(f"gateway sim-engine: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

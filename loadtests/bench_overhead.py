@@ -10,17 +10,19 @@ warm-up) is sent, one target at a time, through
 both in front of one simulated engine (`gateway.sim_engine`, model `bench`: zero latency, a valid tool call).
 
 How. Every process is started here, on free loopback ports, and stopped at the end (terminate, then kill after a
-timeout), also on Ctrl-C or an error. The load comes from a separate process (this script with `--client`), an
-aiohttp client using uvloop, so its CPU is not charged to anyone. The request is `loadtests/bench/request.json`
-(a small chat with one `update_crm` tool), with a bearer key and an `x-user-id` drawn from 1,000 users; streams
-ask for usage (the gateway always asks the engine for it, so both targets get the same bytes from the engine)
-and are read to the end. An error is a non-200 answer, a unary body without `choices`, or a stream without
-`data: [DONE]`. CPU per request is the server process's utime + stime (all its threads, from /proc/<pid>/stat)
-over the measured phase, divided by its requests; the engine's is shown for context. The figure that matters is
-the ratio gateway / passthrough (target ≤ 1.5×): requests/s and latency depend on the three processes sharing
-the machine's cores.
+timeout), also on Ctrl-C or an error. The load comes from separate processes (this script with `--client`, one
+per target), aiohttp clients on uvloop, so their CPU is charged to no server. The request is
+`loadtests/bench/request.json` (a small chat with one `update_crm` tool), with a bearer key and an `x-user-id`
+drawn from 1,000 users; streams ask for usage (the gateway always asks the engine for it, so both targets get the
+same bytes from the engine) and are read to the end. An error is a non-200 answer, a unary body without
+`choices`, or a stream without `data: [DONE]`. Per mode, both targets are warmed up, then measured in `--rounds`
+rounds, alternating AB, BA, ... so that a burst from a neighbour on this shared machine lands on both. CPU per
+request is the server process's utime + stime (all its threads, /proc/<pid>/stat) read just before and after
+each round, summed, divided by the requests; the engine's is shown for context. The figure that matters is the
+ratio gateway / passthrough (target ≤ 1.5×), with its per-round range as a noise gauge; requests/s and latency
+depend on the three processes sharing the machine's cores.
 
-    .venv/bin/python loadtests/bench_overhead.py [--requests 4000] [--concurrency 32] [--json OUT]
+    .venv/bin/python loadtests/bench_overhead.py [--requests 4000] [--concurrency 32] [--rounds 4] [--json OUT]
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,8 @@ USERS = 1000
 MODES = ("unary", "stream")
 TARGETS = ("passthrough", "gateway")
 TARGET_RATIO = 1.5
-SETTLE_S = (
-    0.25  # idle time before each CPU reading: work deferred past the last answer (log batches) is counted
-)
+# Idle time before each CPU reading, so that work deferred past the last answer (log batches) is counted.
+SETTLE_S = 0.25
 STOP_TIMEOUT_S = 10.0
 CLIENT_TIMEOUT_S = 150.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -73,8 +73,6 @@ PR_SET_PDEATHSIG = 1
 class ClientSpec:
     url: str
     stream: bool
-    requests: int
-    warmup: int
     concurrency: int
     seed: int = 1
 
@@ -82,8 +80,19 @@ class ClientSpec:
 @dataclass(slots=True)
 class Tally:
     latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
     errors: int = 0
     verdicts: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": len(self.latencies),
+            "seconds": self.seconds,
+            "p50_ms": 1000 * _percentile(self.latencies, 0.50),
+            "p99_ms": 1000 * _percentile(self.latencies, 0.99),
+            "errors": self.errors,
+            "verdicts": dict(self.verdicts),
+        }
 
 
 def _bodies() -> dict[bool, bytes]:
@@ -120,22 +129,29 @@ async def _one(session: aiohttp.ClientSession, spec: ClientSpec, body: bytes, he
     return verdict if b'"choices"' in data else "error"
 
 
-async def _phase(session: aiohttp.ClientSession, spec: ClientSpec, count: int, rng: random.Random) -> Tally:
-    """`count` requests over `spec.concurrency` connections, each sending its next request when one ends."""
-    body, users, tally = _bodies()[spec.stream], _headers(), Tally()
-    left = [count]
+class LoadClient:
+    """A closed loop: `concurrency` workers, each sending its next request when its last one is answered."""
 
-    async def worker() -> None:
-        while left[0] > 0:
-            left[0] -= 1
-            t0 = time.perf_counter()
-            verdict = await _one(session, spec, body, rng.choice(users))
-            tally.latencies.append(time.perf_counter() - t0)
-            tally.errors += verdict == "error"
-            tally.verdicts[verdict] += 1
+    def __init__(self, session: aiohttp.ClientSession, spec: ClientSpec) -> None:
+        self.session, self.spec = session, spec
+        self.body, self.users = _bodies()[spec.stream], _headers()
+        self.rng = random.Random(spec.seed)
 
-    await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
-    return tally
+    async def phase(self, count: int, tally: Tally) -> None:
+        left = [count]
+
+        async def worker() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                t0 = time.perf_counter()
+                verdict = await _one(self.session, self.spec, self.body, self.rng.choice(self.users))
+                tally.latencies.append(time.perf_counter() - t0)
+                tally.errors += verdict == "error"
+                tally.verdicts[verdict] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(self.spec.concurrency)))
+        tally.seconds += time.perf_counter() - t0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -143,33 +159,29 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] if ordered else float("nan")
 
 
-async def _client(spec: ClientSpec) -> dict[str, Any]:
-    """Warm up, say `ready`, wait for the go line on stdin (the parent reads CPU counters), then measure."""
-    rng = random.Random(spec.seed)
-    connector = aiohttp.TCPConnector(limit=spec.concurrency)
+async def _client(spec: ClientSpec) -> None:
+    """Obey the parent, one line at a time: `warmup N` and `run N` send N requests and answer one JSON line
+    (`run` with the figures of every measured request so far); anything else ends the client. Between lines
+    the parent reads the servers' CPU counters, so they cover exactly the measured requests."""
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout would close them under a request.
+    connector = aiohttp.TCPConnector(limit=spec.concurrency, keepalive_timeout=3)
     timeout = aiohttp.ClientTimeout(total=30)
+    measured = Tally()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await _phase(session, spec, spec.warmup, rng)
-        print("ready", flush=True)
-        sys.stdin.readline()
-        t0 = time.perf_counter()
-        tally = await _phase(session, spec, spec.requests, rng)
-        elapsed = time.perf_counter() - t0
-    return {
-        "seconds": elapsed,
-        "p50_ms": 1000 * _percentile(tally.latencies, 0.50),
-        "p99_ms": 1000 * _percentile(tally.latencies, 0.99),
-        "errors": tally.errors,
-        "verdicts": dict(tally.verdicts),
-    }
+        client = LoadClient(session, spec)
+        while (line := sys.stdin.readline().split()) and line[0] in ("warmup", "run"):
+            if line[0] == "warmup":
+                await client.phase(int(line[1]), Tally())
+                print("{}", flush=True)
+            else:
+                await client.phase(int(line[1]), measured)
+                print(json.dumps(measured.summary()), flush=True)
 
 
 def client_main(raw_spec: str) -> int:
     import uvloop
 
-    spec = ClientSpec(**json.loads(raw_spec))
-    result = uvloop.run(_client(spec))
-    print(json.dumps(result), flush=True)
+    uvloop.run(_client(ClientSpec(**json.loads(raw_spec))))
     return 0
 
 
@@ -322,6 +334,38 @@ class Row:
     engine_cpu_us_per_req: float
     errors: int
     verdicts: dict[str, int]
+    cpu_us_per_req_rounds: list[float]
+
+
+@dataclass(slots=True)
+class Target:
+    """One server under load, its load client, and the CPU it spent over the measured rounds."""
+
+    name: str
+    pid: int
+    client: subprocess.Popen[bytes]
+    cpu_s: float = 0.0
+    engine_cpu_s: float = 0.0
+    rounds: list[float] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, mode: str) -> Row:
+        r = self.result
+        requests = r["requests"]
+        return Row(
+            mode=mode,
+            target=self.name,
+            requests=requests,
+            seconds=r["seconds"],
+            rps=requests / r["seconds"],
+            p50_ms=r["p50_ms"],
+            p99_ms=r["p99_ms"],
+            cpu_us_per_req=1e6 * self.cpu_s / requests,
+            engine_cpu_us_per_req=1e6 * self.engine_cpu_s / requests,
+            errors=r["errors"],
+            verdicts=r["verdicts"],
+            cpu_us_per_req_rounds=self.rounds,
+        )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -331,48 +375,84 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else b""
-    if not line:
-        raise RuntimeError(f"the load client gave no answer within {timeout:g} s (exit {proc.poll()})")
-    return line.decode().strip()
-
-
-def measure(procs: Processes, servers: Servers, target: str, spec: ClientSpec) -> Row:
-    pids = (servers.pids[target], servers.engine.pid)
-    client = procs.start_client(spec)
-    assert client.stdin is not None
-    if _read_line(client, CLIENT_TIMEOUT_S) != "ready":
-        raise RuntimeError("the load client did not finish its warm-up")
-    time.sleep(SETTLE_S)
-    before = [cpu_seconds(pid) for pid in pids]
-    client.stdin.write(b"go\n")
+def _ask(client: subprocess.Popen[bytes], command: str) -> dict[str, Any]:
+    """Send the load client one command line and wait (bounded) for its JSON answer."""
+    assert client.stdin is not None and client.stdout is not None
+    client.stdin.write(command.encode() + b"\n")
     client.stdin.flush()
-    result = json.loads(_read_line(client, CLIENT_TIMEOUT_S))
+    ready, _, _ = select.select([client.stdout], [], [], CLIENT_TIMEOUT_S)
+    line = client.stdout.readline() if ready else b""
+    if not line:
+        raise RuntimeError(f"the load client gave no answer to {command!r} (exit status {client.poll()})")
+    answer: dict[str, Any] = json.loads(line)
+    return answer
+
+
+def _measure_round(target: Target, engine_pid: int, count: int) -> None:
     time.sleep(SETTLE_S)
-    server_cpu, engine_cpu = (cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True))
+    server0, engine0 = cpu_seconds(target.pid), cpu_seconds(engine_pid)
+    target.result = _ask(target.client, f"run {count}")
+    time.sleep(SETTLE_S)
+    server, engine = cpu_seconds(target.pid) - server0, cpu_seconds(engine_pid) - engine0
+    target.cpu_s += server
+    target.engine_cpu_s += engine
+    target.rounds.append(1e6 * server / count)
+
+
+def _chunks(total: int, parts: int) -> list[int]:
+    size, extra = divmod(total, parts)
+    return [size + (i < extra) for i in range(parts)]
+
+
+def _stop_client(client: subprocess.Popen[bytes]) -> None:
+    assert client.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        client.stdin.write(b"stop\n")
+        client.stdin.close()
     client.wait(timeout=STOP_TIMEOUT_S)
-    per_req = 1e6 / spec.requests
-    return Row(
-        mode="stream" if spec.stream else "unary",
-        target=target,
-        requests=spec.requests,
-        seconds=result["seconds"],
-        rps=spec.requests / result["seconds"],
-        p50_ms=result["p50_ms"],
-        p99_ms=result["p99_ms"],
-        cpu_us_per_req=server_cpu * per_req,
-        engine_cpu_us_per_req=engine_cpu * per_req,
-        errors=result["errors"],
-        verdicts=result["verdicts"],
-    )
+
+
+def measure_mode(
+    procs: Processes, servers: Servers, stream: bool, count: int, args: argparse.Namespace
+) -> list[Row]:
+    """Warm both targets up, then alternate them round by round (AB, BA, ...), so that a neighbour's burst of
+    CPU on this shared machine lands on both rather than on one."""
+    targets = [
+        Target(
+            name,
+            servers.pids[name],
+            procs.start_client(ClientSpec(servers.urls[name], stream, args.concurrency)),
+        )
+        for name in TARGETS
+    ]
+    for target in targets:
+        _ask(target.client, f"warmup {args.warmup}")
+    for i, chunk in enumerate(_chunks(count, args.rounds)):
+        for target in targets if i % 2 == 0 else targets[::-1]:
+            _measure_round(target, servers.engine.pid, chunk)
+            print(
+                f"  {'stream' if stream else 'unary'} {target.name}: {target.rounds[-1]:.0f} µs CPU/req",
+                file=sys.stderr,
+                flush=True,
+            )
+    for target in targets:
+        _stop_client(target.client)
+    return [target.row("stream" if stream else "unary") for target in targets]
 
 
 def ratios(rows: list[Row]) -> dict[str, float]:
     cpu = {(r.mode, r.target): r.cpu_us_per_req for r in rows}
     return {m: cpu[(m, "gateway")] / cpu[(m, "passthrough")] for m in MODES if (m, "passthrough") in cpu}
+
+
+def round_ratios(rows: list[Row]) -> dict[str, list[float]]:
+    """The ratio in each round: both targets' figures of a round were measured next to each other in time."""
+    by = {(r.mode, r.target): r.cpu_us_per_req_rounds for r in rows}
+    return {
+        m: [g / p for g, p in zip(by[(m, "gateway")], by[(m, "passthrough")], strict=True)]
+        for m in MODES
+        if (m, "passthrough") in by
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -389,10 +469,12 @@ def render(rows: list[Row]) -> str:
             f"{r.mode:<8} {r.target:<12} {r.rps:>8.0f} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} "
             f"{r.cpu_us_per_req:>11.0f} {r.engine_cpu_us_per_req:>14.0f} {r.errors:>7}  {verdicts}"
         )
-    found = ratios(rows)
+    found, spread = ratios(rows), round_ratios(rows)
     parts = ", ".join(f"{m} {v:.2f}×" for m, v in found.items())
     verdict = "ok" if all(v <= TARGET_RATIO for v in found.values()) else "ABOVE TARGET"
     lines.append(f"gateway / passthrough CPU: {parts}   (target ≤ {TARGET_RATIO}×: {verdict})")
+    ranges = ", ".join(f"{m} {min(v):.2f}–{max(v):.2f}×" for m, v in spread.items())
+    lines.append(f"  per round ({len(rows[0].cpu_us_per_req_rounds)} rounds, targets alternated): {ranges}")
     return "\n".join(lines)
 
 
@@ -403,10 +485,12 @@ def report_json(rows: list[Row], args: argparse.Namespace) -> dict[str, Any]:
             "stream_requests": args.stream_requests,
             "warmup": args.warmup,
             "concurrency": args.concurrency,
+            "rounds": args.rounds,
             "cpu_count": os.cpu_count(),
         },
         "rows": [asdict(r) for r in rows],
         "cpu_ratio": ratios(rows),
+        "cpu_ratio_rounds": round_ratios(rows),
         "target_ratio": TARGET_RATIO,
     }
 
@@ -418,32 +502,21 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
     p.add_argument("--requests", type=int, default=4000, help="measured non-stream requests per target")
     p.add_argument("--stream-requests", type=int, help="measured stream requests per target (default: half)")
-    p.add_argument("--warmup", type=int, default=300, help="requests sent before each measured phase")
+    p.add_argument("--warmup", type=int, default=300, help="requests sent to each target before measuring")
+    p.add_argument("--rounds", type=int, default=4, help="measured rounds per mode, targets alternating")
     p.add_argument("--concurrency", type=int, default=32, help="connections of the closed-loop client")
     p.add_argument("--json", type=Path, dest="json_out", help="also write the figures as JSON here")
     p.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the load client with this spec
     return p
 
 
-def _phases(args: argparse.Namespace) -> Iterator[tuple[str, bool, int]]:
-    for stream, count in ((False, args.requests), (True, args.stream_requests)):
-        for target in TARGETS:
-            yield target, stream, count
-
-
 def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, Processes(Path(tmp)) as procs:
         servers = start_servers(procs, Path(tmp))
-        for target, stream, count in _phases(args):
-            spec = ClientSpec(servers.urls[target], stream, count, args.warmup, args.concurrency)
-            rows.append(measure(procs, servers, target, spec))
-            print(render_progress(rows[-1]), file=sys.stderr, flush=True)
+        for stream, count in ((False, args.requests), (True, args.stream_requests)):
+            rows += measure_mode(procs, servers, stream, count, args)
     return rows
-
-
-def render_progress(row: Row) -> str:
-    return f"  {row.mode} {row.target}: {row.rps:.0f} req/s, {row.cpu_us_per_req:.0f} µs CPU/req"
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -456,8 +529,14 @@ def main(argv: list[str] | None = None) -> int:
         return client_main(args.client)
     if args.stream_requests is None:
         args.stream_requests = args.requests // 2
+    if min(args.requests, args.stream_requests) < args.rounds or args.rounds < 1:
+        raise SystemExit("bench_overhead: need at least one round and one request per round")
     signal.signal(signal.SIGTERM, _on_sigterm)
-    rows = run(args)
+    try:
+        rows = run(args)
+    except KeyboardInterrupt:
+        print("bench_overhead: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
     print(render(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps(report_json(rows, args), indent=2) + "\n")

@@ -194,8 +194,9 @@ def test_splitting_anywhere_yields_the_same_bytes_and_payloads(
     dec = SSEDecoder()
     bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
     pieces = [e for a, b in itertools.pairwise(bounds) for e in dec.feed(stream[a:b])]
-    assert dec.flush() == b""
-    assert b"".join(pieces) == stream
+    tail = dec.flush()  # at most the LF of a CRLF split after a lone-CR terminator: no event, no data
+    assert tail in (b"", b"\n")
+    assert b"".join(pieces) + tail == stream
     assert [d for d in map(event_data, pieces) if d is not None] == [d for d in expected if d is not None]
 
 
