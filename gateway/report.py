@@ -56,6 +56,9 @@ class VariantSummary:
     output_tokens: int
     cost_total: dict[str, float] = field(default_factory=dict)  # by currency
     cost_per_request: dict[str, float] = field(default_factory=dict)  # by currency, over priced requests
+    # Requests first sent to this variant that another variant answered: it failed before its first byte, or
+    # (enforce mode) its tool call was invalid. They are counted in the answering variant's `requests`.
+    fallbacks: int = 0
 
 
 def wilson(x: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -109,6 +112,7 @@ class _Group:
     output_tokens: int = 0
     cost: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     priced: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    fallbacks: int = 0
 
     def add(self, record: Record) -> None:
         self.requests += 1
@@ -151,6 +155,7 @@ class _Group:
             output_tokens=self.output_tokens,
             cost_total=dict(self.cost),
             cost_per_request={c: total / self.priced[c] for c, total in self.cost.items()},
+            fallbacks=self.fallbacks,
         )
 
 
@@ -163,12 +168,15 @@ def summarize(records: Iterable[Record]) -> list[VariantSummary]:
       invalid) are in the denominator; requests without tool calls (`none`) and those cut off before the
       calls were complete (`truncated`, counted apart) are not. None when no request was checked.
     - e2e percentiles over every record with an e2e time; TTFT percentiles over streams only.
+    - fallbacks: requests first sent to the variant that another variant answered (`fallback_from`).
     - cost_per_request = cost_total / requests that had a cost, per currency (unpriced requests, such as
       errors without usage, would otherwise pull the figure down).
     """
     groups: dict[tuple[str | None, str | None], _Group] = defaultdict(_Group)
     for record in records:
         groups[record.route, record.variant].add(record)
+        if record.fallback_from is not None:
+            groups[record.route, record.fallback_from].fallbacks += 1
     ordered = sorted(groups, key=lambda key: (key[0] or "", key[1] or ""))
     return [groups[key].summary(*key) for key in ordered]
 
@@ -188,6 +196,7 @@ _HEADERS: Final = (
     "client",
     "invalid (95% CI)",
     "trunc",
+    "fallback",
     "e2e p50/p95 ms",
     "ttft p50/p95 ms",
     "tokens in/out",
@@ -222,6 +231,7 @@ def _row(s: VariantSummary) -> tuple[str, ...]:
         str(s.client_errors + s.client_disconnects),
         _invalid(s),
         str(s.truncated),
+        str(s.fallbacks),
         f"{_ms(s.e2e_p50)}/{_ms(s.e2e_p95)}",
         f"{_ms(s.ttft_p50)}/{_ms(s.ttft_p95)}",
         f"{s.input_tokens}/{s.output_tokens}",

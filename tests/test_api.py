@@ -298,3 +298,56 @@ def test_a_midstream_engine_error_becomes_an_sse_error_event(make_gateway: Gatew
             pass
     (rec,) = gw.records()
     assert rec.status == 200 and rec.outcome == "stream_error"
+
+
+def test_health_and_readiness(make_gateway: GatewayFactory) -> None:
+    from tests.conftest import free_port
+
+    gw = make_gateway()
+    assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(gw.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["engines"] == {"default": "ok"}
+    down = make_gateway(engines={"default": f"http://127.0.0.1:{free_port()}"})
+    not_ready = httpx.get(down.url + "/readyz")
+    assert not_ready.status_code == 503 and not not_ready.json()["ready"]
+    assert httpx.get(down.url + "/healthz").status_code == 200  # up, just not ready
+
+
+def test_metrics_are_exported_per_variant(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()
+    c = client(gw, FORCER_TOKEN)
+    for variant in ("baseline", "formatter", "formatter"):
+        c.chat.completions.create(
+            model="crm-assistant",
+            messages=MESSAGES,
+            tools=[UPDATE_CRM],
+            extra_headers={"x-gateway-variant": variant},
+        )
+    text = httpx.get(gw.url + "/metrics").text
+    lines = [
+        line
+        for line in text.splitlines()
+        if line.startswith("gen_ai_client_operation_duration_seconds_count")
+    ]
+    by_variant = {
+        v: sum(float(line.rsplit(" ", 1)[1]) for line in lines if f'variant="{v}"' in line)
+        for v in ("baseline", "formatter")
+    }
+    assert by_variant == {"baseline": 1.0, "formatter": 2.0}
+    assert "gateway_requests_total" in text and 'route="crm-assistant"' in text
+
+
+def test_no_prompt_or_completion_text_is_stored(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()
+    secret = "Zanzibar-Quokka-7731"
+    c = client(gw)
+    c.chat.completions.create(
+        model="crm-assistant", messages=[{"role": "user", "content": secret}], tools=[UPDATE_CRM]
+    )
+    for _ in c.chat.completions.create(
+        model="crm-assistant", messages=[{"role": "user", "content": secret}], stream=True
+    ):
+        pass
+    assert len(gw.records()) == 2
+    for path in gw.settings.data_dir.iterdir():
+        assert secret.encode() not in path.read_bytes(), path

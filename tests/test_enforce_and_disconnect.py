@@ -128,3 +128,19 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_engine_request(
         time.sleep(0.05)
     (rec,) = gw.records()
     assert rec.outcome == "client_disconnected" and rec.stream and rec.e2e_s < 5
+
+
+def test_a_client_that_gives_up_on_a_slow_answer_stops_the_gateways_wait(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = make_gateway({"slow.toml": 'route = "slow"\n[variants.only]\nmodel = "slow"\nweight = 1\n'})
+    body = {"model": "slow", "messages": MESSAGES}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            gw.url + "/v1/chat/completions",
+            json=body,
+            timeout=0.5,
+            headers={"Authorization": f"Bearer {FORCER_TOKEN}"},
+        )
+    (rec,) = gw.records()
+    assert rec.outcome == "client_disconnected" and rec.e2e_s < 1.5  # the engine needed 3 s

@@ -155,3 +155,18 @@ def test_to_json_round_trips_every_field() -> None:
         "ttft_p95",
         "truncated",
     }
+
+
+def test_a_fallback_counts_against_the_variant_chosen_first() -> None:
+    served = Record(
+        ts=1.0,
+        request_id="a",
+        route="r",
+        variant="base",
+        fallback_from="canary",
+        fallback_reason="engine_timeout",
+    )
+    (base, canary) = summarize([served, Record(ts=2.0, request_id="b", route="r", variant="canary")])
+    assert (base.variant, base.requests, base.fallbacks) == ("base", 1, 0)
+    assert (canary.variant, canary.requests, canary.fallbacks) == ("canary", 1, 1)
+    assert "fallback" in format_table([base, canary])
