@@ -129,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         loop="uvloop",
         http="httptools",
-        access_log=False,
+        access_log=False,  # every request has its record; an access log would repeat it at a cost
+        proxy_headers=False,  # client addresses are not used (nor recorded)
         lifespan="on",
         log_level="info",
         timeout_graceful_shutdown=10,

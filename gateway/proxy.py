@@ -14,6 +14,7 @@ fallback variant.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import random
@@ -108,11 +109,15 @@ class ChatEndpoint:
     def __init__(self, deps: Deps) -> None:
         self.d = deps
         self.inflight = 0  # requests between arrival and their record's submission
+        # Request ids: a random prefix per endpoint and a counter, unique without a syscall per request.
+        self._id_prefix = os.urandom(7).hex()
+        self._ids = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         d = self.d
         headers = dict(scope["headers"])
-        x = Exchange(Record(ts=d.wallclock(), request_id=_request_id(headers)), d.clock(), send, headers)
+        request_id = _incoming_id(headers) or f"{self._id_prefix}{next(self._ids):010x}"
+        x = Exchange(Record(ts=d.wallclock(), request_id=request_id), d.clock(), send, headers)
         self.inflight += 1
         try:
             await self._handle(x, scope, receive)
@@ -513,8 +518,9 @@ def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
-def _request_id(headers: dict[bytes, bytes]) -> str:
+def _incoming_id(headers: dict[bytes, bytes]) -> str | None:
+    """The caller's request id, when it sent a sane one (it becomes the engine's request id too)."""
     incoming = headers.get(b"x-request-id")
     if incoming and len(incoming) <= 128 and incoming.isascii() and incoming.replace(b"-", b"").isalnum():
         return incoming.decode()
-    return os.urandom(12).hex()
+    return None

@@ -1,38 +1,53 @@
-"""The gateway's metrics: the only module that wires the OpenTelemetry SDK and its exporters.
+"""The gateway's metrics: the only module that wires OpenTelemetry and its exporters.
 
-Owns `Telemetry`, which builds a private `MeterProvider` (never the global one, so several apps can live in
-one process), creates every instrument once, turns each finished request's `Record` into measurements
-(`observe`), and renders the Prometheus text exposition format (0.0.4) for `/metrics` from an in-process
-reader, without `prometheus_client` and its global registry. An OTLP/HTTP exporter is added when an endpoint
-is configured. Metric labels come only from configuration and known enums (route, variant, model, outcome,
-verdict, reason, currency), never from request content.
+Owns `Telemetry`, which aggregates each finished request's `Record` in the process (`observe`), hands out the
+cumulative totals in the OpenTelemetry SDK's data model (`collect`), renders them in the Prometheus text
+exposition format (0.0.4) for `/metrics` without `prometheus_client` and its global registry, and, when an
+OTLP endpoint is configured, exports them from a background thread. Metric labels come only from
+configuration and known enums (route, variant, model, outcome, verdict, reason, currency), never from request
+content.
+
+Why no SDK instruments (a deliberate deviation from "use the OTel SDK", by measurement): in SDK 1.45 each
+synchronous `histogram.record()` costs about 16–20 µs of CPU (the attributes are cleaned, copied and hashed
+per measurement and per reader), and a stream makes six of them, so `observe()` cost 64–95 µs per request
+and 111–143 µs per stream in the overhead benchmark, against ~650 µs of CPU for a whole proxied request.
+Aggregating here into fixed buckets (the same boundaries, the same cumulative semantics as the SDK's
+explicit-bucket histogram) costs about 3–5 µs per stream. The SDK still provides what it is good at: the
+data model `collect()` returns, and the OTLP encoding and transport.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Final
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
+from typing import Final, Protocol
 
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
     Gauge,
     Histogram,
-    InMemoryMetricReader,
+    HistogramDataPoint,
     Metric,
-    MetricReader,
-    PeriodicExportingMetricReader,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
     Sum,
 )
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from gateway.records import Record
+
+_log = logging.getLogger(__name__)
 
 # LLM latencies span a cache-hit reply (a few ms) to a long generation (minutes): 5 ms … 120 s.
 LATENCY_BUCKETS_S: Final = (
@@ -43,26 +58,143 @@ TPOT_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.
 # The GenAI semantic conventions' advice for gen_ai.client.token.usage (powers of 4), cut at ~1M tokens.
 TOKEN_BUCKETS: Final = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
-_BUCKETS: Final[dict[str, tuple[float, ...]]] = {
-    "gen_ai.client.operation.duration": LATENCY_BUCKETS_S,
-    "gen_ai.client.operation.time_to_first_chunk": LATENCY_BUCKETS_S,
-    "gateway.engine.time_to_first_byte": LATENCY_BUCKETS_S,
-    "gateway.time_per_output_token": TPOT_BUCKETS_S,
-    "gen_ai.client.token.usage": TOKEN_BUCKETS,
-}
-# Labels come from configuration, so the set of label combinations is small; the bound only protects memory
-# if a caller ever passes something unexpected.
+# Labels come from configuration, so the set of label combinations is small; the bounds only protect memory
+# if a caller ever passes something unexpected. Past _MAX_POINTS label sets an instrument records into one
+# overflow point, as the SDK does (its default cardinality limit is 2000, attribute otel.metric.overflow).
 _CACHE_MAX: Final = 4096
+_MAX_POINTS: Final = 2000
+_OVERFLOW_KEY: Final[tuple[()]] = ()
+_OVERFLOW_ATTRIBUTES: Final[Mapping[str, AttributeValue]] = {"otel.metric.overflow": True}
 _MISSING: Final = "none"  # label value for a field the record does not have (e.g. no variant was chosen)
 _REQUEST_LABELS: Final = ("route", "variant", "model", "outcome", "verdict")
+_SNAPSHOT_TRIES: Final = 10
+_CUMULATIVE: Final = AggregationTemporality.CUMULATIVE
+
+_LabelKey = tuple[tuple[str, AttributeValue], ...]
+# attributes, bucket counts, sum, min, max: one histogram point as copied by a collection
+_PointCopy = tuple[Mapping[str, AttributeValue], list[int], float, float, float]
+_TotalsCopy = list[tuple[tuple[str, ...], float]]  # one counter's (label values, total) as copied
 
 
-class _Labels:
-    """Histogram attribute dicts for one (route, variant, model, outcome), built once and reused."""
+class _HistogramPoint:
+    """The cumulative aggregate of one histogram label set: the SDK's explicit-bucket aggregation, unlocked.
 
-    __slots__ = ("done", "op", "short", "tokens_in", "tokens_out")
+    Written only by `Telemetry.observe()` (see `Telemetry._snapshot` for why no lock is needed).
+    """
 
-    def __init__(self, route: str, variant: str, model: str, outcome: str) -> None:
+    __slots__ = ("attributes", "bounds", "counts", "max", "min", "sum")
+
+    def __init__(self, bounds: tuple[float, ...], attributes: Mapping[str, AttributeValue]) -> None:
+        self.bounds = bounds
+        self.attributes = attributes
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum: float = 0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, value: float) -> None:
+        # As in the SDK: bucket i holds (bounds[i-1], bounds[i]], the last one everything above.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+
+
+class _Histogram:
+    """One histogram instrument: a cumulative point per label set."""
+
+    __slots__ = ("bounds", "description", "name", "points", "unit")
+
+    def __init__(self, name: str, unit: str, description: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.unit, self.description, self.bounds = name, unit, description, bounds
+        self.points: dict[_LabelKey, _HistogramPoint] = {}
+
+    def point(self, attributes: Mapping[str, AttributeValue]) -> _HistogramPoint:
+        """The point for a label set, created on first use (off the hot path: `_Series` caches it)."""
+        key: _LabelKey = tuple(attributes.items())
+        if key not in self.points and len(self.points) >= _MAX_POINTS:
+            key, attributes = _OVERFLOW_KEY, _OVERFLOW_ATTRIBUTES
+        point = self.points.get(key)
+        if point is None:
+            point = self.points[key] = _HistogramPoint(self.bounds, attributes)
+        return point
+
+    def copy(self) -> list[_PointCopy]:
+        return [(p.attributes, p.counts[:], p.sum, p.min, p.max) for p in list(self.points.values())]
+
+    def metric(self, points: list[_PointCopy], start_ns: int, now_ns: int) -> Metric | None:
+        data_points = []
+        for attributes, counts, total, low, high in points:
+            count = sum(counts)
+            if count:  # a point exists as soon as its label set is first seen, maybe before any value
+                data_points.append(
+                    HistogramDataPoint(
+                        attributes=dict(attributes),
+                        start_time_unix_nano=start_ns,
+                        time_unix_nano=now_ns,
+                        count=count,
+                        sum=total,
+                        bucket_counts=tuple(counts),
+                        explicit_bounds=self.bounds,
+                        min=low,
+                        max=high,
+                    )
+                )
+        if not data_points:
+            return None
+        data = Histogram(data_points=data_points, aggregation_temporality=_CUMULATIVE)
+        return Metric(name=self.name, description=self.description, unit=self.unit, data=data)
+
+
+class _Counter:
+    """One monotonic counter: a cumulative sum per tuple of label values, never reset."""
+
+    __slots__ = ("description", "label_names", "name", "totals", "unit")
+
+    def __init__(self, name: str, unit: str, description: str, label_names: tuple[str, ...]) -> None:
+        self.name, self.unit, self.description, self.label_names = name, unit, description, label_names
+        self.totals: dict[tuple[str, ...], float] = {}
+
+    def add(self, key: tuple[str, ...], amount: float) -> None:
+        totals = self.totals
+        total = totals.get(key)
+        if total is None and len(totals) >= _MAX_POINTS:
+            key = _OVERFLOW_KEY
+            total = totals.get(key)
+        totals[key] = amount if total is None else total + amount
+
+    def copy(self) -> _TotalsCopy:
+        return list(self.totals.items())
+
+    def metric(self, totals: _TotalsCopy, start_ns: int, now_ns: int) -> Metric | None:
+        if not totals:
+            return None
+        data_points = [
+            NumberDataPoint(
+                attributes=self._attributes(key),
+                start_time_unix_nano=start_ns,
+                time_unix_nano=now_ns,
+                value=value,
+            )
+            for key, value in totals
+        ]
+        data = Sum(data_points=data_points, aggregation_temporality=_CUMULATIVE, is_monotonic=True)
+        return Metric(name=self.name, description=self.description, unit=self.unit, data=data)
+
+    def _attributes(self, key: tuple[str, ...]) -> dict[str, AttributeValue]:
+        if key == _OVERFLOW_KEY:
+            return dict(_OVERFLOW_ATTRIBUTES)
+        return dict(zip(self.label_names, key, strict=True))
+
+
+class _Series:
+    """The histogram points one (route, variant, model, outcome) records into, looked up once and reused."""
+
+    __slots__ = ("duration", "tokens_in", "tokens_out", "tpot", "ttfb", "ttft")
+
+    def __init__(self, t: Telemetry, route: str, variant: str, model: str, outcome: str) -> None:
         op: dict[str, AttributeValue] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.request.model": route,
@@ -70,173 +202,239 @@ class _Labels:
             "variant": variant,
             "model": model,
         }
-        self.op = op
-        self.done: dict[str, AttributeValue] = {**op, "outcome": outcome}
+        done: dict[str, AttributeValue] = {**op, "outcome": outcome}
         if outcome != "ok":  # GenAI semconv: error.type is required when the operation failed
-            self.done["error.type"] = outcome
-        self.tokens_in: dict[str, AttributeValue] = {**op, "gen_ai.token.type": "input"}
-        self.tokens_out: dict[str, AttributeValue] = {**op, "gen_ai.token.type": "output"}
+            done["error.type"] = outcome
         # gateway.* histograms have no semantic convention to follow, so they skip the two gen_ai.* keys:
-        # the SDK's per-measurement cost grows with each attribute, and so does every exported series.
-        self.short: dict[str, AttributeValue] = {"route": route, "variant": variant, "model": model}
+        # every attribute multiplies the exported series.
+        short: dict[str, AttributeValue] = {"route": route, "variant": variant, "model": model}
+        self.duration = t._duration.point(done)
+        self.tokens_in = t._tokens.point({**op, "gen_ai.token.type": "input"})
+        self.tokens_out = t._tokens.point({**op, "gen_ai.token.type": "output"})
+        self.ttft = t._ttft.point(op)
+        self.tpot = t._tpot.point(short)
+        self.ttfb = t._ttfb.point(short)
 
 
-class _Totals:
-    """Cumulative sums per label set, reported through an observable counter when a reader collects.
+class MetricsExporter(Protocol):
+    """What `Telemetry` needs of an exporter: `OTLPMetricExporter` fits, and so does a test's fake."""
 
-    Why not a synchronous SDK counter: in SDK 1.45 each `add()` costs about 10–20 µs (the attributes are
-    cleaned, copied and hashed per measurement and per reader), while a dict update under a lock costs well
-    under a microsecond. The totals are never reset (cumulative), so no count is lost between collections.
+    def export(self, metrics_data: MetricsData, timeout_millis: float = ...) -> object: ...
+
+    def shutdown(self, timeout_millis: float = ...) -> None: ...
+
+
+class _ExportLoop:
+    """Exports `collect()`'s data every interval from a daemon thread, and once more when closed.
+
+    What the SDK's `PeriodicExportingMetricReader` does, for an exporter fed from `Telemetry.collect()`.
+    Exports never overlap (the OTel spec forbids concurrent `export()` calls on one exporter).
     """
 
-    __slots__ = ("_lock", "_names", "_totals")
+    def __init__(
+        self,
+        collect: Callable[[], MetricsData],
+        exporter: MetricsExporter,
+        interval_s: float,
+        timeout_s: float,
+    ) -> None:
+        if not interval_s > 0:  # as the SDK's reader; math.inf means: export only on shutdown
+            raise ValueError(f"export interval must be positive, not {interval_s!r}")
+        self._collect, self._exporter = collect, exporter
+        self._interval_s = None if math.isinf(interval_s) else interval_s  # Event.wait() overflows on inf
+        self._timeout_s = timeout_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="gateway-metrics-export", daemon=True)
+        self._thread.start()
 
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self._names = names
-        self._lock = threading.Lock()  # observe() and a collecting reader may run on different threads
-        self._totals: dict[tuple[str, ...], float] = {}
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.export()
 
-    def add(self, key: tuple[str, ...], amount: float) -> None:
-        with self._lock:
-            self._totals[key] = self._totals.get(key, 0) + amount
+    def export(self) -> None:
+        data = self._collect()
+        if not data.resource_metrics:
+            return
+        # The exporter's own HTTP calls must not be instrumented, in case something instruments `requests`.
+        token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        try:
+            with self._lock:
+                self._exporter.export(data, timeout_millis=self._timeout_s * 1000)
+        except Exception:  # a collector being down must never reach the request path or the shutdown
+            _log.exception("exporting metrics failed")
+        finally:
+            detach(token)
 
-    def observations(self, options: CallbackOptions) -> Iterable[Observation]:
-        with self._lock:
-            items = list(self._totals.items())
-        return [Observation(value, dict(zip(self._names, key, strict=True))) for key, value in items]
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(self._timeout_s + 1)  # it may be half-way through an export
+        self.export()
+        try:
+            self._exporter.shutdown(timeout_millis=self._timeout_s * 1000)
+        except Exception:
+            _log.exception("shutting down the metrics exporter failed")
 
 
 class Telemetry:
-    """Instruments for every request, a Prometheus text renderer, and optional OTLP export.
+    """Per-request metrics, aggregated in the process; a Prometheus text renderer; optional OTLP export.
 
-    `readers` are extra `MetricReader`s (tests pass an `InMemoryMetricReader`). `otlp_endpoint` is the full
-    OTLP/HTTP metrics URL (e.g. `http://collector:4318/v1/metrics`).
+    `otlp_endpoint` is the full OTLP/HTTP metrics URL (e.g. `http://collector:4318/v1/metrics`); `exporter`
+    replaces the OTLP/HTTP exporter built from it (tests pass a fake). Either way, the cumulative totals are
+    exported every `export_interval_s` and once more on `shutdown()`. `collect()` returns them at any time.
     """
 
     def __init__(
         self,
         *,
         otlp_endpoint: str | None = None,
-        readers: Sequence[MetricReader] = (),
+        exporter: MetricsExporter | None = None,
         service_name: str = "canary-gateway",
         export_interval_s: float = 15.0,
         export_timeout_s: float = 10.0,
     ) -> None:
-        self._scrape = InMemoryMetricReader()
-        all_readers: list[MetricReader] = [self._scrape, *readers]
-        if otlp_endpoint:
+        if otlp_endpoint and exporter is None:
             exporter = OTLPMetricExporter(endpoint=otlp_endpoint, timeout=export_timeout_s)
-            all_readers.append(
-                PeriodicExportingMetricReader(exporter, export_interval_millis=export_interval_s * 1000)
-            )
-        self._provider = MeterProvider(
-            metric_readers=all_readers,
-            # Resource() rather than Resource.create(): settings.py is the only reader of the environment.
-            resource=Resource({"service.name": service_name}),
-            # No traces to link to; the default trace-based filter still costs time per measurement.
-            exemplar_filter=AlwaysOffExemplarFilter(),
-            # Closed by the app's lifespan; an atexit hook would keep every test's provider alive.
-            shutdown_on_exit=False,
-            views=[
-                View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
-                for name, bounds in _BUCKETS.items()
-            ],
-        )
-        self._closed = False
-        self._labels: dict[tuple[str, str, str, str], _Labels] = {}
-        self._requests = _Totals(_REQUEST_LABELS)
-        self._invalid = _Totals(("route", "variant", "reason"))
-        self._cost = _Totals(("route", "variant", "currency"))
+        self._start_ns = time.time_ns()
+        # Resource() rather than Resource.create(): settings.py is the only reader of the environment.
+        self._resource = Resource({"service.name": service_name})
+        self._scope = InstrumentationScope("gateway")
         self._create_instruments()
+        self._series: dict[tuple[str, str, str, str], _Series] = {}
+        self._seq = 0  # odd while observe() is updating the aggregates: see _snapshot()
+        self._closed = False
+        self._export: _ExportLoop | None = None
+        if exporter is not None:
+            self._export = _ExportLoop(self.collect, exporter, export_interval_s, export_timeout_s)
 
     def _create_instruments(self) -> None:
-        meter = self._provider.get_meter("gateway")
-        self._duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s", description="End-to-end duration of a request"
+        self._duration = _Histogram(
+            "gen_ai.client.operation.duration", "s", "End-to-end duration of a request", LATENCY_BUCKETS_S
         )
-        self._tokens = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per request"
+        self._tokens = _Histogram(
+            "gen_ai.client.token.usage", "{token}", "Tokens used per request", TOKEN_BUCKETS
         )
-        self._ttft = meter.create_histogram(
+        self._ttft = _Histogram(
             "gen_ai.client.operation.time_to_first_chunk",
-            unit="s",
-            description="Streams: time to first token",
+            "s",
+            "Streams: time to first token",
+            LATENCY_BUCKETS_S,
         )
-        self._tpot = meter.create_histogram(
-            "gateway.time_per_output_token", unit="s", description="Streams: mean time per output token"
+        self._tpot = _Histogram(
+            "gateway.time_per_output_token", "s", "Streams: mean time per output token", TPOT_BUCKETS_S
         )
-        self._ttfb = meter.create_histogram(
-            "gateway.engine.time_to_first_byte", unit="s", description="Time to the engine's first byte"
+        self._ttfb = _Histogram(
+            "gateway.engine.time_to_first_byte", "s", "Time to the engine's first byte", LATENCY_BUCKETS_S
         )
-        meter.create_observable_counter(
-            "gateway.requests", [self._requests.observations], unit="{request}", description="Requests"
-        )
-        meter.create_observable_counter(
+        self._requests = _Counter("gateway.requests", "{request}", "Requests", _REQUEST_LABELS)
+        self._invalid = _Counter(
             "gateway.tool_calls.invalid",
-            [self._invalid.observations],
-            unit="{request}",
-            description="Requests with an invalid tool call, by the first reason",
+            "{request}",
+            "Requests with an invalid tool call, by the first reason",
+            ("route", "variant", "reason"),
         )
-        meter.create_observable_counter(
-            "gateway.cost", [self._cost.observations], unit="{currency}", description="Cost of requests"
+        self._cost = _Counter(
+            "gateway.cost", "{currency}", "Cost of requests", ("route", "variant", "currency")
         )
+        self._histograms = (self._duration, self._tokens, self._ttft, self._tpot, self._ttfb)
+        self._counters = (self._requests, self._invalid, self._cost)
 
     def observe(self, record: Record) -> None:
-        """Record one finished request.
+        """Record one finished request. Call it from one thread only (the event loop's): see `_snapshot`.
 
-        On the hot path, so attribute dicts are cached and counters are plain sums (`_Totals`). Each histogram
-        measurement still goes through the SDK, about 15–20 µs apiece on the 2-core dev box: about 25 µs
-        for a failed request, 90–140 µs for a stream with every timing (measured, CPU time).
+        On the hot path: about 3–5 µs for a stream with every timing (see the module docstring).
         """
-        route, variant = record.route or _MISSING, record.variant or _MISSING
-        model = record.engine_model or _MISSING
-        labels = self._labels_for(route, variant, model, record.outcome)
-        if record.e2e_s is not None:
-            self._duration.record(record.e2e_s, labels.done)
-        if record.input_tokens is not None:
-            self._tokens.record(record.input_tokens, labels.tokens_in)
-        if record.output_tokens is not None:
-            self._tokens.record(record.output_tokens, labels.tokens_out)
-        if record.ttft_s is not None:
-            self._ttft.record(record.ttft_s, labels.op)
-        if record.tpot_s is not None:
-            self._tpot.record(record.tpot_s, labels.short)
-        if record.engine_first_byte_s is not None:
-            self._ttfb.record(record.engine_first_byte_s, labels.short)
-        self._requests.add((route, variant, model, record.outcome, record.tool_verdict), 1)
-        if record.tool_verdict == "invalid":
-            self._invalid.add((route, variant, record.tool_reason or _MISSING), 1)
-        if record.cost is not None and record.currency and record.cost >= 0:  # NaN fails >= 0
-            self._cost.add((route, variant, record.currency), record.cost)
+        self._seq += 1
+        try:
+            route, variant = record.route or _MISSING, record.variant or _MISSING
+            model, outcome = record.engine_model or _MISSING, record.outcome
+            series = self._series.get((route, variant, model, outcome))
+            if series is None:
+                series = self._new_series(route, variant, model, outcome)
+            if (e2e := record.e2e_s) is not None:
+                series.duration.add(e2e)
+            if (tokens_in := record.input_tokens) is not None:
+                series.tokens_in.add(tokens_in)
+            if (tokens_out := record.output_tokens) is not None:
+                series.tokens_out.add(tokens_out)
+            if (ttft := record.ttft_s) is not None:
+                series.ttft.add(ttft)
+            if (tpot := record.tpot_s) is not None:
+                series.tpot.add(tpot)
+            if (ttfb := record.engine_first_byte_s) is not None:
+                series.ttfb.add(ttfb)
+            self._requests.add((route, variant, model, outcome, record.tool_verdict), 1)
+            if record.tool_verdict == "invalid":
+                self._invalid.add((route, variant, record.tool_reason or _MISSING), 1)
+            if record.cost is not None and record.currency and record.cost >= 0:  # NaN fails >= 0
+                self._cost.add((route, variant, record.currency), record.cost)
+        finally:
+            self._seq += 1
 
-    def _labels_for(self, route: str, variant: str, model: str, outcome: str) -> _Labels:
-        key = (route, variant, model, outcome)
-        labels = self._labels.get(key)
-        if labels is None:
-            if len(self._labels) >= _CACHE_MAX:
-                self._labels.clear()
-            labels = self._labels[key] = _Labels(*key)
-        return labels
+    def _new_series(self, route: str, variant: str, model: str, outcome: str) -> _Series:
+        if len(self._series) >= _CACHE_MAX:  # only the cache: the points stay in their instruments
+            self._series.clear()
+        series = self._series[route, variant, model, outcome] = _Series(self, route, variant, model, outcome)
+        return series
+
+    def collect(self) -> MetricsData:
+        """The cumulative totals since this `Telemetry` was created, in the OTel SDK's data model.
+
+        Only instruments with at least one measurement appear; with none at all, `resource_metrics` is empty.
+        Safe to call from any thread, while `observe()` runs.
+        """
+        histograms, counters = self._snapshot()
+        start_ns, now_ns = self._start_ns, time.time_ns()
+        metrics = [h.metric(p, start_ns, now_ns) for h, p in zip(self._histograms, histograms, strict=True)]
+        metrics += [c.metric(t, start_ns, now_ns) for c, t in zip(self._counters, counters, strict=True)]
+        present = [m for m in metrics if m is not None]
+        if not present:
+            return MetricsData(resource_metrics=[])
+        scope = ScopeMetrics(scope=self._scope, metrics=present, schema_url="")
+        resource = ResourceMetrics(
+            resource=self._resource, scope_metrics=[scope], schema_url=self._resource.schema_url
+        )
+        return MetricsData(resource_metrics=[resource])
+
+    def _snapshot(self) -> tuple[list[list[_PointCopy]], list[_TotalsCopy]]:
+        """A copy of every aggregate, consistent at request granularity, taken without a lock on the hot path.
+
+        `observe()` is the only writer and runs on one thread (the event loop's), so no update can be lost
+        without a lock, and an uncontended lock there would be the only synchronisation cost per request. A
+        collector may run on another thread (the OTLP export loop) and could copy the aggregates half-way
+        through one `observe()`; so `observe()` bumps `_seq` before and after its updates (odd while it
+        writes), seqlock style: a copy taken while `_seq` was even and unchanged is exact, otherwise it is
+        taken again (a few times, then used as it is: off by at most the one request in flight, and each
+        histogram point still self-consistent since its count is the sum of its buckets). The copy itself is
+        safe under the GIL: `list(dict.values())`, `dict.items()` into a list and `list[:]` run in C without
+        releasing it, so a new label set appearing mid-copy cannot raise. A collection on the event-loop
+        thread (`/metrics`) never overlaps an `observe()`, so it is always exact at the first try.
+        """
+        for _ in range(_SNAPSHOT_TRIES):
+            seq = self._seq
+            copies = ([h.copy() for h in self._histograms], [c.copy() for c in self._counters])
+            if seq % 2 == 0 and self._seq == seq:
+                break
+            time.sleep(0)  # let the writer finish its observe()
+        return copies
 
     def prometheus_text(self) -> bytes:
         """The current metrics in the Prometheus text exposition format, version 0.0.4."""
         if self._closed:
             return b""
-        data = self._scrape.get_metrics_data()
-        if data is None:
-            return b""
         lines: list[str] = []
-        for resource_metrics in data.resource_metrics:
+        for resource_metrics in self.collect().resource_metrics:
             for scope_metrics in resource_metrics.scope_metrics:
                 for metric in scope_metrics.metrics:
                     lines.extend(_render(metric))
         return ("\n".join(lines) + "\n").encode() if lines else b""
 
     def shutdown(self) -> None:
-        """Flush exporters and stop the provider. Idempotent."""
+        """Export once more and stop the export loop. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._provider.shutdown()
+            if self._export is not None:
+                self._export.close()
 
 
 # --- Prometheus text format ---------------------------------------------------------------------------------
@@ -285,21 +483,26 @@ def metric_name(name: str, unit: str | None, *, counter: bool = False) -> str:
 
 def _histogram_samples(name: str, data: Histogram) -> Iterator[str]:
     for point in data.data_points:
-        attrs = dict(point.attributes or {})
+        # The label pairs are escaped once per point, not once per bucket line: a scrape runs on the event loop.
+        parts = _label_parts(point.attributes)
+        labels = "{" + ",".join(parts) + "}" if parts else ""
+        bucket = f"{name}_bucket{{{''.join(p + ',' for p in parts)}le="
         cumulative = 0
         for bound, count in zip(point.explicit_bounds, point.bucket_counts, strict=False):
             cumulative += count
-            yield f"{name}_bucket{_labels(attrs, le=_number(float(bound)))} {cumulative}"
-        yield f"{name}_bucket{_labels(attrs, le='+Inf')} {point.count}"
-        yield f"{name}_sum{_labels(attrs)} {_number(point.sum)}"
-        yield f"{name}_count{_labels(attrs)} {point.count}"
+            yield f'{bucket}"{_number(float(bound))}"}} {cumulative}'
+        yield f'{bucket}"+Inf"}} {point.count}'
+        yield f"{name}_sum{labels} {_number(point.sum)}"
+        yield f"{name}_count{labels} {point.count}"
 
 
-def _labels(attributes: Attributes | Mapping[str, object], le: str | None = None) -> str:
-    parts = [f'{_label_name(k)}="{_escape_value(str(v))}"' for k, v in (attributes or {}).items()]
-    if le is not None:
-        parts.append(f'le="{le}"')
+def _labels(attributes: Attributes | Mapping[str, object]) -> str:
+    parts = _label_parts(attributes)
     return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _label_parts(attributes: Attributes | Mapping[str, object]) -> list[str]:
+    return [f'{_label_name(k)}="{_escape_value(str(v))}"' for k, v in (attributes or {}).items()]
 
 
 def _label_name(key: str) -> str:

@@ -78,6 +78,7 @@ def main() -> None:
         access_log=False,
         lifespan="on",
         log_level="warning",
+        proxy_headers=False,  # as the gateway: neither reads client addresses
     )
 
 
