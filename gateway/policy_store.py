@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.adapters import Catalog, Lineage
 from gateway.errors import ConfigError
 from gateway.policy import (
     PolicySnapshot,
@@ -48,11 +49,30 @@ class PriceModel(_Strict):
 
 
 class VariantModel(_Strict):
-    model: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1)] | None = None
+    adapter: (
+        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*@[A-Za-z0-9][A-Za-z0-9._-]*$")] | None
+    ) = None
     engine: Name = "default"
     weight: NonNegative = 0.0
     system_prompt: str | None = None
     price: PriceModel | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> VariantModel:
+        if (self.model is None) == (self.adapter is None):
+            raise ValueError(
+                "give exactly one of 'model' (an engine model name) and 'adapter' (name@version)"
+            )
+        return self
+
+
+class ReleaseModel(_Strict):
+    """A route's release gate: what an adapter version's lineage must show before it may take traffic."""
+
+    max_invalid_call_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    min_eval_n: Annotated[int, Field(ge=0)] = 0
+    require_approvers: bool = False
 
 
 class TimeoutsModel(_Strict):
@@ -69,6 +89,7 @@ class PolicyModel(_Strict):
     salt: str | None = None
     description: str | None = None
     timeouts: TimeoutsModel = TimeoutsModel()
+    release: ReleaseModel = ReleaseModel()
     variants: dict[Name, VariantModel] = Field(min_length=1)
 
     @field_validator("sticky")
@@ -98,8 +119,13 @@ def parse_sticky(spec: str) -> Sticky:
     )
 
 
-def load_policies(directory: Path, engines: Mapping[str, str], defaults: Timeouts) -> PolicySnapshot:
-    """Parse and validate every `*.toml` in `directory` (not recursive). Raises `ConfigError`."""
+def load_policies(
+    directory: Path, engines: Mapping[str, str], defaults: Timeouts, catalog: Catalog | None = None
+) -> PolicySnapshot:
+    """Parse and validate every `*.toml` in `directory` (not recursive). Raises `ConfigError`.
+
+    Variants that name an adapter are checked against `catalog` (it must list a usable version) and against the
+    route's release gate."""
     if not directory.is_dir():
         raise ConfigError(f"policies directory {str(directory)!r} does not exist")
     files = sorted(directory.glob("*.toml"))
@@ -109,7 +135,7 @@ def load_policies(directory: Path, engines: Mapping[str, str], defaults: Timeout
     for path in files:
         raw = path.read_bytes()
         digest.update(path.name.encode() + b"\0" + raw + b"\0")
-        route = _route_from(path, raw, engines, defaults)
+        route = _route_from(path, raw, engines, defaults, catalog or Catalog({}))
         if route.name in routes:
             raise ConfigError(f"{path}: route {route.name!r} is already defined in {sources[route.name]}")
         routes[route.name] = route
@@ -117,7 +143,9 @@ def load_policies(directory: Path, engines: Mapping[str, str], defaults: Timeout
     return PolicySnapshot(MappingProxyType(routes), digest.hexdigest()[:16], MappingProxyType(sources))
 
 
-def _route_from(path: Path, raw: bytes, engines: Mapping[str, str], defaults: Timeouts) -> Route:
+def _route_from(
+    path: Path, raw: bytes, engines: Mapping[str, str], defaults: Timeouts, catalog: Catalog
+) -> Route:
     try:
         model = PolicyModel.model_validate(tomllib.loads(raw.decode()))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -129,7 +157,38 @@ def _route_from(path: Path, raw: bytes, engines: Mapping[str, str], defaults: Ti
             raise ConfigError(
                 f"{path}: variants.{name}.engine: {variant.engine!r} is not in GATEWAY_ENGINES ({sorted(engines)})"
             )
+        if variant.adapter is not None:
+            _check_adapter(path, model, name, variant.adapter, catalog)
     return _route(model, defaults)
+
+
+def _check_adapter(path: Path, policy: PolicyModel, variant: str, ref: str, catalog: Catalog) -> None:
+    version = catalog.get(ref)
+    where = f"{path}: variants.{variant}.adapter"
+    if version is None:
+        raise ConfigError(f"{where}: {ref} is not in the adapter catalog")
+    if version.problem is not None or version.lineage is None:
+        raise ConfigError(f"{where}: {ref} cannot be used: {version.problem}")
+    spec = policy.variants[variant]
+    if spec.weight > 0 or variant in policy.fallback:  # it would take traffic: the release gate applies
+        problem = release_gate(policy.release, version.lineage)
+        if problem:
+            raise ConfigError(f"{where}: {ref} does not pass the route's release gate: {problem}")
+
+
+def release_gate(gate: ReleaseModel, lineage: Lineage) -> str | None:
+    """Why `lineage` fails `gate`, or None. Kill switches and rollbacks never come through here."""
+    evaluation = lineage.evaluation
+    if gate.max_invalid_call_rate is not None and evaluation.invalid_call_rate > gate.max_invalid_call_rate:
+        return (
+            f"max_invalid_call_rate = {gate.max_invalid_call_rate:g}, but its golden-set evaluation measured "
+            f"{evaluation.invalid_call_rate:.3f}"
+        )
+    if evaluation.n < gate.min_eval_n:
+        return f"min_eval_n = {gate.min_eval_n}, but it was evaluated on {evaluation.n} examples"
+    if gate.require_approvers and not lineage.approvers:
+        return "require_approvers = true, but its lineage names no approver"
+    return None
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -142,7 +201,8 @@ def _route(model: PolicyModel, defaults: Timeouts) -> Route:
     variants = tuple(
         Variant(
             name=name,
-            model=v.model,
+            model=v.model or v.adapter or "",  # an adapter is served under its ref as the engine's model name
+            adapter=v.adapter,
             engine=v.engine,
             weight=v.weight,
             system_prompt=v.system_prompt,

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.adapters import Catalog, scan
 from gateway.errors import ConfigError
 from gateway.keys import KeyRing, digest_of
 from gateway.policy import Sticky, Switches, Timeouts
 from gateway.policy_store import LiveView, load_policies
+from tests.adapter_factory import make_adapter
 from tests.conftest import CRM_POLICY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,3 +143,79 @@ def test_keys_file_authentication(tmp_path: Path) -> None:
         KeyRing.load(path)
     with pytest.raises(ConfigError):
         KeyRing.load(tmp_path / "missing.toml")
+
+
+ADAPTER_POLICY = """
+route = "crm-assistant"
+fallback = ["baseline"]
+
+[release]
+max_invalid_call_rate = 0.03
+min_eval_n = 200
+require_approvers = true
+
+[variants.baseline]
+model = "crm-base"
+weight = 90
+
+[variants.formatter]
+adapter = "crm-formatter@VERSION"
+weight = 10
+"""
+
+
+def adapter_catalog(tmp_path: Path) -> Catalog:
+    root = tmp_path / "adapters"
+    make_adapter(root, version="2", invalid_rate=0.012)
+    make_adapter(root, version="3", invalid_rate=0.31)  # the regression
+    make_adapter(root, version="4", invalid_rate=0.01, n=50)
+    make_adapter(root, version="5", invalid_rate=0.01, approvers=())
+    return scan(root)
+
+
+def test_a_variant_may_name_an_adapter_version(tmp_path: Path) -> None:
+    policies = tmp_path / "p"
+    policies.mkdir()
+    (policies / "crm.toml").write_text(ADAPTER_POLICY.replace("VERSION", "2"))
+    snap = load_policies(policies, ENGINES, DEFAULTS, adapter_catalog(tmp_path))
+    formatter = snap.routes["crm-assistant"].variant("formatter")
+    assert (
+        formatter is not None
+        and formatter.adapter == "crm-formatter@2"
+        and formatter.model == "crm-formatter@2"
+    )
+
+
+@pytest.mark.parametrize(
+    ("version", "threshold"),
+    [("3", "max_invalid_call_rate"), ("4", "min_eval_n"), ("5", "require_approvers")],
+)
+def test_the_release_gate_refuses_a_version_whose_lineage_falls_short(
+    tmp_path: Path, version: str, threshold: str
+) -> None:
+    policies = tmp_path / "p"
+    policies.mkdir()
+    (policies / "crm.toml").write_text(ADAPTER_POLICY.replace("VERSION", version))
+    with pytest.raises(ConfigError) as err:
+        load_policies(policies, ENGINES, DEFAULTS, adapter_catalog(tmp_path))
+    assert f"crm-formatter@{version}" in err.value.message and threshold in err.value.message
+
+
+def test_a_zero_weight_variant_is_not_gated_and_unknown_adapters_are_refused(tmp_path: Path) -> None:
+    policies = tmp_path / "p"
+    policies.mkdir()
+    catalog = adapter_catalog(tmp_path)
+    (policies / "crm.toml").write_text(
+        ADAPTER_POLICY.replace("VERSION", "3").replace("weight = 10", "weight = 0")
+    )
+    load_policies(policies, ENGINES, DEFAULTS, catalog)  # forced traffic only: load tests
+    (policies / "crm.toml").write_text(ADAPTER_POLICY.replace("VERSION", "9"))
+    with pytest.raises(ConfigError, match="not in the adapter catalog"):
+        load_policies(policies, ENGINES, DEFAULTS, catalog)
+    (policies / "crm.toml").write_text(
+        ADAPTER_POLICY.replace(
+            'adapter = "crm-formatter@VERSION"', 'model = "m"\nadapter = "crm-formatter@2"'
+        )
+    )
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_policies(policies, ENGINES, DEFAULTS, catalog)
