@@ -20,11 +20,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.adapters import AdapterRejected
 from gateway.errors import (
     AuthenticationError,
     BadRequest,
     ConfigError,
     Conflict,
+    EngineError,
     GatewayError,
     NotFound,
     PermissionDenied,
@@ -41,6 +43,8 @@ class AdminContext:
     state: StateStore
     counters: Counter[tuple[str, str, str, str]]
     reload: Any  # () -> PolicySnapshot, raises ConfigError (blocking; run in a thread)
+    prepare: Any  # async (PolicySnapshot) -> loads its adapters; raises AdapterRejected / EngineError
+    catalog: Any  # () -> Catalog
     lock: asyncio.Lock
 
 
@@ -71,6 +75,7 @@ def admin_routes(ctx: AdminContext) -> list[Route]:
         Route("/admin/reload", _guard(ctx, _reload), methods=["POST"]),
         Route("/admin/status", _guard(ctx, _status), methods=["GET"]),
         Route("/admin/audit", _guard(ctx, _audit), methods=["GET"]),
+        Route("/admin/adapters", _guard(ctx, _adapters), methods=["GET"]),
     ]
 
 
@@ -162,7 +167,8 @@ async def _reload(ctx: AdminContext, request: Request) -> Response:
         before = ctx.live.view.policy.version
         try:
             policy = await asyncio.to_thread(ctx.reload)
-        except ConfigError as err:
+            await ctx.prepare(policy, actor=str(actor))  # new adapter versions serve before traffic moves
+        except (ConfigError, AdapterRejected, EngineError) as err:
             await asyncio.to_thread(
                 ctx.state.record,
                 "reload_rejected",
@@ -213,6 +219,17 @@ async def _audit(ctx: AdminContext, request: Request) -> Response:
         since=since,
     )
     return json_response({"entries": [e.as_dict() for e in entries]})
+
+
+async def _adapters(ctx: AdminContext, request: Request) -> Response:
+    """Every version in the catalog with its lineage, and which live variants reference it."""
+    used: dict[str, list[str]] = {}
+    for name, route in ctx.live.view.policy.routes.items():
+        for v in route.variants:
+            if v.adapter:
+                used.setdefault(v.adapter, []).append(f"{name}/{v.name}")
+    versions = [{**v.summary(), "referenced_by": used.get(v.ref, [])} for v in ctx.catalog()]
+    return json_response({"adapters": versions})
 
 
 def _switches_json(view: View) -> dict[str, Any]:

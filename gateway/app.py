@@ -27,10 +27,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.adapters import scan
 from gateway.admin import AdminContext, admin_routes, error_response, json_response
 from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound
 from gateway.keys import KeyRing
+from gateway.lora import LoraManager
 from gateway.policy import PolicySnapshot, Timeouts
 from gateway.policy_store import LiveView, load_policies
 from gateway.proxy import ChatEndpoint, Deps
@@ -77,15 +79,26 @@ class Components:
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
         self.records = RecordWriter(settings.records_db)
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
+        self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
+        self.lora = LoraManager(
+            settings.engines,
+            catalog=lambda: self.catalog,
+            state=self.state,
+            inflight=self.engine_inflight,
+            max_lora_rank=settings.max_lora_rank,
+        )
 
     def load_policy(self) -> PolicySnapshot:
-        return load_policies(self.settings.policies_dir, self.settings.engines, self.defaults)
+        """Rescan the adapter catalog, then load policies against it (blocking: run it in a thread)."""
+        self.catalog = scan(self.settings.adapters_dir)
+        return load_policies(self.settings.policies_dir, self.settings.engines, self.defaults, self.catalog)
 
     async def start(self) -> None:
         self.records.start()
         await self.engines.start()
 
     async def close(self) -> None:
+        await self.lora.close()
         await self.engines.close()
         self.records.close()
         self.telemetry.shutdown()
@@ -120,6 +133,7 @@ def create_app(
         telemetry=c.telemetry,
         max_body_bytes=settings.max_body_bytes,
         counters=c.counters,
+        engine_inflight=c.engine_inflight,
         **({"draw": draw} if draw is not None else {}),
     )
     admin = AdminContext(
@@ -128,6 +142,8 @@ def create_app(
         state=c.state,
         counters=c.counters,
         reload=c.load_policy,
+        prepare=c.lora.ensure,
+        catalog=lambda: c.catalog,
         lock=asyncio.Lock(),
     )
     chat = ChatEndpoint(deps)
@@ -148,13 +164,15 @@ def _lifespan(c: Components) -> Callable[[Starlette], contextlib.AbstractAsyncCo
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await c.start()
-        watcher = asyncio.create_task(_watch_switches(c))
+        tasks = [asyncio.create_task(_watch_switches(c)), asyncio.create_task(_reconcile_adapters(c))]
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await c.close()
 
     return lifespan
@@ -173,6 +191,17 @@ async def _watch_switches(c: Components) -> None:
                 c.live.set_switches(await asyncio.to_thread(c.state.switches))
         except Exception:  # a locked or unreadable file must not stop the watcher
             log.exception("reading kill switches failed; retrying")
+
+
+async def _reconcile_adapters(c: Components) -> None:
+    """Load what the live policy references (at start-up too: the engine may come up after the gateway, and
+    until then requests for an adapter fall back), reload what an engine lost, unload what nothing uses."""
+    while True:
+        try:
+            await c.lora.reconcile(c.live.view.policy)
+        except Exception:
+            log.exception("adapter reconcile failed; retrying")
+        await asyncio.sleep(c.settings.reconcile_s)
 
 
 def _routes(c: Components) -> list[Route]:

@@ -74,6 +74,7 @@ class Exchange:
     t0: float
     send: Send
     headers: dict[bytes, bytes] = field(default_factory=dict)
+    engine_models: list[str] = field(default_factory=list)  # counted in Deps.engine_inflight until the end
     started: bool = False  # response headers sent: errors must now go in-band
     disconnected: bool = False
     response: EngineResponse | None = None
@@ -100,6 +101,8 @@ class Deps:
     telemetry: Telemetry
     max_body_bytes: int
     counters: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)  # live, for /admin/status
+    # Requests in flight per engine model: an adapter version is unloaded only once its count is back to zero.
+    engine_inflight: Counter[str] = field(default_factory=Counter)
     clock: Callable[[], float] = time.perf_counter
     wallclock: Callable[[], float] = time.time
     draw: Callable[[], float] = random.random
@@ -218,6 +221,8 @@ class ChatEndpoint:
 
     async def _send_to(self, x: Exchange, req: ChatRequest, plan: Plan, variant: Variant) -> EngineResponse:
         body = engine_body(req.body, variant, stream=req.stream)
+        self.d.engine_inflight[variant.model] += 1
+        x.engine_models.append(variant.model)
         return await self.d.engines.chat(variant.engine, body, plan.route.timeouts, x.rec.request_id)
 
     # -- non-stream -------------------------------------------------------------------------------------------
@@ -390,6 +395,8 @@ class ChatEndpoint:
     def _finish(self, x: Exchange) -> None:
         if x.response is not None:  # abandoned mid-way (disconnect, cancellation): stop the engine's work
             x.response.close()
+        for model in x.engine_models:
+            self.d.engine_inflight[model] -= 1
         rec = x.rec
         rec.e2e_s = self.d.clock() - x.t0
         self.d.counters[(rec.route or "", rec.variant or "", rec.outcome, rec.tool_verdict)] += 1

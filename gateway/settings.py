@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     engine_connections: int = Field(default=256, ge=0)
     # How often a gateway process looks for kill-switch flips made by another process on the same database.
     switch_poll_s: float = Field(default=0.05, gt=0)
+    # LoRA adapter versions, one immutable directory each: <adapters_dir>/<name>/<version>/.
+    adapters_dir: Path = Path("adapters")
+    # The engines' --max-lora-rank (vLLM's default is 16): a version of a higher rank is refused before loading.
+    max_lora_rank: int = Field(default=16, ge=1)
+    # How often engines are checked for lost adapters (an engine restart) and unused ones are unloaded.
+    reconcile_s: float = Field(default=5.0, gt=0)
     otlp_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),

@@ -1,0 +1,212 @@
+"""Adapters at runtime, against a simulated engine that loads and unloads LoRA adapters like vLLM: loading what
+the policy references, hot swaps under load, the release gate, refusing broken versions, and engine restarts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.adapter_factory import make_adapter
+from tests.conftest import FORCER_TOKEN, ROOT, GatewayFactory, RunningGateway, _wait_http, free_port
+
+POLICY = """
+route = "crm-assistant"
+fallback = ["baseline"]
+
+[release]
+max_invalid_call_rate = 0.03
+min_eval_n = 200
+require_approvers = true
+
+[variants.baseline]
+model = "crm-base"
+weight = 50
+
+[variants.formatter]
+adapter = "crm-formatter@VERSION"
+weight = 50
+"""
+
+MESSAGES = [{"role": "user", "content": "Hooli: negotiation, 9000 EUR."}]
+
+
+@pytest.fixture
+def adapters(tmp_path: Path) -> Path:
+    root = tmp_path / "adapters"
+    make_adapter(root, version="1", seed=1)
+    make_adapter(root, version="2", seed=2)
+    make_adapter(root, version="3", seed=3, invalid_rate=0.31)  # fails the gate
+    return root
+
+
+def engine_models(url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def ask(gw: RunningGateway, variant: str = "formatter") -> httpx.Response:
+    return httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "crm-assistant", "messages": MESSAGES},
+        headers={"Authorization": f"Bearer {FORCER_TOKEN}", "x-gateway-variant": variant},
+        timeout=10,
+    )
+
+
+def actions(gw: RunningGateway) -> list[str]:
+    return [e["action"] for e in gw.admin("GET", "/admin/audit?limit=1000").json()["entries"]]
+
+
+class OwnEngine:
+    """A simulated engine of this test's own, so that it can be restarted."""
+
+    def __init__(self) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "gateway.sim_engine",
+            "--port",
+            str(port),
+            "--behaviour",
+            str(ROOT / "tests" / "data" / "sim_engine.toml"),
+        ]
+        self.proc = subprocess.Popen(self.cmd)
+        _wait_http(self.url + "/health")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.proc = subprocess.Popen(self.cmd)
+        _wait_http(self.url + "/health")
+
+
+@pytest.fixture
+def own_engine() -> Iterator[OwnEngine]:
+    engine = OwnEngine()
+    yield engine
+    engine.stop()
+
+
+def test_the_referenced_version_is_loaded_and_serves(
+    make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
+) -> None:
+    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
+    r = ask(gw)
+    assert r.status_code == 200 and r.headers["x-gateway-variant"] == "formatter"
+    assert r.json()["model"] == "crm-formatter@1"
+    (rec,) = [rec for rec in gw.records() if rec.variant == "formatter"]
+    assert rec.adapter == "crm-formatter@1" and rec.engine_model == "crm-formatter@1"
+    listed = {a["ref"]: a for a in gw.admin("GET", "/admin/adapters").json()["adapters"]}
+    assert listed["crm-formatter@1"]["referenced_by"] == ["crm-assistant/formatter"]
+    assert listed["crm-formatter@3"]["lineage"]["evaluation"]["invalid_call_rate"] == 0.31
+    assert "adapter_load" in actions(gw)
+
+
+def test_a_hot_swap_under_load_loses_no_request(
+    make_gateway: GatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
+) -> None:
+    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
+    failures: list[str] = []
+    served: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key=FORCER_TOKEN, max_retries=0)
+        while not stop.is_set():
+            try:
+                raw = c.chat.completions.with_raw_response.create(
+                    model="crm-assistant", messages=MESSAGES, extra_headers={"x-gateway-variant": "formatter"}
+                )
+                served.append(raw.parse().model)
+            except openai.APIError as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    (tmp_path / "policies" / "crm.toml").write_text(POLICY.replace("VERSION", "2"))
+    r = gw.admin("POST", "/admin/reload", json={"reason": "swap to @2"})
+    assert r.status_code == 200, r.text
+    assert "crm-formatter@2" in engine_models(sim_engine_url)  # loaded before the policy went live
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert served[-1] == "crm-formatter@2" and "crm-formatter@1" in served
+    wait_for(lambda: "crm-formatter@1" not in engine_models(sim_engine_url))  # unloaded once unused
+    assert {"adapter_load", "reload", "adapter_unload"} <= set(actions(gw))
+    assert len(gw.records()) == len(served)
+
+
+def test_the_release_gate_refuses_a_regressed_version_on_reload(
+    make_gateway: GatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
+) -> None:
+    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
+    version = gw.app.components.live.view.policy.version
+    (tmp_path / "policies" / "crm.toml").write_text(POLICY.replace("VERSION", "3"))
+    r = gw.admin("POST", "/admin/reload", json={"reason": "try @3"})
+    assert r.status_code == 500 and "max_invalid_call_rate" in r.json()["error"]["message"]
+    assert gw.app.components.live.view.policy.version == version
+    assert "reload_rejected" in actions(gw) and "reload" not in actions(gw)
+
+
+def test_a_broken_version_never_reaches_the_engine(
+    make_gateway: GatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
+) -> None:
+    broken = make_adapter(adapters, version="9", seed=9)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\xc0\x7f")  # a NaN, and a changed digest
+    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    loads = httpx.get(sim_engine_url + "/sim/stats").json()["adapter_loads"]
+    (tmp_path / "policies" / "crm.toml").write_text(POLICY.replace("VERSION", "9"))
+    r = gw.admin("POST", "/admin/reload", json={"reason": "try @9"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_weights_sha256"
+    assert "crm-formatter@9" not in engine_models(sim_engine_url)
+    assert httpx.get(sim_engine_url + "/sim/stats").json()["adapter_loads"] == loads
+    assert {"adapter_rejected", "reload_rejected"} <= set(actions(gw))
+
+
+def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
+    make_gateway: GatewayFactory, adapters: Path, own_engine: OwnEngine
+) -> None:
+    gw = make_gateway(
+        {"crm.toml": POLICY.replace("VERSION", "2")},
+        adapters_dir=adapters,
+        reconcile_s=0.5,
+        engines={"default": own_engine.url},
+    )
+    wait_for(lambda: "crm-formatter@2" in engine_models(own_engine.url))
+    own_engine.restart()  # a restarted vLLM has forgotten its adapters
+    # Until the reconciler notices, the engine answers 404 for the adapter and the gateway falls back.
+    answers = [ask(gw) for _ in range(5)]
+    assert all(r.status_code == 200 for r in answers)
+    assert {r.headers["x-gateway-variant"] for r in answers} <= {"baseline", "formatter"}
+    wait_for(lambda: "crm-formatter@2" in engine_models(own_engine.url))
+    assert ask(gw).headers["x-gateway-variant"] == "formatter"
+    fell_back = [rec for rec in gw.records() if rec.fallback_from == "formatter"]
+    assert all(rec.variant == "baseline" and rec.outcome == "ok" for rec in fell_back)
+    assert actions(gw).count("adapter_load") == 2  # at start, and again after the restart
