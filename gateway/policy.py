@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from gateway.errors import NoLiveVariant, NotFound
 from gateway.records import Price
@@ -42,6 +42,12 @@ class Timeouts:
     total: float
 
 
+class Retriever(Protocol):
+    """Retrieval-augmented prompting: the context text for a request's messages (see `retrieval.Retrieval`)."""
+
+    def context_for(self, messages: list[dict[str, Any]]) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Variant:
     name: str
@@ -51,6 +57,7 @@ class Variant:
     system_prompt: str | None = None
     price: Price | None = None
     adapter: str | None = None  # "name@version" when the model is a LoRA adapter
+    retrieval: Retriever | None = None  # fills `{context}` in the system prompt
 
 
 @dataclass(frozen=True, slots=True)

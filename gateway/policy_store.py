@@ -31,6 +31,8 @@ from gateway.policy import (
     build_view,
 )
 from gateway.records import Price
+from gateway.retrieval import Index, Retrieval
+from gateway.rewrite import CONTEXT
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 Name = Annotated[str, Field(pattern=_NAME)]
@@ -48,6 +50,11 @@ class PriceModel(_Strict):
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
 
 
+class RetrievalModel(_Strict):
+    documents: Annotated[str, Field(min_length=1)]  # a directory, relative to the working directory
+    top_k: Annotated[int, Field(ge=1, le=20)] = 3
+
+
 class VariantModel(_Strict):
     model: Annotated[str, Field(min_length=1)] | None = None
     adapter: (
@@ -56,6 +63,7 @@ class VariantModel(_Strict):
     engine: Name = "default"
     weight: NonNegative = 0.0
     system_prompt: str | None = None
+    retrieval: RetrievalModel | None = None
     price: PriceModel | None = None
 
     @model_validator(mode="after")
@@ -63,6 +71,10 @@ class VariantModel(_Strict):
         if (self.model is None) == (self.adapter is None):
             raise ValueError(
                 "give exactly one of 'model' (an engine model name) and 'adapter' (name@version)"
+            )
+        if (self.retrieval is not None) != (CONTEXT in (self.system_prompt or "")):
+            raise ValueError(
+                "'retrieval' needs a system_prompt with a {context} placeholder, and the other way round"
             )
         return self
 
@@ -136,6 +148,9 @@ def load_policies(
         raw = path.read_bytes()
         digest.update(path.name.encode() + b"\0" + raw + b"\0")
         route = _route_from(path, raw, engines, defaults, catalog or Catalog({}))
+        for variant in route.variants:  # a knowledge-base change is a policy change
+            if isinstance(variant.retrieval, Retrieval):
+                digest.update(variant.retrieval.index.content_hash.encode())
         if route.name in routes:
             raise ConfigError(f"{path}: route {route.name!r} is already defined in {sources[route.name]}")
         routes[route.name] = route
@@ -159,7 +174,15 @@ def _route_from(
             )
         if variant.adapter is not None:
             _check_adapter(path, model, name, variant.adapter, catalog)
-    return _route(model, defaults)
+    indexes = {name: _index(path, name, v.retrieval) for name, v in model.variants.items() if v.retrieval}
+    return _route(model, defaults, indexes)
+
+
+def _index(path: Path, variant: str, spec: RetrievalModel) -> Retrieval:
+    try:
+        return Retrieval(Index.from_directory(Path(spec.documents)), spec.top_k)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: variants.{variant}.retrieval: {err.message}") from None
 
 
 def _check_adapter(path: Path, policy: PolicyModel, variant: str, ref: str, catalog: Catalog) -> None:
@@ -197,12 +220,13 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}"
 
 
-def _route(model: PolicyModel, defaults: Timeouts) -> Route:
+def _route(model: PolicyModel, defaults: Timeouts, indexes: Mapping[str, Retrieval]) -> Route:
     variants = tuple(
         Variant(
             name=name,
             model=v.model or v.adapter or "",  # an adapter is served under its ref as the engine's model name
             adapter=v.adapter,
+            retrieval=indexes.get(name),
             engine=v.engine,
             weight=v.weight,
             system_prompt=v.system_prompt,

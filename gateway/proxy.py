@@ -220,7 +220,12 @@ class ChatEndpoint:
         return variant, response
 
     async def _send_to(self, x: Exchange, req: ChatRequest, plan: Plan, variant: Variant) -> EngineResponse:
-        body = engine_body(req.body, variant, stream=req.stream)
+        context = None
+        if variant.retrieval is not None:
+            started = self.d.clock()
+            context = variant.retrieval.context_for(req.body["messages"])
+            x.rec.retrieval_s = self.d.clock() - started
+        body = engine_body(req.body, variant, stream=req.stream, context=context)
         self.d.engine_inflight[variant.model] += 1
         x.engine_models.append(variant.model)
         return await self.d.engines.chat(variant.engine, body, plan.route.timeouts, x.rec.request_id)

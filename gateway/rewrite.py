@@ -16,12 +16,18 @@ import orjson
 
 from gateway.policy import Variant
 
+CONTEXT = "{context}"
 
-def engine_body(body: dict[str, Any], variant: Variant, *, stream: bool) -> bytes:
+
+def engine_body(body: dict[str, Any], variant: Variant, *, stream: bool, context: str | None = None) -> bytes:
+    """The engine's request. `context` (retrieved passages) replaces `{context}` in the variant's prompt."""
     out = dict(body)
     out["model"] = variant.model
     if variant.system_prompt:
-        out["messages"] = with_system_prompt(body["messages"], variant.system_prompt)
+        prompt = variant.system_prompt
+        if context is not None:
+            prompt = prompt.replace(CONTEXT, context)  # not str.format: prompts may hold JSON braces
+        out["messages"] = with_system_prompt(body["messages"], prompt)
     if stream:
         options = body.get("stream_options")
         out["stream_options"] = {**options, "include_usage": True} if options else {"include_usage": True}

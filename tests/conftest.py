@@ -20,10 +20,15 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from hypothesis import settings as hypothesis_settings
 
 from gateway.app import GatewayASGI, create_app
 from gateway.records import read_records
 from gateway.settings import Settings
+
+# No per-example deadline: CI shares two cores with engine processes, and a slow example is not a failure.
+hypothesis_settings.register_profile("gateway", deadline=None)
+hypothesis_settings.load_profile("gateway")
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token"

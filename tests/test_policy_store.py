@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway.adapters import Catalog, scan
@@ -219,3 +220,56 @@ def test_a_zero_weight_variant_is_not_gated_and_unknown_adapters_are_refused(tmp
     )
     with pytest.raises(ConfigError, match="exactly one"):
         load_policies(policies, ENGINES, DEFAULTS, catalog)
+
+
+RAG_POLICY = """
+route = "crm-assistant"
+[variants.baseline]
+model = "crm-base"
+weight = 1
+system_prompt = "Use these notes:\\n{context}\\nThen call update_crm."
+retrieval = { documents = "KB", top_k = 2 }
+"""
+
+
+def test_a_retrieval_variant_fills_its_prompt_from_the_knowledge_base(tmp_path: Path) -> None:
+    from gateway.rewrite import engine_body
+
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "stages.md").write_text(
+        "# Deal stages\n\nA deal in negotiation has an agreed scope and open terms.\n"
+    )
+    (kb / "amounts.md").write_text(
+        "# Amounts\n\nWrite amounts as plain numbers in EUR, never with a currency sign.\n"
+    )
+    policies = tmp_path / "p"
+    policies.mkdir()
+    (policies / "crm.toml").write_text(RAG_POLICY.replace("KB", str(kb)))
+    snap = load_policies(policies, ENGINES, DEFAULTS)
+    variant = snap.routes["crm-assistant"].variants[0]
+    assert variant.retrieval is not None
+    messages = [{"role": "user", "content": "What amount format, EUR sign or not?"}]
+    context = variant.retrieval.context_for(messages)
+    assert "plain numbers in EUR" in context
+    sent = orjson.loads(
+        engine_body({"model": "x", "messages": messages}, variant, stream=False, context=context)
+    )
+    assert sent["messages"][0]["content"].startswith("Use these notes:\n[amounts.md]")
+    (kb / "amounts.md").write_text("# Amounts\n\nPlain numbers.\n")
+    assert (
+        load_policies(policies, ENGINES, DEFAULTS).version != snap.version
+    )  # a KB change is a policy change
+
+
+def test_retrieval_and_the_context_placeholder_go_together(tmp_path: Path) -> None:
+    policies = tmp_path / "p"
+    policies.mkdir()
+    (policies / "crm.toml").write_text(
+        RAG_POLICY.replace("{context}", "nothing").replace("KB", str(tmp_path))
+    )
+    with pytest.raises(ConfigError, match="placeholder"):
+        load_policies(policies, ENGINES, DEFAULTS)
+    (policies / "crm.toml").write_text(RAG_POLICY.replace("KB", str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="retrieval"):
+        load_policies(policies, ENGINES, DEFAULTS)
