@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import BadRequest
+from gateway.policy import ReleaseGate
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -156,6 +157,21 @@ def read_version(name: str, version: str, path: Path) -> AdapterVersion:
 
 def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200]
+
+
+def release_gate(gate: ReleaseGate, lineage: Lineage) -> str | None:
+    """Why `lineage` fails a route's release gate, or None. Kill switches and rollbacks never come through here."""
+    evaluation = lineage.evaluation
+    if gate.max_invalid_call_rate is not None and evaluation.invalid_call_rate > gate.max_invalid_call_rate:
+        return (
+            f"max_invalid_call_rate = {gate.max_invalid_call_rate:g}, but its golden-set evaluation measured "
+            f"{evaluation.invalid_call_rate:.3f}"
+        )
+    if evaluation.n < gate.min_eval_n:
+        return f"min_eval_n = {gate.min_eval_n}, but it was evaluated on {evaluation.n} examples"
+    if gate.require_approvers and not lineage.approvers:
+        return "require_approvers = true, but its lineage names no approver"
+    return None
 
 
 # -- the checks -------------------------------------------------------------------------------------------------

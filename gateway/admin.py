@@ -10,46 +10,32 @@ request sees it. Writes are serialised by one lock per process.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.adapters import AdapterRejected
+from gateway.admin_adapters import adapter_routes
+from gateway.admin_http import (
+    AdminContext,
+    authorize,
+    guard,
+    json_response,
+    read_body,
+    reason_actor,
+)
 from gateway.errors import (
-    AuthenticationError,
     BadRequest,
     ConfigError,
     Conflict,
     EngineError,
-    GatewayError,
     NotFound,
-    PermissionDenied,
 )
-from gateway.policy import View, build_view, newly_dark
-from gateway.policy_store import LiveView
-from gateway.state import Flip, StateStore, apply_flip
-
-
-@dataclass(slots=True)
-class AdminContext:
-    token: str | None
-    live: LiveView
-    state: StateStore
-    counters: Counter[tuple[str, str, str, str]]
-    reload: Any  # () -> PolicySnapshot, raises ConfigError (blocking; run in a thread)
-    prepare: Any  # async (PolicySnapshot) -> loads its adapters; raises AdapterRejected / EngineError
-    catalog: Any  # () -> Catalog
-    lock: asyncio.Lock
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+from gateway.policy import View, build_view, newly_dark, served_adapters, with_pins
+from gateway.state import Flip, apply_flip
 
 
 def admin_routes(ctx: AdminContext) -> list[Route]:
@@ -72,57 +58,18 @@ def admin_routes(ctx: AdminContext) -> list[Route]:
         Route("/admin/routes/{route}/revive", flip_endpoint("route", False), methods=["POST"]),
         Route("/admin/kill-all", flip_endpoint("global", True), methods=["POST"]),
         Route("/admin/revive-all", flip_endpoint("global", False), methods=["POST"]),
-        Route("/admin/reload", _guard(ctx, _reload), methods=["POST"]),
-        Route("/admin/status", _guard(ctx, _status), methods=["GET"]),
-        Route("/admin/audit", _guard(ctx, _audit), methods=["GET"]),
-        Route("/admin/adapters", _guard(ctx, _adapters), methods=["GET"]),
+        Route("/admin/reload", guard(ctx, _reload), methods=["POST"]),
+        Route("/admin/status", guard(ctx, _status), methods=["GET"]),
+        Route("/admin/audit", guard(ctx, _audit), methods=["GET"]),
+        Route("/admin/adapters", guard(ctx, _adapters), methods=["GET"]),
+        *adapter_routes(ctx),
     ]
 
 
-def _guard(ctx: AdminContext, handler: Any) -> Any:
-    async def endpoint(request: Request) -> Response:
-        _authorize(ctx, request)
-        result: Response = await handler(ctx, request)
-        return result
-
-    return endpoint
-
-
-def _authorize(ctx: AdminContext, request: Request) -> None:
-    if ctx.token is None:
-        raise PermissionDenied("The admin API is disabled: set GATEWAY_ADMIN_TOKEN to enable it.")
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not presented:
-        raise AuthenticationError("The admin API needs 'Authorization: Bearer <admin token>'.")
-    if not hmac.compare_digest(presented.strip().encode(), ctx.token.encode()):
-        raise AuthenticationError("Incorrect admin token.")
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        raise BadRequest("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return body
-
-
-def _reason_actor(request: Request, body: dict[str, Any]) -> tuple[str, str]:
-    reason = body.get("reason")
-    if not isinstance(reason, str) or not reason.strip():
-        raise BadRequest("A non-empty 'reason' is required: it goes into the audit log.", param="reason")
-    actor = body.get("actor") or request.headers.get("x-gateway-actor") or "admin"
-    if not isinstance(actor, str):
-        raise BadRequest("'actor' must be a string.", param="actor")
-    return reason.strip(), actor
-
-
 async def _flip(ctx: AdminContext, request: Request, scope: str, killed: bool) -> Response:
-    _authorize(ctx, request)
-    body = await _body(request)
-    reason, actor = _reason_actor(request, body)
+    authorize(ctx, request)
+    body = await read_body(request)
+    reason, actor = reason_actor(request, body)
     flip = Flip(scope, killed, request.path_params.get("route", ""), request.path_params.get("variant", ""))  # type: ignore[arg-type]
     async with ctx.lock:
         view = ctx.live.view
@@ -161,13 +108,14 @@ def _check_target(view: View, flip: Flip) -> None:
 
 
 async def _reload(ctx: AdminContext, request: Request) -> Response:
-    body = await _body(request)
+    body = await read_body(request)
     actor = body.get("actor") or request.headers.get("x-gateway-actor") or "admin"
     async with ctx.lock:
         before = ctx.live.view.policy.version
         try:
             policy = await asyncio.to_thread(ctx.reload)
-            await ctx.prepare(policy, actor=str(actor))  # new adapter versions serve before traffic moves
+            # New adapter versions are loaded before traffic moves to them (pinned versions stay pinned).
+            await ctx.prepare(with_pins(policy, ctx.live.pins), actor=str(actor))
         except (ConfigError, AdapterRejected, EngineError) as err:
             await asyncio.to_thread(
                 ctx.state.record,
@@ -178,6 +126,8 @@ async def _reload(ctx: AdminContext, request: Request) -> Response:
             )
             raise
         view = ctx.live.set_policy(policy)
+        served = served_adapters(view.policy)
+        await asyncio.to_thread(ctx.state.note_served, served, actor=str(actor), action="reload")
         await asyncio.to_thread(
             ctx.state.record,
             "reload",
@@ -276,7 +226,3 @@ def _counts(counters: Counter[tuple[str, str, str, str]], route: str, variant: s
             if verdict in ("invalid", "truncated"):
                 total[f"tool_calls_{verdict}"] += n
     return dict(total)
-
-
-def error_response(err: GatewayError) -> Response:
-    return Response(err.envelope(), status_code=err.status, media_type="application/json")

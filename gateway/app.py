@@ -28,12 +28,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.adapters import scan
-from gateway.admin import AdminContext, admin_routes, error_response, json_response
+from gateway.admin import admin_routes
+from gateway.admin_http import AdminContext, error_response, json_response
 from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound
 from gateway.keys import KeyRing
 from gateway.lora import LoraManager
-from gateway.policy import PolicySnapshot, Timeouts
+from gateway.policy import PolicySnapshot, Timeouts, served_adapters
 from gateway.policy_store import LiveView, load_policies
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.records import RecordWriter
@@ -74,7 +75,8 @@ class Components:
         )
         policy = self.load_policy()
         self.state = StateStore(settings.state_db)
-        self.live = LiveView(policy, self.state.switches())
+        self.live = LiveView(policy, self.state.switches(), self.state.pins())
+        self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
         self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
         self.records = RecordWriter(settings.records_db)
@@ -144,6 +146,7 @@ def create_app(
         reload=c.load_policy,
         prepare=c.lora.ensure,
         catalog=lambda: c.catalog,
+        records_db=settings.records_db,
         lock=asyncio.Lock(),
     )
     chat = ChatEndpoint(deps)

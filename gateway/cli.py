@@ -96,6 +96,34 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--db", type=Path, help="request log (default: $GATEWAY_DATA_DIR/requests.db)")
     report.set_defaults(func=cmd_report)
 
+    adapters = sub.add_parser("adapters", help="adapter versions: list, swap, rollback")
+    verbs = adapters.add_subparsers(required=True, metavar="VERB")
+    listing = verbs.add_parser("list", help="every version with its lineage and what references it")
+    _admin_args(listing)
+    listing.set_defaults(func=cmd_adapters_list)
+    swap = verbs.add_parser("swap", help="serve another version on a variant (release-gated; loaded first)")
+    swap.add_argument("route")
+    swap.add_argument("variant")
+    swap.add_argument("adapter", help="name@version")
+    swap.add_argument("--reason", required=True)
+    _admin_args(swap)
+    swap.set_defaults(func=cmd_adapters_swap)
+    rollback = verbs.add_parser("rollback", help="serve the version the variant served before (never gated)")
+    rollback.add_argument("route")
+    rollback.add_argument("variant")
+    rollback.add_argument("--reason", required=True)
+    _admin_args(rollback)
+    rollback.set_defaults(func=cmd_adapters_rollback)
+
+    lineage = sub.add_parser(
+        "lineage", help="what served a route over a window, trained on what, changed by whom"
+    )
+    lineage.add_argument("route")
+    lineage.add_argument("--since", help="ISO time or a duration such as 30d")
+    lineage.add_argument("--until", help="ISO time")
+    _admin_args(lineage)
+    lineage.set_defaults(func=cmd_lineage)
+
     keys = sub.add_parser("hash-key", help="print the sha256 line for a keys file entry")
     keys.add_argument("token")
     keys.set_defaults(func=cmd_hash_key)
@@ -289,6 +317,72 @@ def cmd_reload(args: argparse.Namespace) -> int:
         f"policy {body['previous_version']} -> {body['policy_version']}; routes: {', '.join(body['routes'])}"
     )
     return 0
+
+
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    body = _admin(args, "GET", "/admin/adapters")
+    if args.json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"{'adapter':<24} {'invalid':>8} {'n':>5} {'approved by':<28} {'served by':<28} problem")
+    for a in body["adapters"]:
+        lineage = a["lineage"] or {}
+        evaluation = lineage.get("evaluation") or {}
+        rate = evaluation.get("invalid_call_rate")
+        print(
+            f"{a['ref']:<24} {'' if rate is None else f'{rate:.1%}':>8} {evaluation.get('n', ''):>5} "
+            f"{','.join(lineage.get('approvers', [])) or '-':<28} {','.join(a['referenced_by']) or '-':<28} "
+            f"{a['problem'] or ''}"
+        )
+    return 0
+
+
+def cmd_adapters_swap(args: argparse.Namespace) -> int:
+    path = f"/admin/routes/{args.route}/variants/{args.variant}/adapter"
+    body = _admin(args, "POST", path, json={"adapter": args.adapter, "reason": args.reason})
+    print(
+        f"{args.route}/{args.variant}: {body['previous']} -> {body['adapter']} (policy {body['policy_version']})"
+    )
+    return 0
+
+
+def cmd_adapters_rollback(args: argparse.Namespace) -> int:
+    path = f"/admin/routes/{args.route}/variants/{args.variant}/adapter/rollback"
+    body = _admin(args, "POST", path, json={"reason": args.reason})
+    print(f"{args.route}/{args.variant}: rolled back {body['previous']} -> {body['adapter']}")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"route": args.route}
+    if args.since:
+        params["since"] = parse_since(args.since)
+    if args.until:
+        params["until"] = parse_since(args.until)
+    body = _admin(args, "GET", "/admin/lineage", params=params)
+    if args.json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"served {args.route}:")
+    for row in body["served"]:
+        lineage = row["lineage"] or {}
+        trained = (
+            f" dataset {lineage['dataset_sha256'][:12]}… ({lineage['dataset_rows']} rows)" if lineage else ""
+        )
+        print(
+            f"  {_when(row['first'])} .. {_when(row['last'])}  {row['variant']:<12} {row['adapter'] or '-':<22} "
+            f"policy {row['policy_version']}  {row['requests']} requests{trained}"
+        )
+    print("changes:")
+    for e in reversed(body["changes"]):
+        print(
+            f"  {_when(e['at'])}  {e['actor']:<12} {e['action']:<18} {e['variant'] or ''} {e['reason'] or ''}"
+        )
+    return 0
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
@@ -61,6 +61,15 @@ class Variant:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseGate:
+    """What an adapter version's lineage must show before it may take traffic on a route."""
+
+    max_invalid_call_rate: float | None = None
+    min_eval_n: int = 0
+    require_approvers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     variants: tuple[Variant, ...]
@@ -69,6 +78,7 @@ class Route:
     tool_calls: ToolMode = "observe"
     timeouts: Timeouts = Timeouts(2.0, 60.0, 300.0)
     salt: str = ""
+    release: ReleaseGate = ReleaseGate()
 
     def variant(self, name: str) -> Variant | None:
         for v in self.variants:
@@ -168,6 +178,41 @@ def bucket(key: str, salt: str) -> float:
     buckets independent across routes. blake2b: well mixed, and about 1 µs in C."""
     digest = hashlib.blake2b(f"{salt}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / _TWO_64
+
+
+def with_pins(policy: PolicySnapshot, pins: Mapping[tuple[str, str], str]) -> PolicySnapshot:
+    """The policy with operator-pinned adapter versions in place of the files' (swap / rollback). The version
+    says so: `<files' version>+<hash of the pins>`, so records and audit entries tell the two apart."""
+    applied = {key: ref for key, ref in pins.items() if _pinnable(policy, key)}
+    if not applied:
+        return policy
+    routes = {}
+    for name, route in policy.routes.items():
+        variants = tuple(
+            replace(v, model=applied[name, v.name], adapter=applied[name, v.name])
+            if (name, v.name) in applied
+            else v
+            for v in route.variants
+        )
+        routes[name] = replace(route, variants=variants)
+    digest = hashlib.sha256(repr(sorted(applied.items())).encode()).hexdigest()[:8]
+    return PolicySnapshot(MappingProxyType(routes), f"{policy.version}+{digest}", policy.sources)
+
+
+def _pinnable(policy: PolicySnapshot, key: tuple[str, str]) -> bool:
+    route = policy.routes.get(key[0])
+    variant = route.variant(key[1]) if route else None
+    return variant is not None and variant.adapter is not None
+
+
+def served_adapters(policy: PolicySnapshot) -> dict[tuple[str, str], str]:
+    """(route, variant) → the adapter version it serves."""
+    return {
+        (name, v.name): v.adapter
+        for name, route in policy.routes.items()
+        for v in route.variants
+        if v.adapter
+    }
 
 
 def build_view(policy: PolicySnapshot, switches: Switches) -> View:

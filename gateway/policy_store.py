@@ -18,10 +18,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.adapters import Catalog, Lineage
+from gateway.adapters import Catalog, release_gate
 from gateway.errors import ConfigError
 from gateway.policy import (
     PolicySnapshot,
+    ReleaseGate,
     Route,
     Sticky,
     Switches,
@@ -29,6 +30,7 @@ from gateway.policy import (
     Variant,
     View,
     build_view,
+    with_pins,
 )
 from gateway.records import Price
 from gateway.retrieval import Index, Retrieval
@@ -194,24 +196,13 @@ def _check_adapter(path: Path, policy: PolicyModel, variant: str, ref: str, cata
         raise ConfigError(f"{where}: {ref} cannot be used: {version.problem}")
     spec = policy.variants[variant]
     if spec.weight > 0 or variant in policy.fallback:  # it would take traffic: the release gate applies
-        problem = release_gate(policy.release, version.lineage)
+        problem = release_gate(_gate(policy.release), version.lineage)
         if problem:
             raise ConfigError(f"{where}: {ref} does not pass the route's release gate: {problem}")
 
 
-def release_gate(gate: ReleaseModel, lineage: Lineage) -> str | None:
-    """Why `lineage` fails `gate`, or None. Kill switches and rollbacks never come through here."""
-    evaluation = lineage.evaluation
-    if gate.max_invalid_call_rate is not None and evaluation.invalid_call_rate > gate.max_invalid_call_rate:
-        return (
-            f"max_invalid_call_rate = {gate.max_invalid_call_rate:g}, but its golden-set evaluation measured "
-            f"{evaluation.invalid_call_rate:.3f}"
-        )
-    if evaluation.n < gate.min_eval_n:
-        return f"min_eval_n = {gate.min_eval_n}, but it was evaluated on {evaluation.n} examples"
-    if gate.require_approvers and not lineage.approvers:
-        return "require_approvers = true, but its lineage names no approver"
-    return None
+def _gate(model: ReleaseModel) -> ReleaseGate:
+    return ReleaseGate(model.max_invalid_call_rate, model.min_eval_n, model.require_approvers)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -250,6 +241,7 @@ def _route(model: PolicyModel, defaults: Timeouts, indexes: Mapping[str, Retriev
         tool_calls=model.tool_calls,
         timeouts=timeouts,
         salt=model.salt if model.salt is not None else model.route,
+        release=_gate(model.release),
     )
 
 
@@ -257,12 +249,25 @@ class LiveView:
     """The one holder of what requests read. Each change builds a whole new `View` and swaps one reference, so a
     request that read `.view` once sees one policy and one set of switches, never a mix."""
 
-    def __init__(self, policy: PolicySnapshot, switches: Switches) -> None:
-        self.view: View = build_view(policy, switches)
+    def __init__(
+        self, policy: PolicySnapshot, switches: Switches, pins: Mapping[tuple[str, str], str] | None = None
+    ) -> None:
+        self.files = policy  # as loaded from the policy files; `view.policy` has the pins applied
+        self.pins: Mapping[tuple[str, str], str] = dict(pins or {})
+        self.view: View = build_view(with_pins(policy, self.pins), switches)
 
     def set_policy(self, policy: PolicySnapshot) -> View:
-        self.view = build_view(policy, self.view.switches)
+        self.files = policy
+        self.view = build_view(with_pins(policy, self.pins), self.view.switches)
         return self.view
+
+    def set_pins(self, pins: Mapping[tuple[str, str], str]) -> View:
+        self.pins = dict(pins)
+        self.view = build_view(with_pins(self.files, self.pins), self.view.switches)
+        return self.view
+
+    def preview_pins(self, pins: Mapping[tuple[str, str], str]) -> PolicySnapshot:
+        return with_pins(self.files, pins)
 
     def set_switches(self, switches: Switches) -> View:
         if switches != self.view.switches:

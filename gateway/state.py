@@ -44,6 +44,21 @@ CREATE TABLE IF NOT EXISTS audit (
     policy_version TEXT,
     detail TEXT
 );
+CREATE TABLE IF NOT EXISTS adapter_pins (
+    route TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    PRIMARY KEY (route, variant)
+);
+CREATE TABLE IF NOT EXISTS adapter_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    route TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_route ON audit (route, at);
 """
@@ -139,6 +154,71 @@ class StateStore:
                 self._db.execute("ROLLBACK")
                 raise
         return self.switches()
+
+    # -- adapter versions served per variant (swap / rollback) ------------------------------------------------
+
+    def pins(self) -> dict[tuple[str, str], str]:
+        """Operator overrides of a variant's adapter version, on top of the policy files."""
+        with self._lock:
+            rows = self._db.execute("SELECT route, variant, ref FROM adapter_pins").fetchall()
+        return {(r, v): ref for r, v, ref in rows}
+
+    def pin(
+        self,
+        route: str,
+        variant: str,
+        ref: str | None,
+        *,
+        action: str,
+        actor: str,
+        reason: str,
+        policy_version: str,
+    ) -> dict[tuple[str, str], str]:
+        """Pin (or, with ref None, unpin) a variant's adapter version; with its audit entry, in one transaction."""
+        now = self._clock()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if ref is None:
+                    self._db.execute(
+                        "DELETE FROM adapter_pins WHERE route = ? AND variant = ?", (route, variant)
+                    )
+                else:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO adapter_pins VALUES (?, ?, ?)", (route, variant, ref)
+                    )
+                self._insert_audit(
+                    now, actor, action, route, variant, reason, policy_version, {"adapter": ref}
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.pins()
+
+    def note_served(self, served: dict[tuple[str, str], str], *, actor: str, action: str) -> None:
+        """Append to each variant's history the adapter version it now serves, when that changed."""
+        now = self._clock()
+        with self._lock:
+            for (route, variant), ref in sorted(served.items()):
+                last = self._db.execute(
+                    "SELECT ref FROM adapter_history WHERE route = ? AND variant = ? ORDER BY id DESC LIMIT 1",
+                    (route, variant),
+                ).fetchone()
+                if last is None or last[0] != ref:
+                    self._db.execute(
+                        "INSERT INTO adapter_history (at, route, variant, ref, actor, action) VALUES (?, ?, ?, ?, ?, ?)",
+                        (now, route, variant, ref, actor, action),
+                    )
+
+    def history(self, route: str, variant: str) -> list[tuple[float, str, str, str]]:
+        """(at, ref, actor, action), newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, ref, actor, action FROM adapter_history WHERE route = ? AND variant = ? ORDER BY id DESC",
+                (route, variant),
+            ).fetchall()
+        return [(float(at), str(ref), str(actor), str(action)) for at, ref, actor, action in rows]
 
     def record(
         self,

@@ -210,3 +210,74 @@ def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
     fell_back = [rec for rec in gw.records() if rec.fallback_from == "formatter"]
     assert all(rec.variant == "baseline" and rec.outcome == "ok" for rec in fell_back)
     assert actions(gw).count("adapter_load") == 2  # at start, and again after the restart
+
+
+def test_swap_and_rollback_in_one_command_each(
+    make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
+) -> None:
+    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    base = "/admin/routes/crm-assistant/variants/formatter/adapter"
+    r = gw.admin(
+        "POST", base, json={"adapter": "crm-formatter@2", "reason": "ship the fixes", "actor": "ana"}
+    )
+    assert r.status_code == 200, r.text
+    assert (r.json()["previous"], r.json()["adapter"]) == ("crm-formatter@1", "crm-formatter@2")
+    assert "crm-formatter@2" in engine_models(sim_engine_url)  # loaded before the swap went live
+    assert ask(gw).json()["model"] == "crm-formatter@2"
+    assert ask(gw).headers["x-gateway-policy-version"].startswith(gw.app.components.live.files.version + "+")
+    gated = gw.admin("POST", base, json={"adapter": "crm-formatter@3", "reason": "try it"})
+    assert gated.status_code == 409 and "release gate" in gated.json()["error"]["message"]
+    back = gw.admin("POST", base + "/rollback", json={"reason": "formatter regressed", "actor": "ana"})
+    assert back.status_code == 200 and back.json()["adapter"] == "crm-formatter@1"
+    assert ask(gw).json()["model"] == "crm-formatter@1"
+    entries = gw.admin("GET", "/admin/audit").json()["entries"]
+    swaps = [
+        (e["action"], e["actor"], e["detail"]["adapter"])
+        for e in entries
+        if e["action"].startswith("adapter_s") or e["action"] == "adapter_rollback"
+    ]
+    assert swaps == [
+        ("adapter_rollback", "ana", "crm-formatter@1"),
+        ("adapter_swap", "ana", "crm-formatter@2"),
+    ]
+
+
+def test_a_swap_survives_a_restart(make_gateway: GatewayFactory, adapters: Path) -> None:
+    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    gw.admin(
+        "POST",
+        "/admin/routes/crm-assistant/variants/formatter/adapter",
+        json={"adapter": "crm-formatter@2", "reason": "x"},
+    )
+    gw.stop()
+    again = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    variant = again.app.components.live.view.policy.routes["crm-assistant"].variant("formatter")
+    assert variant is not None and variant.adapter == "crm-formatter@2"
+
+
+def test_lineage_answers_what_served_a_route_and_who_changed_it(
+    make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
+) -> None:
+    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
+    started = time.time()
+    ask(gw)
+    gw.admin(
+        "POST",
+        "/admin/routes/crm-assistant/variants/formatter/adapter",
+        json={"adapter": "crm-formatter@2", "reason": "ship the fixes", "actor": "ana"},
+    )
+    ask(gw)
+    gw.records()
+    body = gw.admin(
+        "GET", f"/admin/lineage?route=crm-assistant&since={started - 1}&until={time.time() + 1}"
+    ).json()
+    served = {(row["variant"], row["adapter"]): row for row in body["served"]}
+    assert served["formatter", "crm-formatter@1"]["requests"] == 1
+    assert served["formatter", "crm-formatter@2"]["lineage"]["dataset_sha256"] == "d" * 64
+    assert (
+        served["formatter", "crm-formatter@1"]["policy_version"]
+        != served["formatter", "crm-formatter@2"]["policy_version"]
+    )
+    assert any(c["action"] == "adapter_swap" and c["actor"] == "ana" for c in body["changes"])
+    assert gw.admin("GET", "/admin/lineage").status_code == 400

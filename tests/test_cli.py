@@ -25,9 +25,8 @@ def gateway_cmd(*args: str, gw: RunningGateway | None = None, **env: str) -> sub
     if gw is not None:
         full_env.setdefault("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
         full_env.setdefault("GATEWAY_DATA_DIR", str(gw.settings.data_dir))
-        args = (
-            (*args, "--url", gw.url) if args[0] in ("kill", "revive", "status", "audit", "reload") else args
-        )
+        admin = ("kill", "revive", "status", "audit", "reload", "adapters", "lineage")
+        args = (*args, "--url", gw.url) if args[0] in admin else args
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", *args],
         capture_output=True,
@@ -106,3 +105,32 @@ def test_report_reads_the_request_log(make_gateway: GatewayFactory) -> None:
     assert {r["variant"] for r in rows} <= {"baseline", "formatter"}
     text = gateway_cmd("report", "--route", "crm-assistant", "--since", "1h", gw=gw).stdout
     assert "baseline" in text
+
+
+def test_adapters_list_swap_rollback_and_lineage_from_the_command_line(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    from tests.adapter_factory import make_adapter
+    from tests.test_adapter_runtime import POLICY
+
+    root = tmp_path / "adapters"
+    make_adapter(root, version="1")
+    make_adapter(root, version="2", seed=2)
+    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=root, reconcile_s=0.2)
+    listing = gateway_cmd("adapters", "list", gw=gw)
+    assert (
+        listing.returncode == 0
+        and "crm-formatter@1" in listing.stdout
+        and "crm-assistant/formatter" in listing.stdout
+    )
+    swap = gateway_cmd(
+        "adapters", "swap", "crm-assistant", "formatter", "crm-formatter@2", "--reason", "fixes", gw=gw
+    )
+    assert swap.returncode == 0, swap.stderr
+    assert "crm-formatter@1 -> crm-formatter@2" in swap.stdout
+    back = gateway_cmd("adapters", "rollback", "crm-assistant", "formatter", "--reason", "regressed", gw=gw)
+    assert back.returncode == 0 and "crm-formatter@2 -> crm-formatter@1" in back.stdout
+    lineage = gateway_cmd("lineage", "crm-assistant", "--since", "1h", gw=gw)
+    assert (
+        lineage.returncode == 0 and "adapter_swap" in lineage.stdout and "adapter_rollback" in lineage.stdout
+    )
