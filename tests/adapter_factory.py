@@ -15,6 +15,27 @@ BASE_SHA = "b" * 64
 DATASET_SHA = "d" * 64
 
 
+def adapter_policy(version: str, *, weight: float = 10) -> str:
+    """A route whose `formatter` variant serves crm-formatter@<version>, behind a release gate."""
+    return f"""
+route = "crm-assistant"
+fallback = ["baseline"]
+
+[release]
+max_invalid_call_rate = 0.03
+min_eval_n = 200
+require_approvers = true
+
+[variants.baseline]
+model = "crm-base"
+weight = {100 - weight:g}
+
+[variants.formatter]
+adapter = "crm-formatter@{version}"
+weight = {weight:g}
+"""
+
+
 def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     blobs, offset = [], 0

@@ -14,26 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.adapter_factory import make_adapter
+from tests.adapter_factory import adapter_policy, make_adapter
 from tests.conftest import FORCER_TOKEN, ROOT, GatewayFactory, RunningGateway, _wait_http, free_port
-
-POLICY = """
-route = "crm-assistant"
-fallback = ["baseline"]
-
-[release]
-max_invalid_call_rate = 0.03
-min_eval_n = 200
-require_approvers = true
-
-[variants.baseline]
-model = "crm-base"
-weight = 50
-
-[variants.formatter]
-adapter = "crm-formatter@VERSION"
-weight = 50
-"""
 
 MESSAGES = [{"role": "user", "content": "Hooli: negotiation, 9000 EUR."}]
 
@@ -109,7 +91,7 @@ def own_engine() -> Iterator[OwnEngine]:
 def test_the_referenced_version_is_loaded_and_serves(
     make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
     wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
     r = ask(gw)
     assert r.status_code == 200 and r.headers["x-gateway-variant"] == "formatter"
@@ -125,7 +107,7 @@ def test_the_referenced_version_is_loaded_and_serves(
 def test_a_hot_swap_under_load_loses_no_request(
     make_gateway: GatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
     wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
     failures: list[str] = []
     served: list[str] = []
@@ -146,7 +128,7 @@ def test_a_hot_swap_under_load_loses_no_request(
     for t in threads:
         t.start()
     time.sleep(0.5)
-    (tmp_path / "policies" / "crm.toml").write_text(POLICY.replace("VERSION", "2"))
+    (tmp_path / "policies" / "crm.toml").write_text(adapter_policy("2", weight=50))
     r = gw.admin("POST", "/admin/reload", json={"reason": "swap to @2"})
     assert r.status_code == 200, r.text
     assert "crm-formatter@2" in engine_models(sim_engine_url)  # loaded before the policy went live
@@ -164,10 +146,10 @@ def test_a_hot_swap_under_load_loses_no_request(
 def test_the_release_gate_refuses_a_regressed_version_on_reload(
     make_gateway: GatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
     wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
     version = gw.app.components.live.view.policy.version
-    (tmp_path / "policies" / "crm.toml").write_text(POLICY.replace("VERSION", "3"))
+    (tmp_path / "policies" / "crm.toml").write_text(adapter_policy("3", weight=50))
     r = gw.admin("POST", "/admin/reload", json={"reason": "try @3"})
     assert r.status_code == 500 and "max_invalid_call_rate" in r.json()["error"]["message"]
     assert gw.app.components.live.view.policy.version == version
@@ -180,9 +162,9 @@ def test_a_broken_version_never_reaches_the_engine(
     broken = make_adapter(adapters, version="9", seed=9)
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\xc0\x7f")  # a NaN, and a changed digest
-    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
     loads = httpx.get(sim_engine_url + "/sim/stats").json()["adapter_loads"]
-    (tmp_path / "policies" / "crm.toml").write_text(POLICY.replace("VERSION", "9"))
+    (tmp_path / "policies" / "crm.toml").write_text(adapter_policy("9", weight=50))
     r = gw.admin("POST", "/admin/reload", json={"reason": "try @9"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_weights_sha256"
     assert "crm-formatter@9" not in engine_models(sim_engine_url)
@@ -194,7 +176,7 @@ def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
     make_gateway: GatewayFactory, adapters: Path, own_engine: OwnEngine
 ) -> None:
     gw = make_gateway(
-        {"crm.toml": POLICY.replace("VERSION", "2")},
+        {"crm.toml": adapter_policy("2", weight=50)},
         adapters_dir=adapters,
         reconcile_s=0.5,
         engines={"default": own_engine.url},
@@ -215,7 +197,7 @@ def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
 def test_swap_and_rollback_in_one_command_each(
     make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
     base = "/admin/routes/crm-assistant/variants/formatter/adapter"
     r = gw.admin(
         "POST", base, json={"adapter": "crm-formatter@2", "reason": "ship the fixes", "actor": "ana"}
@@ -243,14 +225,14 @@ def test_swap_and_rollback_in_one_command_each(
 
 
 def test_a_swap_survives_a_restart(make_gateway: GatewayFactory, adapters: Path) -> None:
-    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
     gw.admin(
         "POST",
         "/admin/routes/crm-assistant/variants/formatter/adapter",
         json={"adapter": "crm-formatter@2", "reason": "x"},
     )
     gw.stop()
-    again = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    again = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
     variant = again.app.components.live.view.policy.routes["crm-assistant"].variant("formatter")
     assert variant is not None and variant.adapter == "crm-formatter@2"
 
@@ -258,7 +240,7 @@ def test_a_swap_survives_a_restart(make_gateway: GatewayFactory, adapters: Path)
 def test_lineage_answers_what_served_a_route_and_who_changed_it(
     make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
     wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
     started = time.time()
     ask(gw)

@@ -110,13 +110,12 @@ def test_report_reads_the_request_log(make_gateway: GatewayFactory) -> None:
 def test_adapters_list_swap_rollback_and_lineage_from_the_command_line(
     make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    from tests.adapter_factory import make_adapter
-    from tests.test_adapter_runtime import POLICY
+    from tests.adapter_factory import adapter_policy, make_adapter
 
     root = tmp_path / "adapters"
     make_adapter(root, version="1")
     make_adapter(root, version="2", seed=2)
-    gw = make_gateway({"crm.toml": POLICY.replace("VERSION", "1")}, adapters_dir=root, reconcile_s=0.2)
+    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=root, reconcile_s=0.2)
     listing = gateway_cmd("adapters", "list", gw=gw)
     assert (
         listing.returncode == 0

@@ -12,7 +12,7 @@ from gateway.errors import ConfigError
 from gateway.keys import KeyRing, digest_of
 from gateway.policy import Sticky, Switches, Timeouts
 from gateway.policy_store import LiveView, load_policies
-from tests.adapter_factory import make_adapter
+from tests.adapter_factory import adapter_policy, make_adapter
 from tests.conftest import CRM_POLICY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,25 +146,6 @@ def test_keys_file_authentication(tmp_path: Path) -> None:
         KeyRing.load(tmp_path / "missing.toml")
 
 
-ADAPTER_POLICY = """
-route = "crm-assistant"
-fallback = ["baseline"]
-
-[release]
-max_invalid_call_rate = 0.03
-min_eval_n = 200
-require_approvers = true
-
-[variants.baseline]
-model = "crm-base"
-weight = 90
-
-[variants.formatter]
-adapter = "crm-formatter@VERSION"
-weight = 10
-"""
-
-
 def adapter_catalog(tmp_path: Path) -> Catalog:
     root = tmp_path / "adapters"
     make_adapter(root, version="2", invalid_rate=0.012)
@@ -177,7 +158,7 @@ def adapter_catalog(tmp_path: Path) -> Catalog:
 def test_a_variant_may_name_an_adapter_version(tmp_path: Path) -> None:
     policies = tmp_path / "p"
     policies.mkdir()
-    (policies / "crm.toml").write_text(ADAPTER_POLICY.replace("VERSION", "2"))
+    (policies / "crm.toml").write_text(adapter_policy("2"))
     snap = load_policies(policies, ENGINES, DEFAULTS, adapter_catalog(tmp_path))
     formatter = snap.routes["crm-assistant"].variant("formatter")
     assert (
@@ -196,7 +177,7 @@ def test_the_release_gate_refuses_a_version_whose_lineage_falls_short(
 ) -> None:
     policies = tmp_path / "p"
     policies.mkdir()
-    (policies / "crm.toml").write_text(ADAPTER_POLICY.replace("VERSION", version))
+    (policies / "crm.toml").write_text(adapter_policy(version))
     with pytest.raises(ConfigError) as err:
         load_policies(policies, ENGINES, DEFAULTS, adapter_catalog(tmp_path))
     assert f"crm-formatter@{version}" in err.value.message and threshold in err.value.message
@@ -206,17 +187,13 @@ def test_a_zero_weight_variant_is_not_gated_and_unknown_adapters_are_refused(tmp
     policies = tmp_path / "p"
     policies.mkdir()
     catalog = adapter_catalog(tmp_path)
-    (policies / "crm.toml").write_text(
-        ADAPTER_POLICY.replace("VERSION", "3").replace("weight = 10", "weight = 0")
-    )
+    (policies / "crm.toml").write_text(adapter_policy("3", weight=0))
     load_policies(policies, ENGINES, DEFAULTS, catalog)  # forced traffic only: load tests
-    (policies / "crm.toml").write_text(ADAPTER_POLICY.replace("VERSION", "9"))
+    (policies / "crm.toml").write_text(adapter_policy("9"))
     with pytest.raises(ConfigError, match="not in the adapter catalog"):
         load_policies(policies, ENGINES, DEFAULTS, catalog)
     (policies / "crm.toml").write_text(
-        ADAPTER_POLICY.replace(
-            'adapter = "crm-formatter@VERSION"', 'model = "m"\nadapter = "crm-formatter@2"'
-        )
+        adapter_policy("2").replace('adapter = "crm', 'model = "m"\nadapter = "crm')
     )
     with pytest.raises(ConfigError, match="exactly one"):
         load_policies(policies, ENGINES, DEFAULTS, catalog)
