@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck unit bench lock clean
+.PHONY: install demo test test-engine lint typecheck unit bench lock clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ demo: install
 	$(BIN)/gateway demo
 
 lint: install
-	$(BIN)/ruff check gateway tests loadtests
-	$(BIN)/ruff format --check gateway tests loadtests
+	$(BIN)/ruff check gateway tests loadtests scripts
+	$(BIN)/ruff format --check gateway tests loadtests scripts
 
 typecheck: install
 	$(BIN)/mypy
@@ -28,6 +28,11 @@ unit: install
 
 test: lint typecheck unit
 
+# The tests that start a real vLLM (CPU build): installs the engine's own virtualenv (.venv-engine) first.
+test-engine: install
+	$(BIN)/python -c "from gateway.engine_runner import ensure_engine_env; ensure_engine_env()"
+	$(BIN)/pytest -m engine
+
 bench: install
 	$(BIN)/python loadtests/bench_overhead.py
 
@@ -36,4 +41,4 @@ lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-engine var .pytest_cache .mypy_cache .ruff_cache .hypothesis

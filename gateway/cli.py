@@ -58,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--behaviour", type=Path, default=None, help="TOML behaviour file")
     sim.set_defaults(func=cmd_sim_engine)
 
+    engine = sub.add_parser(
+        "engine", help="install (when needed) and run a real vLLM engine on a model directory"
+    )
+    engine.add_argument("model", type=Path, help="the base model's directory (a transformers checkpoint)")
+    engine.add_argument("--served-name", required=True, help="the model name clients of the engine use")
+    engine.add_argument("--port", type=int, default=8001)
+    engine.add_argument("--max-lora-rank", type=int, default=16)
+    engine.add_argument("--max-model-len", type=int, default=2048)
+    engine.add_argument("--venv", type=Path, default=Path(".venv-engine"))
+    engine.add_argument("--log", type=Path, default=Path("var/engine.log"))
+    engine.set_defaults(func=cmd_engine)
+
     demo = sub.add_parser("demo", help="run the simulated engine and the gateway together")
     demo.add_argument("--engine-port", type=int, default=8001)
     demo.add_argument("--behaviour", type=Path, default=Path("loadtests/sim/engine.toml"))
@@ -175,6 +187,30 @@ def cmd_sim_engine(args: argparse.Namespace) -> int:
         print(f"gateway sim-engine: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    """Runs until interrupted; stops the engine's whole process group on the way out."""
+    from gateway.engine_runner import EngineSpec, ensure_engine_env, serve
+
+    python = ensure_engine_env(args.venv)
+    spec = EngineSpec(
+        model=args.model, served_model_name=args.served_name, port=args.port,
+        max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+    )  # fmt: skip
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"engine: starting vLLM on {spec.base_url} (log: {args.log})", file=sys.stderr)
+    engine = serve(spec, python, args.log)
+    print(f"engine: ready; serving {spec.served_model_name!r} on {spec.base_url}", file=sys.stderr)
+    try:
+        while engine.running():
+            time.sleep(1.0)
+        print(f"engine: vLLM exited; see {args.log}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        engine.stop()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
