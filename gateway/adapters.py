@@ -132,7 +132,9 @@ def scan(root: Path) -> Catalog:
     if not root.is_dir():
         return Catalog(versions)
     for name_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        for version_dir in sorted(p for p in name_dir.iterdir() if p.is_dir()):
+        for version_dir in sorted(
+            p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+        ):
             version = read_version(name_dir.name, version_dir.name, version_dir)
             versions[version.ref] = version
     return Catalog(versions)
