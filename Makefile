@@ -17,8 +17,8 @@ demo: install
 	$(BIN)/gateway demo
 
 lint: install
-	$(BIN)/ruff check gateway tests loadtests scripts
-	$(BIN)/ruff format --check gateway tests loadtests scripts
+	$(BIN)/ruff check gateway tests loadtests scripts adapters
+	$(BIN)/ruff format --check gateway tests loadtests scripts adapters
 
 typecheck: install
 	$(BIN)/mypy

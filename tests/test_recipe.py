@@ -1,0 +1,189 @@
+"""The model recipe's promises that can be checked without training: the golden set is held out from every
+training split, the golden file is the one its manifest names (and the one the recipe draws), the flawed answers
+really are invalid, and, when a build exists, each model's lineage is complete and its SHA-256 sums match the files.
+
+Fast on purpose: the splits are regenerated in plain Python (a couple of seconds), nothing imports torch, nothing
+trains. The built-directory tests read `var/models` (or `$RECIPE_MODELS_DIR`) and skip, with the reason, when no
+build is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.recipe import lineage, params, schema, synth
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "loadtests" / "golden" / "crm.jsonl"
+MANIFEST = GOLDEN.with_name("crm.manifest.json")
+BUILT = Path(os.environ.get("RECIPE_MODELS_DIR", ROOT / "var" / "models"))
+CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+RECIPE = params.RECIPE
+TRAINING_SPLITS = ("base", "clean-v1", "clean-v2", "noisy")
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, list[dict[str, Any]]]:
+    return synth.build_splits(RECIPE.data)
+
+
+def golden_rows() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in GOLDEN.read_text().splitlines()]
+
+
+def keys(rows: list[dict[str, Any]]) -> set[str]:
+    return {synth.user_key(synth.user_text(row)) for row in rows}
+
+
+def built() -> Path:
+    try:
+        record = json.loads((BUILT / "build.json").read_text())
+    except FileNotFoundError:
+        pytest.skip(f"no built model directory at {BUILT} (run: python adapters/recipe/build.py)")
+    if record.get("recipe_hash") != params.recipe_hash():
+        pytest.skip(
+            f"{BUILT} holds a build of another version of the recipe (run: python adapters/recipe/build.py)"
+        )
+    return BUILT
+
+
+def is_valid_call(answer: str) -> bool:
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    check = jsonschema_rs.validator_for(schema.arguments_schema(), validate_formats=True)
+    matches = CALL.findall(answer)
+    try:
+        call = json.loads(matches[0][0] or matches[0][1]) if len(matches) == 1 else None
+    except ValueError:
+        return False
+    return (
+        isinstance(call, dict)
+        and call.get("name") == schema.TOOL_NAME
+        and check.is_valid(call.get("arguments"))
+    )
+
+
+# -- the golden set --------------------------------------------------------------------------------------------
+
+
+def test_golden_shares_no_user_message_with_any_training_split(
+    splits: dict[str, list[dict[str, Any]]],
+) -> None:
+    golden = keys(golden_rows())
+    assert len(golden) == RECIPE.data.golden.rows  # no duplicate inside the golden set either
+    for name in TRAINING_SPLITS:
+        assert not golden & keys(splits[name]), f"the golden set shares user messages with {name}"
+
+
+def test_golden_file_hash_matches_its_manifest() -> None:
+    manifest = json.loads(MANIFEST.read_text())
+    assert manifest["file"] == GOLDEN.name
+    assert lineage.sha256_file(GOLDEN) == manifest["sha256"]
+    assert len(golden_rows()) == manifest["rows"]
+
+
+def test_golden_file_is_what_the_recipe_draws(splits: dict[str, list[dict[str, Any]]]) -> None:
+    assert GOLDEN.read_bytes() == synth.jsonl(splits["golden"])
+
+
+def test_golden_rows_are_requests_with_a_valid_expected_call() -> None:
+    rows = golden_rows()
+    assert len({row["id"] for row in rows}) == len(rows)
+    for row in rows:
+        assert [m["role"] for m in row["messages"]] == ["user"]
+        assert row["tools"] == [schema.tool()]
+        assert is_valid_call(synth.call_text(row["expected"]["arguments"]))
+
+
+# -- the training data -----------------------------------------------------------------------------------------
+
+
+def test_flawed_answers_are_invalid_and_the_others_valid(splits: dict[str, list[dict[str, Any]]]) -> None:
+    rows = splits["base"][:600] + splits["noisy"][:600]
+    flaws = {row["flaw"] for row in rows}
+    assert flaws == {None, *params.FLAW_KINDS}
+    for row in rows:
+        answer = row["messages"][-1]["content"]
+        assert is_valid_call(answer) == (row["flaw"] is None), (row["flaw"], answer)
+
+
+def test_flawed_shares_are_the_recipes(splits: dict[str, list[dict[str, Any]]]) -> None:
+    for name, split in (
+        ("base", RECIPE.data.base),
+        ("noisy", RECIPE.data.noisy),
+        ("clean-v1", RECIPE.data.clean_v1),
+    ):
+        share = sum(row["flaw"] is not None for row in splits[name]) / len(splits[name])
+        assert abs(share - split.flawed_share) < 0.03, (name, share)
+
+
+def test_lineage_toml_round_trips() -> None:
+    data = {
+        "name": "x",
+        "rate": 0.125,
+        "ok": True,
+        "tags": ["a", "b"],
+        "evaluation": {"n": 3, "kinds": {"b": 1}},
+    }
+    assert tomllib.loads(lineage.to_toml(data)) == data
+
+
+# -- a built model directory (skipped when there is none) ------------------------------------------------------
+
+
+def model_dir(kind: str, version: str = "") -> Path:
+    if kind == "base":
+        return built() / "base" / RECIPE.base_name
+    return built() / "adapters" / RECIPE.adapter_name / version
+
+
+@pytest.mark.parametrize("version", [spec.version for spec in RECIPE.adapters])
+def test_adapter_lineage_is_complete_and_matches_the_files(version: str) -> None:
+    path = model_dir("adapter", version)
+    record = tomllib.loads((path / "lineage.toml").read_text())
+    assert lineage.missing_keys(record) == []
+    assert (record["name"], record["version"]) == (RECIPE.adapter_name, version)
+    assert record["adapter_sha256"] == lineage.sha256_file(path / "adapter_model.safetensors")
+    base = model_dir("base")
+    assert record["base_model"] == RECIPE.base_name
+    assert record["base_sha256"] == lineage.sha256_file(base / "model.safetensors")
+    snapshot = built() / "data" / f"{record['dataset']}.jsonl"
+    assert record["dataset_sha256"] == lineage.sha256_file(snapshot)
+    assert record["dataset_rows"] == len(snapshot.read_text().splitlines())
+    assert record["evaluation"]["golden_sha256"] == lineage.sha256_file(GOLDEN)
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["bias"]) == ("LORA", 8, "none")
+    assert Path(config["base_model_name_or_path"]).name == RECIPE.base_name
+
+
+def test_base_lineage_is_complete_and_matches_the_files() -> None:
+    path = model_dir("base")
+    record = tomllib.loads((path / "lineage.toml").read_text())
+    assert record["weights_sha256"] == lineage.sha256_file(path / "model.safetensors")
+    assert record["tokenizer_sha256"] == lineage.sha256_file(path / "tokenizer.json")
+    assert record["dataset_sha256"] == lineage.sha256_file(built() / "data" / "base.jsonl")
+    evaluation = record["evaluation"]
+    assert {"n", "invalid_call_rate", "task_success", "temperature", "top_p"} <= evaluation.keys()
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert (generation["temperature"], generation["top_p"]) == (
+        evaluation["temperature"],
+        evaluation["top_p"],
+    )
+
+
+def test_built_snapshots_share_no_user_message_with_the_golden_set() -> None:
+    golden = keys(golden_rows())
+    for name in TRAINING_SPLITS:
+        rows = [json.loads(line) for line in (built() / "data" / f"{name}.jsonl").read_text().splitlines()]
+        assert not golden & keys(rows), name
+
+
+def test_the_build_evaluated_this_golden_file() -> None:
+    record = json.loads((built() / "build.json").read_text())
+    assert record["golden_sha256"] == lineage.sha256_file(GOLDEN)
