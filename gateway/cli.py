@@ -283,6 +283,10 @@ def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> A
     return body
 
 
+def _print_json(body: Any) -> None:
+    print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+
+
 def cmd_flip(args: argparse.Namespace) -> int:
     verb = "kill" if args.killed else "revive"
     if args.all:
@@ -295,7 +299,7 @@ def cmd_flip(args: argparse.Namespace) -> int:
         raise CommandError(f"{verb}: name a ROUTE (and optionally a VARIANT), or pass --all")
     body = _admin(args, "POST", path, json={"reason": args.reason, "force": args.force})
     if args.json:
-        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        _print_json(body)
     else:
         print(f"{body['action']}: done")
         _print_routes(body["routes"])
@@ -305,7 +309,7 @@ def cmd_flip(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     body = _admin(args, "GET", "/admin/status")
     if args.json:
-        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        _print_json(body)
         return 0
     switches = body["switches"]
     print(f"policy {body['policy_version']}   kill-all: {'ON' if switches['global_kill'] else 'off'}")
@@ -335,7 +339,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         params["since"] = parse_since(args.since)
     body = _admin(args, "GET", "/admin/audit", params=params)
     if args.json:
-        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        _print_json(body)
         return 0
     for e in body["entries"]:
         when = dt.datetime.fromtimestamp(e["at"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -358,7 +362,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_adapters_list(args: argparse.Namespace) -> int:
     body = _admin(args, "GET", "/admin/adapters")
     if args.json:
-        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        _print_json(body)
         return 0
     print(f"{'adapter':<24} {'invalid':>8} {'n':>5} {'approved by':<28} {'served by':<28} problem")
     for a in body["adapters"]:
@@ -397,7 +401,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         params["until"] = parse_since(args.until)
     body = _admin(args, "GET", "/admin/lineage", params=params)
     if args.json:
-        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        _print_json(body)
         return 0
     print(f"served {args.route}:")
     for row in body["served"]:
