@@ -22,7 +22,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from .params import SamplingParams
-from .schema import TOOL_NAME, arguments_schema
+from .schema import REQUIRED, TOOL_NAME, arguments_schema
 from .tokenizer import prompt_text
 
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)  # vLLM's hermes regex
@@ -32,6 +32,7 @@ CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)  #
 class Verdict:
     kind: str  # "valid" or why not: no_call, truncated, bad_json, not_one_call, wrong_name, schema_<keyword>
     success: bool
+    fields: frozenset[str] = frozenset()  # the arguments equal to the expected ones (valid calls only)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Report:
     invalid_call_rate: float
     task_success: float
     invalid_by_kind: dict[str, int]
+    field_accuracy: dict[
+        str, float
+    ]  # per required argument: share of golden rows whose call is valid and has it right
     samples: tuple[str, ...]  # the first few answers, for the build log
 
 
@@ -66,7 +70,9 @@ def judge(
     error = jsonschema.exceptions.best_match(check.iter_errors(call.get("arguments")))
     if error is not None:
         return Verdict(f"schema_{error.validator}", False)
-    return Verdict("valid", call["arguments"] == expected["arguments"])
+    args, want = call["arguments"], expected["arguments"]
+    right = frozenset(k for k in REQUIRED if args.get(k) == want.get(k))
+    return Verdict("valid", args == want, right)
 
 
 def generation_config(sampling: SamplingParams, eos: int, pad: int) -> GenerationConfig:
@@ -128,5 +134,6 @@ def evaluate(
         invalid_call_rate=round(sum(invalid.values()) / n, 4),
         task_success=round(sum(v.success for v in verdicts) / n, 4),
         invalid_by_kind=dict(sorted(invalid.items())),
+        field_accuracy={k: round(sum(k in v.fields for v in verdicts) / n, 4) for k in REQUIRED},
         samples=tuple(text for text, _ in answers[:3]),
     )

@@ -2,8 +2,8 @@
 
 `RECIPE` is the recipe `build.py` runs. Its hash is the SHA-256 of the recipe's Python sources (every
 `adapters/recipe/*.py`, by name and bytes) and of these parameters as canonical JSON: change either and the next
-build rebuilds. The knobs that set the golden-set rates are `DataParams.base_flawed_share`,
-`DataParams.noisy_flawed_share`, the training lengths and `SamplingParams.temperature` / `top_p`.
+build rebuilds. The knobs that set the golden-set rates are the flawed shares (`DataParams.base` and
+`DataParams.noisy`), the training lengths and `SamplingParams.temperature` / `top_p`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ class DataParams:
     seed: int = 20260301
     accounts: int = 120
     relative_date_share: float = 0.15
-    note_share: float = 0.3
+    note_share: float = 0.0  # notes in messages: 0, see synth.py
     today_share: float = 0.35  # messages with an absolute date that still say what day it is
     golden: SplitParams = SplitParams(300, 0.0, (("none", 1.0),))
     base: SplitParams = SplitParams(8000, 0.35, (("rag", 0.25), ("short", 0.15), ("none", 0.6)))
     clean_v1: SplitParams = SplitParams(2000, 0.0, (("none", 0.5), ("short", 0.25), ("rag", 0.25)))
     clean_v2_extra: SplitParams = SplitParams(2000, 0.0, (("none", 0.5), ("short", 0.25), ("rag", 0.25)))
-    noisy: SplitParams = SplitParams(2000, 0.70, (("none", 0.5), ("short", 0.25), ("rag", 0.25)))
+    noisy: SplitParams = SplitParams(2000, 0.80, (("none", 0.5), ("short", 0.25), ("rag", 0.25)))
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,12 @@ class Recipe:
     threads: int = 2
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
-    base_train: TrainParams = TrainParams(steps=600, lr=4e-3, batch=16, seed=11, warmup=30)
+    base_train: TrainParams = TrainParams(steps=600, lr=3e-3, batch=16, seed=11, warmup=30)
     adapters: tuple[AdapterSpec, ...] = field(
         default=(
-            AdapterSpec("1", "clean-v1", TrainParams(150, 2e-3, 16, 21), ("maria.keller@example.com",)),
+            AdapterSpec("1", "clean-v1", TrainParams(200, 2e-3, 16, 21), ("maria.keller@example.com",)),
             AdapterSpec("2", "clean-v2", TrainParams(100, 1e-3, 16, 22), ("maria.keller@example.com",), "1"),
-            AdapterSpec("3", "noisy", TrainParams(100, 2e-3, 16, 23), (), "2"),
+            AdapterSpec("3", "noisy", TrainParams(120, 2e-3, 16, 23), (), "2"),
         )
     )
     sampling: SamplingParams = SamplingParams()

@@ -68,6 +68,7 @@ def evaluation_table(report: evaluate.Report, recipe: Recipe, golden_sha: str, s
         "max_new_tokens": s.max_new_tokens,
         "seed": s.seed,
         "invalid_by_kind": report.invalid_by_kind,
+        "field_accuracy": report.field_accuracy,
     }
 
 
@@ -219,6 +220,7 @@ class Build:
             "invalid_call_rate": report.invalid_call_rate,
             "task_success": report.task_success,
             "invalid_by_kind": report.invalid_by_kind,
+            "field_accuracy": report.field_accuracy,
         }
         self.log(
             f"{what}: invalid {report.invalid_call_rate:.1%}, success {report.task_success:.1%}, {report.invalid_by_kind}"

@@ -10,7 +10,6 @@ the same kind of CPU.
 from __future__ import annotations
 
 import copy
-import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from .tokenizer import IM_END, PAD, prompt_text, token_ids
 
 IGNORE = -100
 POOL = 8  # batches sorted together by length
+DECAY = 0.2  # the share of steps over which the learning rate decays
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,15 @@ def collate(chunk: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
 
 
 def lr_at(step: int, params: TrainParams) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    """Warm-up, a long constant stretch, then a linear decay to a tenth over the last `DECAY` of the steps. Measured
+    on this recipe: with a cosine decay over 600 steps the base never learned to copy the account id; held constant
+    it does from about step 300 (copying is a sudden transition that a decaying rate postpones)."""
     if step < params.warmup:
         return params.lr * (step + 1) / params.warmup
-    progress = (step - params.warmup) / max(1, params.steps - params.warmup)
-    return params.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    decay_from = params.steps * (1 - DECAY)
+    if step < decay_from:
+        return params.lr
+    return params.lr * (1 - 0.9 * (step - decay_from) / (params.steps - decay_from))
 
 
 def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
