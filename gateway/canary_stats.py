@@ -116,6 +116,23 @@ class CountTest:
         else:
             self.x_a += 1
 
+    def observe_many(self, from_candidate: bool, rho: float, count: int) -> None:
+        """``count`` events at once, each as ``observe`` would add it: M depends on the events' counts per share
+        and arm, not on their order, so a batch between two looks is one update (the simulations' fast path)."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        if count == 0:
+            return
+        _check_rho(rho)
+        if from_candidate and rho == 0.0:
+            raise ValueError("an event cannot come from the candidate when its routing share is 0")
+        for k, ratio in enumerate(self._ratios):
+            self._log_lik[k] += count * _event_log_factor(ratio, from_candidate, rho)
+        if from_candidate:
+            self.x_b += count
+        else:
+            self.x_a += count
+
     @property
     def log_m(self) -> float:
         """log M, computed by log-sum-exp so that it neither overflows nor underflows."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
+from gateway.canary_spec import CanarySpec
 from gateway.errors import NoLiveVariant, NotFound
 from gateway.records import Price
 
@@ -79,6 +80,7 @@ class Route:
     timeouts: Timeouts = Timeouts(2.0, 60.0, 300.0)
     salt: str = ""
     release: ReleaseGate = ReleaseGate()
+    canary: CanarySpec | None = None  # a candidate ramped through steps (canary_spec.py)
 
     def variant(self, name: str) -> Variant | None:
         for v in self.variants:

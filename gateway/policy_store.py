@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.adapters import Catalog, release_gate
+from gateway.canary import CanaryState, with_canaries
+from gateway.canary_policy import CanaryModel, canary_spec, check_canary
 from gateway.errors import ConfigError
 from gateway.policy import (
     PolicySnapshot,
@@ -105,6 +107,7 @@ class PolicyModel(_Strict):
     timeouts: TimeoutsModel = TimeoutsModel()
     release: ReleaseModel = ReleaseModel()
     variants: dict[Name, VariantModel] = Field(min_length=1)
+    canary: CanaryModel | None = None
 
     @field_validator("sticky")
     @classmethod
@@ -119,6 +122,8 @@ class PolicyModel(_Strict):
                 raise ValueError(f"fallback {name!r} is not a variant of this route")
         if not any(v.weight > 0 for v in self.variants.values()):
             raise ValueError("at least one variant needs a positive weight")
+        if self.canary is not None:
+            check_canary(self.canary, self.variants, self.fallback, self.sticky)
         return self
 
 
@@ -195,7 +200,8 @@ def _check_adapter(path: Path, policy: PolicyModel, variant: str, ref: str, cata
     if version.problem is not None or version.lineage is None:
         raise ConfigError(f"{where}: {ref} cannot be used: {version.problem}")
     spec = policy.variants[variant]
-    if spec.weight > 0 or variant in policy.fallback:  # it would take traffic: the release gate applies
+    candidate = policy.canary is not None and policy.canary.candidate == variant
+    if spec.weight > 0 or variant in policy.fallback or candidate:  # it would take traffic: the gate applies
         problem = release_gate(_gate(policy.release), version.lineage)
         if problem:
             raise ConfigError(f"{where}: {ref} does not pass the route's release gate: {problem}")
@@ -242,6 +248,7 @@ def _route(model: PolicyModel, defaults: Timeouts, indexes: Mapping[str, Retriev
         timeouts=timeouts,
         salt=model.salt if model.salt is not None else model.route,
         release=_gate(model.release),
+        canary=canary_spec(model.canary) if model.canary is not None else None,
     )
 
 
@@ -250,20 +257,35 @@ class LiveView:
     request that read `.view` once sees one policy and one set of switches, never a mix."""
 
     def __init__(
-        self, policy: PolicySnapshot, switches: Switches, pins: Mapping[tuple[str, str], str] | None = None
+        self,
+        policy: PolicySnapshot,
+        switches: Switches,
+        pins: Mapping[tuple[str, str], str] | None = None,
+        canaries: Mapping[str, CanaryState] | None = None,
     ) -> None:
-        self.files = policy  # as loaded from the policy files; `view.policy` has the pins applied
+        self.files = policy  # as loaded from the policy files; `view.policy` has the pins and canaries applied
         self.pins: Mapping[tuple[str, str], str] = dict(pins or {})
-        self.view: View = build_view(with_pins(policy, self.pins), switches)
+        self.canaries: Mapping[str, CanaryState] = dict(canaries or {})
+        self.view: View = build_view(self._compose(), switches)
+
+    def _compose(self) -> PolicySnapshot:
+        return with_canaries(with_pins(self.files, self.pins), self.canaries)
 
     def set_policy(self, policy: PolicySnapshot) -> View:
         self.files = policy
-        self.view = build_view(with_pins(policy, self.pins), self.view.switches)
+        self.view = build_view(self._compose(), self.view.switches)
         return self.view
 
     def set_pins(self, pins: Mapping[tuple[str, str], str]) -> View:
         self.pins = dict(pins)
-        self.view = build_view(with_pins(self.files, self.pins), self.view.switches)
+        self.view = build_view(self._compose(), self.view.switches)
+        return self.view
+
+    def set_canaries(self, canaries: Mapping[str, CanaryState]) -> View:
+        """The canaries' states (steps, promotions, aborts) as the state database says now."""
+        if dict(canaries) != self.canaries:
+            self.canaries = dict(canaries)
+            self.view = build_view(self._compose(), self.view.switches)
         return self.view
 
     def preview_pins(self, pins: Mapping[tuple[str, str], str]) -> PolicySnapshot:

@@ -149,7 +149,8 @@ class ChatEndpoint:
         req = parse_chat_request(body)
         plan = self._plan_for(x, key, req)
         forced = self._forced(x, key)
-        decision = plan.decide(self._draw(plan.route, x.headers, req), forced)
+        x.rec.forced = forced is not None
+        decision = plan.decide(self._draw(x, plan.route, req), forced)
         watch = _DisconnectWatch(receive, x)
         try:
             if req.stream:
@@ -188,15 +189,16 @@ class ChatEndpoint:
             )
         return forced or None
 
-    def _draw(self, route: Route, headers: dict[bytes, bytes], req: ChatRequest) -> float:
+    def _draw(self, x: Exchange, route: Route, req: ChatRequest) -> float:
         sticky = route.sticky
         key: Any = None
         if sticky.source == "header":
-            key = _header(headers, sticky.name.encode())
+            key = _header(x.headers, sticky.name.encode())
         elif sticky.source == "body":
             key = req.body.get(sticky.name)
         if isinstance(key, str) and key:
-            return bucket(key, route.salt)
+            x.rec.bucket = bucket(key, route.salt)  # identifies the user in the canary analysis (unit = "user")
+            return x.rec.bucket
         return self.d.draw()  # no key: an independent draw per request
 
     async def _open(

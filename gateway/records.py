@@ -67,6 +67,11 @@ class Record:
     share: float | None = None  # the variant's routing share at that moment (0..1)
     policy_version: str | None = None
     retrieval_s: float | None = None
+    # Added by schema version 2 (the canary analysis): whether the client named the variant (x-gateway-variant),
+    # so the request was not placed by policy; and the sticky key's bucket in [0, 1) (None without a key), which
+    # identifies a user for a per-user analysis without storing the key.
+    forced: bool = False
+    bucket: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +107,12 @@ def _sql_type(annotation: object) -> str:
     return "REAL" if text.startswith("float") else "TEXT"
 
 
-_COLUMNS: Final = ",\n  ".join(f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(Record))
+# Fields added after the first schema version: each is added by its own step below, so the first step must not
+# create them (a new file runs every step).
+_ADDED_LATER: Final = frozenset({"forced", "bucket"})
+_COLUMNS: Final = ",\n  ".join(
+    f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(Record) if f.name not in _ADDED_LATER
+)
 
 # _MIGRATIONS[i] takes a file from user_version i to i + 1. Later versions append statements here (for example
 # `ALTER TABLE records ADD COLUMN ...`); never edit an entry once released.
@@ -111,6 +121,10 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         f"CREATE TABLE IF NOT EXISTS records (\n  {_COLUMNS}\n)",
         "CREATE INDEX IF NOT EXISTS records_route_ts ON records (route, ts)",
         "CREATE INDEX IF NOT EXISTS records_ts ON records (ts)",
+    ),
+    (
+        "ALTER TABLE records ADD COLUMN forced INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE records ADD COLUMN bucket REAL",
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -403,6 +417,7 @@ def _filters(route: str | None, since: float | None, until: float | None) -> tup
 
 def _record(names: Sequence[str], row: Sequence[Any]) -> Record:
     values = dict(zip(names, row, strict=True))
-    if "stream" in values:
-        values["stream"] = bool(values["stream"])
+    for flag in ("stream", "forced"):
+        if flag in values:
+            values[flag] = bool(values[flag])
     return Record(**values)
