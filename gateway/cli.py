@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="per route and variant figures from the request log")
     report.add_argument("--route")
     report.add_argument("--since", help="ISO time or a duration such as 2h, 30m, 7d")
+    report.add_argument("--until", help="ISO time (exclusive), e.g. the end of a load test's window")
     report.add_argument("--json", action="store_true")
     report.add_argument("--db", type=Path, help="request log (default: $GATEWAY_DATA_DIR/requests.db)")
     report.set_defaults(func=cmd_report)
@@ -135,6 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("--until", help="ISO time")
     _admin_args(lineage)
     lineage.set_defaults(func=cmd_lineage)
+
+    from gateway.loadtest_cli import add_parser as add_loadtest_parser
+
+    add_loadtest_parser(sub)
 
     keys = sub.add_parser("hash-key", help="print the sha256 line for a keys file entry")
     keys.add_argument("token")
@@ -433,7 +438,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not db.exists():
         raise CommandError(f"no request log at {db}")
     since = parse_since(args.since) if args.since else None
-    summaries = report.summarize(read_records(db, route=args.route, since=since))
+    until = parse_since(args.until) if args.until else None
+    summaries = report.summarize(read_records(db, route=args.route, since=since, until=until))
     if args.json:
         sys.stdout.buffer.write(report.to_json(summaries) + b"\n")
     else:

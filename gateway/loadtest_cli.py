@@ -1,0 +1,128 @@
+"""`gateway loadtest SCENARIO [--out DIR]` and `gateway loadtest compare A.json B.json`: the load test's shell.
+
+Reads the scenario (`loadtest_scenario`), runs it (`loadtest_client`), and writes into the output directory:
+`result.json` (the figures, `loadtest_results`), `report.html` (a self-contained page with inline SVG plots,
+`loadtest_html`) and `requests.jsonl` (one line per measured request, the client's view). It prints the table
+(`loadtest_text`) and the `gateway report` command that covers the same window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+class _Failed(Exception):
+    pass
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "loadtest",
+        help="run a load-test scenario, or compare two runs (loadtest compare A.json B.json)",
+        description="Run SCENARIO (a TOML file), or `compare A.json B.json` to show what changed between runs.",
+    )
+    p.add_argument("scenario", help="the scenario file, or the word compare")
+    p.add_argument("results", nargs="*", type=Path, help="compare: the two result.json files")
+    p.add_argument("--out", type=Path, help="output directory (default: var/loadtests/NAME-TIME)")
+    p.add_argument("--url", help="target gateway URL (overrides target.url)")
+    p.add_argument("--requests", type=int, help="measured requests (overrides load.requests/duration_s)")
+    p.add_argument("--duration", type=float, help="seconds to run (overrides load.requests/duration_s)")
+    p.add_argument("--rate", type=float, help="requests per second (open loop)")
+    p.add_argument("--concurrency", type=int, help="concurrent clients (closed loop)")
+    p.add_argument("--warmup", type=int, help="warm-up requests")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument(
+        "--fail-on-band", action="store_true", help="exit 3 when a rate is outside its [expect] band"
+    )
+    p.set_defaults(func=cmd_loadtest)
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    try:
+        if args.scenario == "compare":
+            return _compare(args.results)
+        if args.results:
+            raise _Failed(f"unexpected arguments: {' '.join(map(str, args.results))}")
+        return _run(args)
+    except _Failed as err:
+        print(f"gateway loadtest: {err}", file=sys.stderr)
+        return 1
+
+
+def _compare(paths: list[Path]) -> int:
+    from gateway.loadtest_text import compare
+
+    if len(paths) != 2:
+        raise _Failed("compare takes two result files: gateway loadtest compare A.json B.json")
+    a, b = (_read_result(p) for p in paths)
+    sys.stdout.write(compare(a, b))
+    return 0
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    from gateway.loadtest_results import FORMAT
+
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise _Failed(f"{path}: cannot read a result: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise _Failed(f"{path}: not a load-test result ({FORMAT})")
+    return doc
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.loadtest_client import LoadTestError, run
+    from gateway.loadtest_results import summarize
+    from gateway.loadtest_scenario import load_scenario
+    from gateway.loadtest_text import format_result
+
+    loaded = load_scenario(
+        Path(args.scenario),
+        url=args.url,
+        requests=args.requests,
+        duration_s=args.duration,
+        rate=args.rate,
+        concurrency=args.concurrency,
+        warmup=args.warmup,
+        stream=args.stream,
+    )
+    try:
+        data = run(loaded, loaded.scenario.target.key(), progress=None if args.quiet else sys.stderr)
+    except LoadTestError as err:
+        raise _Failed(str(err)) from None
+    doc = summarize(data, loaded)
+    out = args.out or Path("var/loadtests") / f"{loaded.scenario.name}-{_stamp(data.started_at)}"
+    write_outputs(out, doc, data.samples)
+    sys.stdout.write(format_result(doc))
+    window = doc["window"]
+    print(
+        f"\nwritten: {out}/result.json, report.html, requests.jsonl\n"
+        f"the gateway's own figures for this window: gateway report --route {loaded.scenario.target.route} "
+        f"--since {window['started']} --until {window['ended']}"
+    )
+    out_of_band = any(not b["inside"] for v in doc["variants"] for b in v["bands"].values())
+    return 3 if args.fail_on_band and out_of_band else 0
+
+
+def write_outputs(out: Path, doc: dict[str, Any], samples: list[Any]) -> None:
+    from gateway.loadtest_html import render
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    (out / "report.html").write_text(render(doc), encoding="utf-8")
+    with (out / "requests.jsonl").open("wb") as f:
+        for sample in samples:
+            f.write(orjson.dumps(dataclasses.asdict(sample)) + b"\n")
+
+
+def _stamp(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
