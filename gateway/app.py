@@ -29,7 +29,10 @@ from starlette.routing import Route
 
 from gateway.adapters import scan
 from gateway.admin import admin_routes
+from gateway.admin_canary import canary_routes
 from gateway.admin_http import AdminContext, error_response, json_response
+from gateway.canary_control import CanaryController
+from gateway.canary_store import CanaryStore
 from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound
 from gateway.keys import KeyRing
@@ -75,7 +78,10 @@ class Components:
         )
         policy = self.load_policy()
         self.state = StateStore(settings.state_db)
-        self.live = LiveView(policy, self.state.switches(), self.state.pins())
+        self.live = LiveView(
+            policy, self.state.switches(), self.state.pins(), CanaryStore(self.state).states()
+        )
+        self.canary = CanaryController(self.state, self.live, settings.records_db)
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
         self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
@@ -102,6 +108,7 @@ class Components:
     async def close(self) -> None:
         await self.lora.close()
         await self.engines.close()
+        self.canary.close()
         self.records.close()
         self.telemetry.shutdown()
         self.state.close()
@@ -152,7 +159,12 @@ def create_app(
     chat = ChatEndpoint(deps)
     starlette = Starlette(
         # The chat route is listed here too so that other methods on its path get a 405 from the router.
-        routes=[Route(CHAT_PATH, chat, methods=["POST"]), *_routes(c), *admin_routes(admin)],
+        routes=[
+            Route(CHAT_PATH, chat, methods=["POST"]),
+            *_routes(c),
+            *admin_routes(admin),
+            *canary_routes(admin, c.canary),
+        ],
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_error,
@@ -167,7 +179,11 @@ def _lifespan(c: Components) -> Callable[[Starlette], contextlib.AbstractAsyncCo
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await c.start()
-        tasks = [asyncio.create_task(_watch_switches(c)), asyncio.create_task(_reconcile_adapters(c))]
+        tasks = [
+            asyncio.create_task(_watch_switches(c)),
+            asyncio.create_task(_reconcile_adapters(c)),
+            asyncio.create_task(_run_canaries(c)),
+        ]
         try:
             yield
         finally:
@@ -192,8 +208,23 @@ async def _watch_switches(c: Components) -> None:
             if version != seen:
                 seen = version
                 c.live.set_switches(await asyncio.to_thread(c.state.switches))
+                c.live.set_canaries(await asyncio.to_thread(c.canary.store.states))
         except Exception:  # a locked or unreadable file must not stop the watcher
             log.exception("reading kill switches failed; retrying")
+
+
+async def _run_canaries(c: Components) -> None:
+    """Look at every canary each `canary_interval_s`; a decision is published to this process's live view at
+    once (a kill applies to the next request), and reaches other processes through `_watch_switches`."""
+    while True:
+        await asyncio.sleep(c.settings.canary_interval_s)
+        try:
+            update = await asyncio.to_thread(c.canary.tick)
+            if update.switches is not None:
+                c.live.set_switches(update.switches)
+            c.live.set_canaries(update.states)
+        except Exception:  # a locked or unreadable file must not stop the canaries
+            log.exception("canary look failed; retrying")
 
 
 async def _reconcile_adapters(c: Components) -> None:

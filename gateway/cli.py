@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway.canary_cli import add_commands as add_canary_commands
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 
@@ -140,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     from gateway.loadtest_cli import add_parser as add_loadtest_parser
 
     add_loadtest_parser(sub)
+
+    add_canary_commands(sub, _admin_args)
 
     keys = sub.add_parser("hash-key", help="print the sha256 line for a keys file entry")
     keys.add_argument("token")
@@ -444,7 +447,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(report.to_json(summaries) + b"\n")
     else:
         print(report.format_table(summaries))
+        _print_canaries(args.db.parent / "state.db" if args.db else Settings().state_db, args.route, since)
     return 0
+
+
+def _print_canaries(state_db: Path, route: str | None, since: float | None) -> None:
+    from gateway import canary_report
+
+    table = canary_report.format_table(canary_report.read_entries(state_db, route, since))
+    if table:
+        print(table)
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:

@@ -263,7 +263,7 @@ class LiveView:
         pins: Mapping[tuple[str, str], str] | None = None,
         canaries: Mapping[str, CanaryState] | None = None,
     ) -> None:
-        self.files = policy  # as loaded from the policy files; `view.policy` has the pins and canaries applied
+        self.files = policy  # as loaded from the policy files; `view.policy` has pins and canaries applied
         self.pins: Mapping[tuple[str, str], str] = dict(pins or {})
         self.canaries: Mapping[str, CanaryState] = dict(canaries or {})
         self.view: View = build_view(self._compose(), switches)

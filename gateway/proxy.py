@@ -197,7 +197,7 @@ class ChatEndpoint:
         elif sticky.source == "body":
             key = req.body.get(sticky.name)
         if isinstance(key, str) and key:
-            x.rec.bucket = bucket(key, route.salt)  # identifies the user in the canary analysis (unit = "user")
+            x.rec.bucket = bucket(key, route.salt)  # the user, for the canary analysis (unit = "user")
             return x.rec.bucket
         return self.d.draw()  # no key: an independent draw per request
 

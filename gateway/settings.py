@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=16, ge=1)
     # How often engines are checked for lost adapters (an engine restart) and unused ones are unloaded.
     reconcile_s: float = Field(default=5.0, gt=0)
+    # How often each gateway process looks at its canaries (reads new records, decides, writes by compare-and-set).
+    canary_interval_s: float = Field(default=1.0, gt=0)
     otlp_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),

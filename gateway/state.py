@@ -11,7 +11,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,17 @@ CREATE TABLE IF NOT EXISTS adapter_history (
     ref TEXT NOT NULL,
     actor TEXT NOT NULL,
     action TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS canaries (
+    route TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    step_started_at REAL NOT NULL,
+    epoch REAL NOT NULL,
+    started_at REAL NOT NULL,
+    revision INTEGER NOT NULL,
+    updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_route ON audit (route, at);
@@ -154,6 +166,23 @@ class StateStore:
                 self._db.execute("ROLLBACK")
                 raise
         return self.switches()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One write transaction for another module's rows (the canary's), switch flips and audit entries: they
+        commit together or not at all. Raise inside the block to roll back."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self, self._db, self._clock())
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
 
     # -- adapter versions served per variant (swap / rollback) ------------------------------------------------
 
@@ -291,3 +320,34 @@ class StateStore:
             )
             for row in rows
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """What may be written inside `StateStore.transaction()`; `at` is the transaction's time."""
+
+    store: StateStore
+    db: sqlite3.Connection
+    at: float
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.db.execute(sql, args)
+
+    def flip(self, flip: Flip, *, actor: str, reason: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO switches VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (flip.scope, flip.route, flip.variant, int(flip.killed), reason, actor, self.at),
+        )
+
+    def audit(
+        self,
+        action: str,
+        *,
+        actor: str,
+        route: str | None = None,
+        variant: str | None = None,
+        reason: str | None = None,
+        policy_version: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        self.store._insert_audit(self.at, actor, action, route, variant, reason, policy_version, detail)

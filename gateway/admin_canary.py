@@ -1,0 +1,97 @@
+"""The operators' canary API under `/admin/` (bearer admin token, errors in OpenAI's envelope like every admin
+route), and the drill record:
+
+- `GET  /admin/canaries`: every declared canary with its state, weights and current look.
+- `GET  /admin/routes/{route}/canary`: one of them (404 `no_canary` when the route declares none).
+- `POST /admin/routes/{route}/canary/{pause|resume|promote|abort}` with `{"reason": ...}`: audited as
+  `canary_<operation>`; 409 `canary_state` when the operation does not apply (resume a running canary, ...).
+- `POST /admin/routes/{route}/drills` with `{"variant", "time_to_baseline_ms", "probes", "reason"}`: the result of a
+  `gateway drill`, audited as `drill` (the CLI kills and revives through the ordinary kill-switch routes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.admin_http import AdminContext, authorize, guard, json_response, read_body, reason_actor
+from gateway.canary import Operation
+from gateway.canary_control import CanaryController
+from gateway.errors import BadRequest, NotFound
+
+OPERATIONS: tuple[Operation, ...] = ("pause", "resume", "promote", "abort")
+
+
+def canary_routes(ctx: AdminContext, controller: CanaryController) -> list[Route]:
+    async def all_canaries(ctx: AdminContext, request: Request) -> Response:
+        return json_response({"canaries": await asyncio.to_thread(controller.status)})
+
+    async def one(ctx: AdminContext, request: Request) -> Response:
+        name = request.path_params["route"]
+        found = await asyncio.to_thread(controller.status, name)
+        return json_response({"route": name, **found[name]})
+
+    def operation(op: Operation) -> Any:
+        async def endpoint(request: Request) -> Response:
+            authorize(ctx, request)
+            return await _operate(ctx, controller, request, op)
+
+        return endpoint
+
+    async def drill(ctx: AdminContext, request: Request) -> Response:
+        return await _drill(ctx, request)
+
+    return [
+        Route("/admin/canaries", guard(ctx, all_canaries), methods=["GET"]),
+        Route("/admin/routes/{route}/canary", guard(ctx, one), methods=["GET"]),
+        *(
+            Route(f"/admin/routes/{{route}}/canary/{op}", operation(op), methods=["POST"])
+            for op in OPERATIONS
+        ),
+        Route("/admin/routes/{route}/drills", guard(ctx, drill), methods=["POST"]),
+    ]
+
+
+async def _operate(
+    ctx: AdminContext, controller: CanaryController, request: Request, op: Operation
+) -> Response:
+    body = await read_body(request)
+    reason, actor = reason_actor(request, body)
+    name = request.path_params["route"]
+    async with ctx.lock:
+        update = await asyncio.to_thread(controller.operate, name, op, actor=actor, reason=reason)
+        ctx.live.set_canaries(update.states)
+    found = await asyncio.to_thread(controller.status, name)
+    return json_response({"route": name, "operation": op, **found[name]})
+
+
+async def _drill(ctx: AdminContext, request: Request) -> Response:
+    body = await read_body(request)
+    reason, actor = reason_actor(request, body)
+    name = request.path_params["route"]
+    route = ctx.live.view.policy.routes.get(name)
+    if route is None:
+        raise NotFound(f"No route {name!r}.")
+    variant = body.get("variant")
+    if not isinstance(variant, str) or route.variant(variant) is None:
+        raise NotFound(f"Route {name!r} has no variant {variant!r}.", param="variant")
+    ms = body.get("time_to_baseline_ms")
+    if not isinstance(ms, int | float) or isinstance(ms, bool) or not math.isfinite(ms) or ms < 0:
+        raise BadRequest("'time_to_baseline_ms' must be a non-negative number.", param="time_to_baseline_ms")
+    detail: dict[str, Any] = {k: body[k] for k in ("time_to_baseline_ms", "probes", "fallback") if k in body}
+    await asyncio.to_thread(
+        ctx.state.record,
+        "drill",
+        actor=actor,
+        reason=reason,
+        route=name,
+        variant=variant,
+        policy_version=ctx.live.view.policy.version,
+        detail=detail,
+    )
+    return json_response({"route": name, "variant": variant, **detail})

@@ -1,0 +1,250 @@
+"""The canary controller: inside every gateway process (a lifespan task, every `canary_interval_s`) it reads each
+declared canary's records from the shared request log, looks at them (`canary_analysis.look`) and writes what the
+look decides (`canary.after_look`) through `CanaryStore`, whose compare-and-set lets exactly one process make
+each decision. It also carries out the operators' actions and answers their status requests.
+
+Reading: one `_Feed` per canary holds its `Evidence` and the last rowid read, so a tick reads only new rows.
+SQLite assigns rowids in commit order, so `rowid > last` skips nothing whichever process wrote the rows. When the
+canary's key, epoch or step changes (here or in another process), the feed is rebuilt from the log: every process
+decides on all the records of the step, whoever wrote them. The blocking work runs in a thread; the caller
+publishes the returned `Update` to the live view on the event loop (the kill then applies to the next request).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from gateway.canary import ACTIVE, CanaryState, Operation, after_look, canary_key, initial, operate
+from gateway.canary_analysis import Evidence, describe, look, observation
+from gateway.canary_spec import CanarySpec
+from gateway.canary_store import ACTOR, CanaryStore
+from gateway.errors import Conflict, NotFound
+from gateway.policy import Route, Switches
+from gateway.policy_store import LiveView
+from gateway.records import Record
+from gateway.state import StateStore
+
+_FIELDS: Final = [
+    "ts",
+    "variant",
+    "fallback_from",
+    "fallback_reason",
+    "outcome",
+    "tool_verdict",
+    "share",
+    "e2e_s",
+    "output_tokens",
+    "cost",
+    "forced",
+    "bucket",
+]
+_SELECT: Final = f"SELECT rowid, {', '.join(_FIELDS)} FROM records WHERE route = ? AND ts >= ? AND rowid > ? ORDER BY rowid"
+
+
+@dataclass(slots=True)
+class _Feed:
+    key: str
+    epoch: float
+    step_started_at: float
+    spec: CanarySpec
+    evidence: Evidence
+    last_rowid: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """What a tick changed, for the live view: the canaries' states, and the switches when it killed."""
+
+    states: dict[str, CanaryState]
+    switches: Switches | None
+
+
+class CanaryController:
+    def __init__(
+        self,
+        state: StateStore,
+        live: LiveView,
+        records_db: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = CanaryStore(state)
+        self._state = state
+        self._live = live
+        self._records_db = records_db
+        self._clock = clock
+        self._feeds: dict[str, _Feed] = {}
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # ticks and operators' calls run in worker threads
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def tick(self) -> Update:
+        """One look at every canary of the live policy (blocking: run it in a thread)."""
+        with self._lock:
+            now = self._clock()
+            policy = self._live.view.policy
+            states = self.store.states()
+            killed = False
+            for name, route in policy.routes.items():
+                if route.canary is not None:
+                    killed |= self._look(route, route.canary, states.get(name), now, policy.version)
+            return Update(self.store.states(), self._state.switches() if killed else None)
+
+    def _look(
+        self, route: Route, spec: CanarySpec, state: CanaryState | None, now: float, version: str
+    ) -> bool:
+        """Look at one canary and write its transition; True when this process wrote a kill."""
+        key = canary_key(route)
+        if state is None or state.key != key:
+            self._start(route, spec, key, state, now, version)
+            return False
+        if state.status not in ACTIVE:
+            self._feeds.pop(route.name, None)
+            return False
+        feed = self._feed(route.name, spec, state)
+        seen = look(spec, feed.evidence, state.step, now)
+        move = after_look(spec, state, seen, now)
+        if move is None:
+            return False
+        detail = {**describe(spec, feed.evidence, seen), "from": _brief(state), "to": _brief(move.state)}
+        won = self.store.apply(
+            state, move, candidate=spec.candidate, actor=ACTOR, detail=detail, policy_version=version
+        )
+        return won and move.kill
+
+    def _start(
+        self, route: Route, spec: CanarySpec, key: str, previous: CanaryState | None, now: float, version: str
+    ) -> None:
+        new = initial(route.name, key, now)
+        if previous is not None:
+            new = CanaryState(route.name, key, "running", 0, now, now, now, previous.revision + 1)
+        detail = {
+            "candidate": spec.candidate,
+            "baseline": spec.baseline,
+            "steps": list(spec.steps),
+            "unit": spec.unit,
+            "on_fail": spec.on_fail,
+            "replaces": previous.key if previous is not None else None,
+        }
+        self.store.start(new, previous, detail=detail, policy_version=version)
+
+    def _feed(self, route: str, spec: CanarySpec, state: CanaryState) -> _Feed:
+        feed = self._feeds.get(route)
+        current = (state.key, state.epoch, state.step_started_at, spec)
+        if feed is None or (feed.key, feed.epoch, feed.step_started_at, feed.spec) != current:
+            evidence = Evidence(spec, step_start=state.step_started_at)
+            feed = _Feed(state.key, state.epoch, state.step_started_at, spec, evidence)
+            self._feeds[route] = feed
+        self._read(route, feed)
+        return feed
+
+    def _read(self, route: str, feed: _Feed) -> None:
+        db = self._connection()
+        if db is None:
+            return
+        for rowid, *values in db.execute(_SELECT, (route, feed.epoch, feed.last_rowid)):
+            feed.last_rowid = rowid
+            fields = dict(zip(_FIELDS, values, strict=True))
+            obs = observation(feed.spec, Record(request_id="", route=route, **fields))
+            if obs is not None:
+                feed.evidence.add(obs)
+
+    def _connection(self) -> sqlite3.Connection | None:
+        if self._db is None:
+            if not self._records_db.exists():
+                return None  # no request yet
+            uri = self._records_db.resolve().as_uri() + "?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        return self._db
+
+    # -- operators ----------------------------------------------------------------------------------------------
+
+    def operate(self, route_name: str, op: Operation, *, actor: str, reason: str) -> Update:
+        """pause / resume / promote / abort, audited; NotFound without a canary, Conflict when it does not apply."""
+        with self._lock:
+            route, spec = self._declared(route_name)
+            version = self._live.view.policy.version
+            for _ in range(5):  # another process may move the canary between the read and the write
+                now = self._clock()
+                state = self._current(route, spec, now, version)
+                try:
+                    move = operate(spec, state, op, now, reason)
+                except ValueError as err:
+                    raise Conflict(f"Route {route_name!r}: {err}.", code="canary_state") from None
+                detail = {"operation": op, "from": _brief(state), "to": _brief(move.state)}
+                if self.store.apply(
+                    state, move, candidate=spec.candidate, actor=actor, detail=detail, policy_version=version
+                ):
+                    return Update(self.store.states(), None)
+            raise Conflict(f"Route {route_name!r}: the canary kept changing; try again.", code="canary_busy")
+
+    def _declared(self, route_name: str) -> tuple[Route, CanarySpec]:
+        route = self._live.view.policy.routes.get(route_name)
+        if route is None:
+            raise NotFound(f"No route {route_name!r}.")
+        if route.canary is None:
+            raise NotFound(f"Route {route_name!r} has no [canary] in its policy.", code="no_canary")
+        return route, route.canary
+
+    def _current(self, route: Route, spec: CanarySpec, now: float, version: str) -> CanaryState:
+        state = self.store.states().get(route.name)
+        if state is None or state.key != canary_key(route):
+            self._start(route, spec, canary_key(route), state, now, version)
+            state = self.store.states()[route.name]
+        return state
+
+    def status(self, route_name: str | None = None) -> dict[str, Any]:
+        """Every canary (or one): its spec, state, shares and, while it is active, the current look."""
+        with self._lock:
+            policy = self._live.view.policy
+            names = [route_name] if route_name is not None else sorted(policy.routes)
+            out: dict[str, Any] = {}
+            for name in names:
+                if route_name is not None:
+                    self._declared(name)
+                route = policy.routes[name]
+                if route.canary is not None:
+                    out[name] = self._describe(route, route.canary)
+            return out
+
+    def _describe(self, route: Route, spec: CanarySpec) -> dict[str, Any]:
+        now = self._clock()
+        state = self.store.states().get(route.name)
+        if state is not None and state.key != canary_key(route):
+            state = None  # an older canary's row: this one starts at the next tick
+        body: dict[str, Any] = {
+            "candidate": spec.candidate,
+            "baseline": spec.baseline,
+            "steps": list(spec.steps),
+            "unit": spec.unit,
+            "on_fail": spec.on_fail,
+            "key": canary_key(route),
+            "state": _brief(state) if state else None,
+            "weights": {v.name: v.weight for v in route.variants},
+        }
+        if state is not None and state.status in ACTIVE:
+            seen_by = self._feed(route.name, spec, state)
+            body["look"] = describe(spec, seen_by.evidence, look(spec, seen_by.evidence, state.step, now))
+        return body
+
+
+def _brief(state: CanaryState) -> dict[str, Any]:
+    return {
+        "status": state.status,
+        "step": state.step,
+        "step_started_at": state.step_started_at,
+        "epoch": state.epoch,
+        "started_at": state.started_at,
+        "revision": state.revision,
+    }

@@ -1,0 +1,127 @@
+"""The canary part of `gateway report`: every decided step of every canary, and the drills, from the audit log.
+
+Each automatic decision's audit entry holds the step's counts, its rates with 95 % Wilson intervals, each
+guardrail's statistic and bound (`canary_analysis.describe`), so the report needs nothing but the state database,
+read-only (it works while the gateway is down). `rows` is pure; `read_entries` is the only I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
+_HEADERS: Final = (
+    "route",
+    "at (UTC)",
+    "action",
+    "step",
+    "candidate invalid (95% CI)",
+    "baseline invalid (95% CI)",
+    "errors cand/base",
+    "invalid M/bound",
+    "error M/bound",
+    "latency ratio",
+    "cost ratio",
+    "actor: reason",
+)
+
+
+def read_entries(
+    state_db: Path, route: str | None = None, since: float | None = None
+) -> list[dict[str, Any]]:
+    """Canary and drill audit entries, oldest first ([] when there is no state database)."""
+    if not state_db.exists():
+        return []
+    uri = state_db.resolve().as_uri() + "?mode=ro"
+    sql = "SELECT at, actor, action, route, variant, reason, detail FROM audit"
+    sql += " WHERE (action LIKE 'canary_%' OR action = 'drill') AND (? IS NULL OR route = ?) AND at >= ? ORDER BY id"
+    with closing(sqlite3.connect(uri, uri=True)) as db:
+        found = db.execute(sql, (route, route, since or 0.0)).fetchall()
+    keys = ("at", "actor", "action", "route", "variant", "reason", "detail")
+    entries = [dict(zip(keys, row, strict=True)) for row in found]
+    for e in entries:
+        e["detail"] = orjson.loads(e["detail"]) if e["detail"] else {}
+    return entries
+
+
+def rows(entries: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    return [_row(e) for e in entries]
+
+
+def _row(e: dict[str, Any]) -> tuple[str, ...]:
+    d = e["detail"]
+    when = dt.datetime.fromtimestamp(e["at"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    action = str(e["action"]).removeprefix("canary_")
+    if e["action"] == "drill":
+        ms = d.get("time_to_baseline_ms")
+        return (e["route"] or "-", when, "drill", "-", f"{e['variant']} killed: back on baseline in {ms:.0f} ms",
+                "", "", "", "", "", "", f"{e['actor']}: {e['reason'] or ''}")  # fmt: skip
+    if (
+        e["action"] not in DECISIONS
+    ):  # start and operators' actions: no numbers, the reason says what happened
+        return (e["route"] or "-", when, action, _step(d.get("to", d)), "", "", "", "", "", "", "",
+                f"{e['actor']}: {e['reason'] or ''}")  # fmt: skip
+    checks = {c["guardrail"]: c for c in d.get("checks", [])}
+    cand, base = d.get("candidate", {}), d.get("baseline", {})
+    return (
+        e["route"] or "-",
+        when,
+        action,
+        _step(d),
+        _rate(cand),
+        _rate(base),
+        f"{cand.get('errors', 0)}/{base.get('errors', 0)}",
+        _test(checks.get("invalid_call_rate")),
+        _test(checks.get("error_rate")),
+        _ratio(checks.get("latency_per_output_token")),
+        _ratio(checks.get("cost_per_request")),
+        f"{e['actor']}: {e['reason'] or ''}",
+    )
+
+
+def _step(d: dict[str, Any]) -> str:
+    step, share = d.get("step"), d.get("share")
+    if step is None:
+        return "-"
+    return f"{step + 1} ({share:.0%})" if isinstance(share, int | float) else str(step + 1)
+
+
+def _rate(arm: dict[str, Any]) -> str:
+    n = arm.get("requests")
+    if not n:
+        return "-"
+    low, high = arm["invalid_ci"]
+    return f"{arm['invalid']}/{n} {arm['invalid_rate']:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def _test(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "-"
+    stat = check["statistic"]
+    shown = stat if isinstance(stat, str) else f"{stat:.3g}"
+    return f"{shown}/{check['bound']:.3g} {check['verdict']}"
+
+
+def _ratio(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "-"
+    stat = check["statistic"]
+    shown = "n/a" if stat is None else (stat if isinstance(stat, str) else f"{stat:.2f}")
+    return f"{shown}≤{check['bound']:g} {check['verdict']}"
+
+
+def format_table(entries: list[dict[str, Any]]) -> str:
+    """One line per canary decision, operator action and drill, oldest first."""
+    if not entries:
+        return ""
+    table = [_HEADERS, *rows(entries)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(_HEADERS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "canaries and drills (from the audit log):\n" + "\n".join(lines) + "\n"
