@@ -1,9 +1,9 @@
-"""The load generator: one event loop, one aiohttp session, prepared bodies; open or closed loop; a progress line.
+"""The load generator: one event loop, prepared requests, a lean HTTP client; open or closed loop; a progress line.
 
-Why this shape: the runner must not be the bottleneck on a 2-core machine that also runs the target. aiohttp
-was the cheapest client measured for the gateway's own hot path (DESIGN.md), bodies are serialized before the
-run (`loadtest_plan.Prepared`), and the only per-answer parsing is one orjson parse (a stream: the SSE decoder
-the gateway itself uses). `loadtests/bench_loadtest.py` measures what it reaches.
+Why this shape: the runner must not be the bottleneck on a 2-core machine that also runs the target. Requests are
+serialized before the run (`loadtest_plan.Prepared`) and sent by a lean HTTP/1.1 client (`loadtest_http`), and
+the only per-answer parsing is one orjson parse (a stream: the SSE decoder the gateway itself uses).
+`loadtests/bench_loadtest.py` measures what it reaches.
 
 Open loop (`fixed`, `poisson`): each request starts at its scheduled time whatever the earlier ones are doing, so
 a slow target meets the asked rate instead of slowing the client down. Nothing is dropped: a start that comes
@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import aiohttp
-
 from gateway.loadtest_answer import Sample, StreamReader, judge, read_unary
+from gateway.loadtest_http import Answer, Client
 from gateway.loadtest_plan import Job, Jobs, Prepared, arrivals, prepare, request_id
 from gateway.loadtest_results import RunData
 from gateway.loadtest_scenario import Loaded, planned_requests
@@ -70,16 +69,14 @@ class Runner:
         self.counts = _Counts()
         self.samples: list[Sample] = []
         self.t0 = 0.0
-        self.session: aiohttp.ClientSession | None = None
+        self.http = Client(self.prepared.url, timeout_s=self.scenario.target.timeout_s, clock=clock)
 
     async def run(self) -> RunData:
-        load = self.scenario.load
-        limit = load.concurrency or load.max_inflight
-        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(total=self.scenario.target.timeout_s)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as self.session:
+        try:
             await self._warmup()
             return await self._measure()
+        finally:
+            self.http.close()
 
     # -- phases ----------------------------------------------------------------------------------------------
 
@@ -154,9 +151,8 @@ class Runner:
     ) -> Sample:
         p = self.prepared
         sample = Sample(job.seq, job.item, job.variant, request_id(self.prefix, job.seq))
-        headers = {**p.headers[job.variant], "x-request-id": sample.request_id}
-        if p.users:
-            headers[p.user_header] = self.rng.choice(p.users)
+        user = self.rng.randrange(len(p.users)) if p.users else None
+        request = p.request(job.item, job.variant, sample.request_id, user)
         t0 = self.clock()
         sample.start_s, sample.scheduled_s = t0 - self.t0, scheduled
         if scheduled is not None:
@@ -164,35 +160,22 @@ class Runner:
             self.counts.late += sample.late_s > late_after
         self.counts.inflight += 1
         try:
-            completions = await self._exchange(sample, p, headers, t0)
+            answer = await self.http.send(request)
+        except TimeoutError:
+            sample.outcome, sample.error, answer = "error", "timeout", None
+        except OSError as exc:
+            sample.outcome, sample.error, answer = "error", "transport", None
+            sample.reason = type(exc).__name__
         finally:
             self.counts.inflight -= 1
         sample.e2e_s = self.clock() - t0
+        completions = _read(sample, answer, t0) if answer is not None else []
         judge(sample, completions, self.loaded.golden[job.item].expected)
         if keep:
             self.samples.append(sample)
             self.counts.done += 1
             self.counts.errors += sample.outcome == "error"
         return sample
-
-    async def _exchange(
-        self, sample: Sample, p: Prepared, headers: dict[str, str], t0: float
-    ) -> list[Completion]:
-        assert self.session is not None
-        try:
-            async with self.session.post(p.url, data=p.bodies[sample.item], headers=headers) as resp:
-                if p.stream and resp.status == 200:
-                    reader = StreamReader(sample, resp.status, resp.headers)
-                    async for data in resp.content.iter_any():
-                        reader.feed(data, self.clock())
-                    return reader.finish(t0)
-                return read_unary(sample, resp.status, resp.headers, await resp.read())
-        except TimeoutError:
-            sample.outcome, sample.error = "error", "timeout"
-        except aiohttp.ClientError as exc:
-            sample.outcome, sample.error = "error", "transport"
-            sample.reason = type(exc).__name__
-        return []
 
     # -- progress --------------------------------------------------------------------------------------------
 
@@ -220,6 +203,15 @@ class Runner:
             if final and tty:
                 self.progress.write("\n")
             self.progress.flush()
+
+
+def _read(sample: Sample, answer: Answer, t0: float) -> list[Completion]:
+    if answer.status == 200 and answer.headers.get("content-type", "").startswith("text/event-stream"):
+        reader = StreamReader(sample, answer.status, answer.headers)
+        for piece, at in zip(answer.pieces, answer.times, strict=True):
+            reader.feed(piece, at)
+        return reader.finish(t0)
+    return read_unary(sample, answer.status, answer.headers, answer.body)
 
 
 def _preflight(sample: Sample, url: str) -> None:

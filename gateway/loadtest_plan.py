@@ -1,7 +1,8 @@
 """What a load test will send, and when: prepared request bodies, the job order, the arrival times. Pure.
 
-- `Prepared`: every request body serialized once before the run (the runner must not spend its CPU on JSON while
-  it measures), and the headers per variant.
+- `Prepared`: every request serialized once before the run, as the bytes that go on the wire (the runner must not
+  spend its CPU on JSON or header objects while it measures): a head per forced variant, a body per golden item;
+  only the request id (and the sticky key) is added per request.
 - `job(k)`: the k-th measured request's golden item and forced variant. *As served*: the request set in order,
   no variant forced (the route's policy decides). *Paired*: each golden item is sent once through every listed
   variant, the variants in a seeded random order per item, so that drifts in time fall on all variants alike.
@@ -15,6 +16,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -32,24 +34,39 @@ class Job:
 class Prepared:
     url: str
     bodies: tuple[bytes, ...]  # one per golden item
-    headers: dict[str | None, dict[str, str]]  # forced variant (None: none) → base headers
-    users: tuple[str, ...]  # sticky keys to draw from (as served); empty: none sent
-    user_header: str
+    heads: dict[str | None, bytes]  # forced variant (None: none) → request line and fixed headers
+    lengths: tuple[bytes, ...]  # each body's Content-Length header line
+    users: tuple[bytes, ...]  # sticky-key header lines to draw from (as served); empty: none sent
     stream: bool
+
+    def request(self, item: int, variant: str | None, request_id: str, user: int | None = None) -> bytes:
+        """One request's bytes: the prepared head, this request's id (and sticky key), the prepared body."""
+        parts = [self.heads[variant], self.lengths[item], b"x-request-id: ", request_id.encode(), b"\r\n"]
+        if user is not None:
+            parts.append(self.users[user])
+        parts += [b"\r\n", self.bodies[item]]
+        return b"".join(parts)
 
 
 def prepare(scenario: Scenario, golden: Sequence[GoldenItem], key: str | None) -> Prepared:
     req = scenario.requests
-    bodies = tuple(orjson.dumps(_body(scenario, item)) for item in golden)
-    base = {"Content-Type": "application/json"}
+    url = urlsplit(scenario.target.url)
+    path = url.path.rstrip("/") + "/v1/chat/completions"
+    fixed = [f"POST {path} HTTP/1.1", f"Host: {url.netloc}", "Content-Type: application/json", "Accept: */*"]
     if key:
-        base["Authorization"] = f"Bearer {key}"
-    headers: dict[str | None, dict[str, str]] = {None: base}
+        fixed.append(f"Authorization: Bearer {key}")
+    heads: dict[str | None, list[str]] = {None: fixed}
     if scenario.compare.mode == "paired":
-        headers.update({v: {**base, "x-gateway-variant": v} for v in scenario.compare.variants})
-    users = tuple(f"loadtest-user-{n:05d}" for n in range(req.users))
-    url = scenario.target.url.rstrip("/") + "/v1/chat/completions"
-    return Prepared(url, bodies, headers, users, req.user_header, req.stream)
+        heads.update({v: [*fixed, f"x-gateway-variant: {v}"] for v in scenario.compare.variants})
+    bodies = tuple(orjson.dumps(_body(scenario, item)) for item in golden)
+    return Prepared(
+        url=scenario.target.url,
+        bodies=bodies,
+        heads={v: ("\r\n".join(lines) + "\r\n").encode("latin-1") for v, lines in heads.items()},
+        lengths=tuple(b"Content-Length: %d\r\n" % len(body) for body in bodies),
+        users=tuple(f"{req.user_header}: loadtest-user-{n:05d}\r\n".encode() for n in range(req.users)),
+        stream=req.stream,
+    )
 
 
 def _body(scenario: Scenario, item: GoldenItem) -> dict[str, Any]:

@@ -46,9 +46,11 @@ class Target(_Strict):
 
     def key(self) -> str | None:
         """The API key: `api_key`, else the variable `api_key_env` names (None: send no Authorization)."""
-        if self.api_key:
-            return self.api_key
-        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
+        key = self.api_key or (os.environ.get(self.api_key_env, "") if self.api_key_env else "")
+        key = key.strip()
+        if any(c in key for c in "\r\n"):
+            raise ConfigError("the API key contains a line break")
+        return key or None
 
 
 class Requests(_Strict):
@@ -58,7 +60,7 @@ class Requests(_Strict):
     # as_served: send the route's sticky header (x-user-id) drawn from this many users; 0: send none, so the
     # gateway draws independently per request.
     users: Annotated[int, Field(ge=0)] = 0
-    user_header: str = "x-user-id"
+    user_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+$")] = "x-user-id"
 
     @model_validator(mode="after")
     def _body(self) -> Requests:

@@ -201,7 +201,18 @@ def test_prepared_bodies_ask_for_usage_on_streams_and_carry_the_forced_variant()
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    assert p.headers["b"]["x-gateway-variant"] == "b" and p.headers["b"]["Authorization"] == "Bearer sk-1"
+    head, _, sent = p.request(0, "b", "lt-1", None).partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /v1/chat/completions HTTP/1.1" and sent == p.bodies[0]
+    assert {
+        "x-gateway-variant: b",
+        "Authorization: Bearer sk-1",
+        f"Content-Length: {len(sent)}",
+        "x-request-id: lt-1",
+    } <= set(lines)
+    assert not any(
+        line.startswith("x-gateway-variant") for line in p.request(0, None, "lt-2").decode().split("\r\n")
+    )
     assert request_id("lt00", 5) == "lt00-0000005" and request_id("lt00", -2) == "lt00-w000002"
 
 
