@@ -30,6 +30,7 @@ from gateway.report import percentile, wilson
 
 FORMAT: Final = "gateway-loadtest/1"
 NO_VARIANT: Final = "-"
+OVERALL: Final = "(all)"
 
 
 @dataclass(slots=True)
@@ -73,8 +74,11 @@ class _Tally:
 def summarize(run: RunData, loaded: Loaded) -> dict[str, Any]:
     scenario = loaded.scenario
     tallies: dict[str, _Tally] = defaultdict(_Tally)
+    overall = _Tally()
     for s in run.samples:
-        tallies[variant_of(s)].add(s, loaded.prices.get(variant_of(s)))
+        price = loaded.prices.get(variant_of(s))
+        tallies[variant_of(s)].add(s, price)
+        overall.add(s, price)
     order = [*scenario.compare.variants, *sorted(set(tallies) - set(scenario.compare.variants))]
     fields = _fields(loaded)
     return {
@@ -87,6 +91,8 @@ def summarize(run: RunData, loaded: Loaded) -> dict[str, Any]:
             for name in order
             if name in tallies
         ],
+        # Every measured request together: what a run against a target without variants (an engine) compares on.
+        "overall": _variant(OVERALL, overall, fields, None),
         "paired": _paired_all(run.samples, scenario.compare.variants, scenario.compare.reference)
         if scenario.compare.mode == "paired"
         else [],

@@ -141,9 +141,10 @@ _COMPARED: Final[tuple[tuple[str, _Figure, str], ...]] = (
 
 
 def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
-    """What changed from run A to run B, per variant present in either (rates with whether the intervals overlap)."""
-    va = {v["variant"]: v for v in a["variants"]}
-    vb = {v["variant"]: v for v in b["variants"]}
+    """What changed from run A to run B: all requests together, then each variant present in either (rates with
+    whether their 95 % intervals still overlap)."""
+    va = {a["overall"]["variant"]: a["overall"]} | {v["variant"]: v for v in a["variants"]}
+    vb = {b["overall"]["variant"]: b["overall"]} | {v["variant"]: v for v in b["variants"]}
     lines = [
         f"A: {a['scenario']['name']} {a['window']['started']} ({a['load']['requests']} requests)",
         f"B: {b['scenario']['name']} {b['window']['started']} ({b['load']['requests']} requests)",
@@ -167,7 +168,8 @@ def _change(x: float | None, y: float | None, kind: str) -> tuple[str, str, str]
         return show(x), show(y), ""
     if kind == "rate":
         return show(x), show(y), f"{(y - x) * 100:+.1f} pts"
-    return show(x), show(y), f"{(y - x) / x:+.1%}" if x else ""
+    relative = f"{(y - x) / x:+.1%}" if x else ""
+    return show(x), show(y), f"{y - x:+.1f} ms ({relative})" if kind == "ms" and x else relative
 
 
 def _cost_rows(name: str, a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, ...]]:

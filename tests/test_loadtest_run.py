@@ -186,6 +186,9 @@ def test_overhead_short_run_agrees_with_the_gateway_report(
         assert v["cost_per_1k_requests"]["EUR"] == pytest.approx(1000 * v["cost_per_request"]["EUR"])
     assert_agrees(doc, gateway_report(gw, doc, capsys))
     assert_self_contained(page, [v["variant"] for v in doc["variants"]])
+    code, changes = run_loadtest(capsys, "compare", str(out / "result.json"), str(out / "result.json"))
+    assert code == 0 and "(all)" in changes and "+0.0 pts" in changes
+    assert main(["loadtest", "compare", str(out / "result.json"), str(out / "requests.jsonl")]) == 1
 
 
 # --- task success, streamed tool calls ---------------------------------------------------------------------------

@@ -431,6 +431,7 @@ def test_figures_per_variant_count_by_the_serving_variant_and_price_by_its_table
     doc = summarize(run, loaded_for(tmp_path))
     a, b = doc["variants"]
     assert (a["variant"], a["requests"], b["requests"]) == ("a", 4, 3)  # b's third was served by a
+    assert doc["overall"]["requests"] == 7 and doc["overall"]["errors"]["count"] == 1
     assert a["verdicts"]["valid"] == 3 and a["invalid"]["count"] == 1 and a["invalid"]["n"] == 4
     assert b["errors"]["count"] == 1 and b["errors_by_code"] == {"error:timeout": 1}
     assert a["cost_total"]["EUR"] == pytest.approx(4 * (100 * 1.0 + 10 * 2.0) / 1e6)
