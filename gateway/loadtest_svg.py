@@ -82,7 +82,10 @@ def cdf_chart(title: str, series: Sequence[Series], fmt: Format, height: int = 2
     """Share of requests at or under each value, one line per series, cut at the largest p99 (the last 1 % of a
     tail would squash the rest of the plot)."""
     hi = max((s.quantiles[99] for s in series), default=1.0) or 1.0
-    x, y = _scale(0, hi, LEFT, W - RIGHT), _scale(0, 1, height - BOTTOM, TOP)
+    lo = min((s.quantiles[0] for s in series), default=0.0)
+    # Start at 0 unless every value sits far from it (a 150 ms engine): then at a round value below the fastest.
+    lo = 0.0 if lo < 0.3 * hi else nice_ticks(0, lo, 4)[-1]
+    x, y = _scale(lo, hi, LEFT, W - RIGHT), _scale(0, 1, height - BOTTOM, TOP)
     grid = "".join(
         f'<line x1="{LEFT}" y1="{y(f):.1f}" x2="{W - RIGHT}" y2="{y(f):.1f}" stroke="#eee"/>'
         f'<text x="{LEFT - 6}" y="{y(f) + 4:.1f}" text-anchor="end">{f:.0%}</text>'
@@ -99,7 +102,7 @@ def cdf_chart(title: str, series: Sequence[Series], fmt: Format, height: int = 2
         f'<text x="{W - RIGHT + 26}" y="{TOP + 9 + 16 * i}">{esc(s.name)}</text>'
         for i, s in enumerate(series)
     )
-    return _frame(title, height, grid + _x_axis(0, hi, x, fmt, height - BOTTOM) + lines + legend)
+    return _frame(title, height, grid + _x_axis(lo, hi, x, fmt, height - BOTTOM) + lines + legend)
 
 
 def interval_chart(title: str, rows: Sequence[Interval], lo: float, hi: float, fmt: Format) -> str:

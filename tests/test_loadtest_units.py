@@ -29,6 +29,7 @@ from gateway.loadtest_scenario import (
     with_overrides,
 )
 from gateway.loadtest_stats import Paired, mcnemar, paired_difference_ci
+from gateway.loadtest_svg import nice_ticks
 from gateway.loadtest_text import compare, format_result
 from gateway.records import Price
 from gateway.toolcalls import Completion, ToolCall
@@ -474,3 +475,10 @@ def test_compare_flags_rates_whose_intervals_part(tmp_path: Path) -> None:
     out = compare(before, after)
     assert "invalid: 95% intervals do not overlap" in out and "+50.0 pts" in out
     assert Counter(line.split()[0] for line in out.splitlines()[4:])["a"] >= 9
+
+
+def test_axis_ticks_are_round_numbers_covering_the_range() -> None:
+    assert nice_ticks(0, 151.2, 4) == [0, 50, 100, 150]
+    assert nice_ticks(140, 180) == [140, 150, 160, 170, 180]
+    assert nice_ticks(-0.055, 0.055) == pytest.approx([-0.05, 0.0, 0.05])
+    assert nice_ticks(3, 3) == [3]
