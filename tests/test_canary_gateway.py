@@ -225,10 +225,7 @@ def test_the_canary_state_survives_a_restart(make_gateway: GatewayFactory) -> No
     again = make_gateway(policies=policies, canary_interval_s=0.1)
     after = canary_status(again)
     assert after["state"] == before and after["state"]["status"] == "paused"
-    assert after["weights"] == {
-        "baseline": 100 - 50 * before["step"] + 40 * (before["step"] - 1),
-        "formatter": 50,
-    }
+    assert before["step"] == 1 and after["weights"] == {"baseline": 50, "formatter": 50}
     time.sleep(0.5)  # a few ticks: nothing restarts the canary
     assert len(audit(again.url, "canary_start")) == 1
 
