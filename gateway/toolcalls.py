@@ -27,6 +27,12 @@ UNKNOWN_TOOL: Final = "unknown_tool"
 MALFORMED_JSON: Final = "malformed_json"
 SCHEMA_VIOLATION: Final = "schema_violation"
 MISSING_TOOL_CALL: Final = "missing_tool_call"
+UNPARSED_TOOL_CALL: Final = "unparsed_tool_call"
+
+# The markup engines' tool parsers read (hermes, mistral, llama 3). Content that still carries one when the parser
+# returned no call is a call the model wrote and the parser could not read: vLLM's hermes parser hands a call with
+# broken JSON back as plain content, which would otherwise look like an answer without a call.
+TOOL_CALL_MARKERS: Final = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,7 @@ _TRUNCATED = Verdict(TRUNCATED, TRUNCATED, None, None, 0)
 _UNKNOWN = Verdict(INVALID, UNKNOWN_TOOL, None, None, 0)
 _MALFORMED = Verdict(INVALID, MALFORMED_JSON, None, None, 0)
 _MISSING = Verdict(INVALID, MISSING_TOOL_CALL, None, None, 0)
+_UNPARSED = Verdict(INVALID, UNPARSED_TOOL_CALL, None, None, 0)
 _UNCOMPILED: Final = object()  # cache marker for a schema that failed to compile
 
 
@@ -256,11 +263,17 @@ def _check_choice(choice: Completion, exp: Expectation, cache: SchemaCache) -> V
         return _TRUNCATED
     if choice.tool_calls:
         return _check_calls(choice.tool_calls, exp, cache)
+    if exp.tools and exp.tool_choice != "none" and choice.content and _has_markup(choice.content):
+        return _UNPARSED
     if exp.required:
         return _MISSING
     if exp.content_schema is not None:
         return _check_json(choice.content or "", exp.content_schema, cache)
     return _NONE
+
+
+def _has_markup(content: str) -> bool:
+    return any(marker in content for marker in TOOL_CALL_MARKERS)
 
 
 def _check_calls(calls: tuple[ToolCall, ...], exp: Expectation, cache: SchemaCache) -> Verdict:

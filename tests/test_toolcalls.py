@@ -274,6 +274,26 @@ def test_required_call_missing() -> None:
         assert (v.status, v.reason, v.calls) == ("invalid", "missing_tool_call", 0)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        '<tool_call>{"name": "update_crm", "arguments": {"account_id": ACC-004211}}</tool_call>',  # hermes, bad JSON
+        'Done. <tool_call>{"name": "update_crm", "arguments": {"stage": "won"}</tool_call>',
+        '[TOOL_CALLS] [{"name": "update_crm", "arguments": {',
+    ],
+)
+def test_a_call_the_engines_parser_could_not_read_is_invalid(content: str) -> None:
+    # vLLM's hermes parser returns a call whose JSON does not parse as plain content with no tool_calls.
+    v = verdict(choice(content=content, finish="stop"))
+    assert (v.status, v.reason, v.header, v.calls) == ("invalid", "unparsed_tool_call", "invalid", 0)
+
+
+def test_call_markup_is_only_a_verdict_when_tools_are_in_play() -> None:
+    text = choice(content="<tool_call> is how the model writes calls", finish="stop")
+    assert verdict(text, body=request(tools=None)).status == "none"
+    assert verdict(text, body=request(tool_choice="none")).status == "none"
+
+
 def test_nothing_declared_is_none_even_with_calls() -> None:
     assert verdict(choice(call(GOOD_ARGS)), body=request(tools=None)).status == "none"
     assert verdict(choice(content="hi", finish="stop"), body=request(tools=None)).status == "none"
