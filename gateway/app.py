@@ -88,6 +88,9 @@ class Components:
         self.records = RecordWriter(settings.records_db)
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
         self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
+        # Serialises this process's changes to what is served (reload, swap, rollback, canary operations) with the
+        # adapter reconciler: a version loaded for a change not yet live must not look unreferenced and be unloaded.
+        self.changes = asyncio.Lock()
         self.lora = LoraManager(
             settings.engines,
             catalog=lambda: self.catalog,
@@ -141,6 +144,7 @@ def create_app(
         records=c.records,
         telemetry=c.telemetry,
         max_body_bytes=settings.max_body_bytes,
+        unsupported_fields=frozenset(settings.unsupported_fields),
         counters=c.counters,
         engine_inflight=c.engine_inflight,
         **({"draw": draw} if draw is not None else {}),
@@ -154,7 +158,7 @@ def create_app(
         prepare=c.lora.ensure,
         catalog=lambda: c.catalog,
         records_db=settings.records_db,
-        lock=asyncio.Lock(),
+        lock=c.changes,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(
@@ -232,7 +236,8 @@ async def _reconcile_adapters(c: Components) -> None:
     until then requests for an adapter fall back), reload what an engine lost, unload what nothing uses."""
     while True:
         try:
-            await c.lora.reconcile(c.live.view.policy)
+            async with c.changes:
+                await c.lora.reconcile(c.live.view.policy)
         except Exception:
             log.exception("adapter reconcile failed; retrying")
         await asyncio.sleep(c.settings.reconcile_s)

