@@ -14,7 +14,6 @@ peft, which would pull torch into the gateway process. Each failure names the ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import tomllib
@@ -26,6 +25,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.digests import sha256_file
 from gateway.errors import BadRequest
 from gateway.policy import ReleaseGate
 
@@ -278,11 +278,3 @@ def _tensors(path: Path) -> Iterator[tuple[str, str, bytes]]:
                 raise ValueError(f"tensor {name!r} lies outside the file")
             f.seek(base + start)
             yield name, str(info["dtype"]), f.read(end - start)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

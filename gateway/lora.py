@@ -25,7 +25,8 @@ from typing import Any
 
 import httpx
 
-from gateway.adapters import AdapterRejected, Catalog, EngineFacts, sha256_file, verify
+from gateway.adapters import AdapterRejected, Catalog, EngineFacts, verify
+from gateway.digests import sha256_file
 from gateway.errors import EngineError
 from gateway.policy import PolicySnapshot
 from gateway.state import StateStore

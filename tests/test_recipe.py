@@ -3,7 +3,8 @@ training split, the golden file is the one its manifest names (and the one the r
 really are invalid, and, when a build exists, each model's lineage is complete and its SHA-256 sums match the files.
 
 Fast on purpose: the splits are regenerated in plain Python (a couple of seconds), nothing imports torch, nothing
-trains. The built-directory tests read `var/models` (or `$RECIPE_MODELS_DIR`) and skip, with the reason, when no
+trains. The built-directory tests read `var/models` (or `$RECIPE_MODELS_DIR`) and the adapters directory its
+`build.json` names, and skip, with the reason, when no
 build is there.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from adapters.recipe import lineage, params, schema, synth
+from adapters.recipe import lineage, params, prompts, schema, synth
+from gateway.digests import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "loadtests" / "golden" / "crm.jsonl"
@@ -84,7 +86,7 @@ def test_golden_shares_no_user_message_with_any_training_split(
 def test_golden_file_hash_matches_its_manifest() -> None:
     manifest = json.loads(MANIFEST.read_text())
     assert manifest["file"] == GOLDEN.name
-    assert lineage.sha256_file(GOLDEN) == manifest["sha256"]
+    assert sha256_file(GOLDEN) == manifest["sha256"]
     assert len(golden_rows()) == manifest["rows"]
 
 
@@ -140,7 +142,8 @@ def test_lineage_toml_round_trips() -> None:
 def model_dir(kind: str, version: str = "") -> Path:
     if kind == "base":
         return built() / "base" / RECIPE.base_name
-    return built() / "adapters" / RECIPE.adapter_name / version
+    adapters = Path(json.loads((built() / "build.json").read_text())["adapters_dir"])
+    return adapters / RECIPE.adapter_name / version
 
 
 @pytest.mark.parametrize("version", [spec.version for spec in RECIPE.adapters])
@@ -149,14 +152,14 @@ def test_adapter_lineage_is_complete_and_matches_the_files(version: str) -> None
     record = tomllib.loads((path / "lineage.toml").read_text())
     assert lineage.missing_keys(record) == []
     assert (record["name"], record["version"]) == (RECIPE.adapter_name, version)
-    assert record["adapter_sha256"] == lineage.sha256_file(path / "adapter_model.safetensors")
+    assert record["adapter_sha256"] == sha256_file(path / "adapter_model.safetensors")
     base = model_dir("base")
     assert record["base_model"] == RECIPE.base_name
-    assert record["base_sha256"] == lineage.sha256_file(base / "model.safetensors")
+    assert record["base_sha256"] == sha256_file(base / "model.safetensors")
     snapshot = built() / "data" / f"{record['dataset']}.jsonl"
-    assert record["dataset_sha256"] == lineage.sha256_file(snapshot)
+    assert record["dataset_sha256"] == sha256_file(snapshot)
     assert record["dataset_rows"] == len(snapshot.read_text().splitlines())
-    assert record["evaluation"]["golden_sha256"] == lineage.sha256_file(GOLDEN)
+    assert record["evaluation"]["golden_sha256"] == sha256_file(GOLDEN)
     config = json.loads((path / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["bias"]) == ("LORA", 8, "none")
     assert Path(config["base_model_name_or_path"]).name == RECIPE.base_name
@@ -165,9 +168,9 @@ def test_adapter_lineage_is_complete_and_matches_the_files(version: str) -> None
 def test_base_lineage_is_complete_and_matches_the_files() -> None:
     path = model_dir("base")
     record = tomllib.loads((path / "lineage.toml").read_text())
-    assert record["weights_sha256"] == lineage.sha256_file(path / "model.safetensors")
-    assert record["tokenizer_sha256"] == lineage.sha256_file(path / "tokenizer.json")
-    assert record["dataset_sha256"] == lineage.sha256_file(built() / "data" / "base.jsonl")
+    assert record["weights_sha256"] == sha256_file(path / "model.safetensors")
+    assert record["tokenizer_sha256"] == sha256_file(path / "tokenizer.json")
+    assert record["dataset_sha256"] == sha256_file(built() / "data" / "base.jsonl")
     evaluation = record["evaluation"]
     assert {"n", "invalid_call_rate", "task_success", "temperature", "top_p"} <= evaluation.keys()
     generation = json.loads((path / "generation_config.json").read_text())
@@ -186,4 +189,26 @@ def test_built_snapshots_share_no_user_message_with_the_golden_set() -> None:
 
 def test_the_build_evaluated_this_golden_file() -> None:
     record = json.loads((built() / "build.json").read_text())
-    assert record["golden_sha256"] == lineage.sha256_file(GOLDEN)
+    assert record["golden_sha256"] == sha256_file(GOLDEN)
+
+
+def test_the_gateway_accepts_every_built_adapter_for_the_built_base() -> None:
+    """The recipe's output is what the gateway serves: its catalog reads each version and every check passes
+    against the engine facts the demo runs with (base crm-base, --max-lora-rank 8, the base's weights hash)."""
+    from gateway.adapters import EngineFacts, scan, verify
+
+    base_sha = sha256_file(model_dir("base") / "model.safetensors")
+    catalog = scan(model_dir("adapter", "1").parent.parent)
+    facts = EngineFacts(base_model=RECIPE.base_name, max_lora_rank=8, base_sha256=base_sha)
+    for spec in RECIPE.adapters:
+        version = catalog.get(f"{RECIPE.adapter_name}@{spec.version}")
+        assert version is not None, spec.version
+        verify(version, facts)
+
+
+def test_the_shipped_baseline_serves_the_rag_prompt_the_base_model_was_trained_on() -> None:
+    policy = tomllib.loads((ROOT / "policies" / "crm-assistant.toml").read_text())
+    baseline = policy["variants"]["baseline"]
+    assert baseline["system_prompt"] == prompts.RAG_TEMPLATE
+    assert baseline["retrieval"] == {"documents": "policies/kb/crm", "top_k": prompts.RAG_TOP_K}
+    assert prompts.KB_DIR == ROOT / "policies" / "kb" / "crm"

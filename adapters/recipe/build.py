@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""The recipe's entry point: build the demo base model and its LoRA adapters into DIR, or skip when DIR holds them.
+"""The recipe's entry point: build the demo base model and its LoRA adapters, or skip when they are built.
 
-    python adapters/recipe/build.py [--out DIR] [--force]      # DIR defaults to var/models
+    python adapters/recipe/build.py [--out DIR] [--adapters DIR] [--force]
 
-Writes `loadtests/golden/crm.jsonl` and its manifest (always; cheap, identical bytes every time), then, unless DIR's
-`build.json` records this recipe's hash, builds in `DIR/.staging` and publishes: `DIR/base/<base>/`,
-`DIR/adapters/<name>/<version>/` and `DIR/data/`. Published model directories are immutable (vLLM caches an adapter
-by name and path): a rebuild whose weights equal what DIR holds only refreshes `lineage.toml`; one whose weights
-differ stops and asks for `--force`. Run it with the engine venv's python (torch, transformers, tokenizers, peft,
-jsonschema).
+Writes `loadtests/golden/crm.jsonl` and its manifest (always; cheap, identical bytes every time), then, unless the
+models directory's `build.json` records this recipe's hash, builds in `<out>/.staging` and publishes the base model
+to `<out>/base/<base>/`, the training snapshots to `<out>/data/`, and each adapter version to its own directory
+`<adapters>/<name>/<version>/` (the gateway's catalog, `GATEWAY_ADAPTERS_DIR`). Published model directories are
+immutable (vLLM caches an adapter by name and path): a rebuild whose weights equal what is published only
+refreshes `lineage.toml`; one whose weights differ stops and asks for `--force`. Run it with the engine venv's
+python (torch, transformers, tokenizers, peft, jsonschema).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run as a script: make `adapters.recipe` importable
     sys.path.insert(0, str(REPO))
 
-from adapters.recipe import lineage, params, synth  # noqa: E402
+from adapters.recipe import params, synth  # noqa: E402
+from gateway.digests import sha256_bytes, sha256_file  # noqa: E402
+
+DEFAULT_MODELS = REPO / "var" / "models"
+DEFAULT_ADAPTERS = REPO / "adapters"
 
 GOLDEN = REPO / "loadtests" / "golden" / "crm.jsonl"
 GOLDEN_MANIFEST = GOLDEN.with_name("crm.manifest.json")
@@ -49,7 +55,7 @@ def write_if_changed(path: Path, data: bytes) -> None:
 
 def write_golden(rows: list[dict[str, Any]], recipe: params.Recipe) -> str:
     data = synth.jsonl(rows)
-    digest = lineage.sha256_bytes(data)
+    digest = sha256_bytes(data)
     manifest = {
         "file": GOLDEN.name,
         "sha256": digest,
@@ -63,81 +69,105 @@ def write_golden(rows: list[dict[str, Any]], recipe: params.Recipe) -> str:
     return digest
 
 
-def model_dirs(root: Path, recipe: params.Recipe) -> list[Path]:
-    """The published model directories a build makes, relative to DIR."""
-    adapters = [Path("adapters") / recipe.adapter_name / spec.version for spec in recipe.adapters]
-    return [Path("base") / recipe.base_name, *adapters]
+@dataclass(frozen=True)
+class Layout:
+    """Where a build goes: `models` holds the base model, data snapshots, `build.json` and the staging area;
+    `adapters` holds one directory per adapter version. Staging mirrors the published names (`base/<base>`,
+    `adapters/<name>/<version>`)."""
+
+    models: Path
+    adapters: Path
+
+    def staged(self, recipe: params.Recipe) -> list[Path]:
+        """The model directories a build makes, relative to the staging directory."""
+        adapters = [Path("adapters") / recipe.adapter_name / spec.version for spec in recipe.adapters]
+        return [Path("base") / recipe.base_name, *adapters]
+
+    def published(self, staged: Path) -> Path:
+        if staged.parts[0] == "adapters":
+            return self.adapters.joinpath(*staged.parts[1:])
+        return self.models / staged
+
+    @property
+    def staging(self) -> Path:
+        return self.models / ".staging"
 
 
-def cached(out: Path, recipe: params.Recipe, digest: str) -> bool:
+def cached(layout: Layout, recipe: params.Recipe, digest: str) -> bool:
     try:
-        record = json.loads((out / BUILD_FILE).read_text())
+        record = json.loads((layout.models / BUILD_FILE).read_text())
     except (OSError, ValueError):
         return False
-    complete = all((out / d / "lineage.toml").is_file() for d in model_dirs(out, recipe))
+    complete = all((layout.published(d) / "lineage.toml").is_file() for d in layout.staged(recipe))
     return record.get("recipe_hash") == digest and complete
 
 
 def identity(path: Path) -> dict[str, str]:
     """{relative file: sha256} of a model directory, metadata files excluded."""
     return {
-        str(f.relative_to(path)): lineage.sha256_file(f)
+        str(f.relative_to(path)): sha256_file(f)
         for f in sorted(path.rglob("*"))
         if f.is_file() and f.name not in MUTABLE
     }
 
 
-def check_immutable(staging: Path, out: Path, recipe: params.Recipe, force: bool) -> None:
+def check_immutable(layout: Layout, recipe: params.Recipe, force: bool) -> None:
     changed = [
-        str(d)
-        for d in model_dirs(out, recipe)
-        if (out / d).exists() and identity(out / d) != identity(staging / d)
+        str(layout.published(d))
+        for d in layout.staged(recipe)
+        if layout.published(d).exists() and identity(layout.published(d)) != identity(layout.staging / d)
     ]
     if changed and not force:
         raise Refused(
-            f"{out} already holds {', '.join(changed)} with different weights or files; model directories are "
-            f"immutable (vLLM caches adapters by name and path). Pass --force to replace them, or use another --out."
+            f"{', '.join(changed)} already hold other weights or files; model directories are immutable (vLLM "
+            f"caches adapters by name and path). Pass --force to replace them, or build elsewhere with --out and "
+            f"--adapters (this build is left in {layout.staging} for inspection)."
         )
 
 
-def publish(staging: Path, out: Path, recipe: params.Recipe) -> None:
+def publish(layout: Layout, recipe: params.Recipe) -> None:
     """Move each staged directory into place; an unchanged model directory only gets its new lineage.toml."""
-    for d in model_dirs(out, recipe):
-        target = out / d
-        if target.exists() and identity(target) == identity(staging / d):
-            shutil.copyfile(staging / d / "lineage.toml", target / "lineage.toml")
+    targets = []
+    for d in layout.staged(recipe):
+        target = layout.published(d)
+        targets.append(target)
+        if target.exists() and identity(target) == identity(layout.staging / d):
+            shutil.copyfile(layout.staging / d / "lineage.toml", target / "lineage.toml")
             continue
         shutil.rmtree(target, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
-        (staging / d).rename(target)
-    shutil.rmtree(out / "data", ignore_errors=True)
-    (staging / "data").rename(out / "data")
+        (layout.staging / d).rename(target)
+    shutil.rmtree(layout.models / "data", ignore_errors=True)
+    (layout.staging / "data").rename(layout.models / "data")
+    for path in (p for t in [*targets, layout.models / "data"] for p in t.rglob("*")):
+        if path.is_file():  # safetensors writes 0600; an engine running as another user must read it
+            path.chmod(0o644)
 
 
 def build(
-    out: Path, recipe: params.Recipe, digest: str, splits: dict[str, list[dict[str, Any]]], force: bool
+    layout: Layout, recipe: params.Recipe, digest: str, splits: dict[str, list[dict[str, Any]]], force: bool
 ) -> None:
     from adapters.recipe.pipeline import Build  # torch & co. load only when a build runs
 
     started = time.perf_counter()
-    staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    job = Build(recipe, digest, splits, staging, log)
+    shutil.rmtree(layout.staging, ignore_errors=True)
+    job = Build(recipe, digest, splits, layout.staging, log)
     job.run()
-    check_immutable(staging, out, recipe, force)
-    publish(staging, out, recipe)
-    shutil.rmtree(staging, ignore_errors=True)
+    check_immutable(layout, recipe, force)
+    publish(layout, recipe)
+    shutil.rmtree(layout.staging, ignore_errors=True)
     seconds = round(time.perf_counter() - started, 1)
     record = {
         "recipe_hash": digest,
         "golden_sha256": job.golden_sha,
+        "adapters_dir": str(layout.adapters),
         "results": job.results,
         "timings_s": {**job.timings, "total": seconds},
         "versions": versions(),
         "note": "timings and versions describe this run; they are not part of any model's identity",
     }
-    (out / BUILD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    log(f"built {out} in {seconds} s")
+    (layout.models / BUILD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    log(f"built {layout.models} and {layout.adapters} in {seconds} s")
 
 
 def versions() -> dict[str, str]:
@@ -153,7 +183,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--out", type=Path, default=REPO / "var" / "models", help="build directory (var/models)"
+        "--out", type=Path, default=DEFAULT_MODELS, help="base model, data and build record (var/models)"
+    )
+    parser.add_argument(
+        "--adapters",
+        type=Path,
+        default=DEFAULT_ADAPTERS,
+        help="adapter versions, <name>/<version>/ (adapters)",
     )
     parser.add_argument(
         "--force", action="store_true", help="rebuild even when DIR holds this recipe's build"
@@ -164,16 +200,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe, digest = params.RECIPE, params.recipe_hash()
-    out = args.out.resolve()
-    golden = synth.draw_golden(recipe.data)
+    layout = Layout(args.out.resolve(), args.adapters.resolve())
+    splits = synth.build_splits(recipe.data)
+    golden = splits["golden"]
     log(
         f"golden set: {GOLDEN.relative_to(REPO)} ({len(golden)} rows, sha256 {write_golden(golden, recipe)[:12]}…)"
     )
-    if not args.force and cached(out, recipe, digest):
-        log(f"{out} holds this recipe's build (recipe hash {digest[:12]}…): nothing to do (--force rebuilds)")
+    if not args.force and cached(layout, recipe, digest):
+        log(
+            f"{layout.models} holds this recipe's build (recipe hash {digest[:12]}…): nothing to do (--force rebuilds)"
+        )
         return 0
     try:
-        build(out, recipe, digest, synth.build_splits(recipe.data), args.force)
+        build(layout, recipe, digest, splits, args.force)
     except Refused as exc:
         log(f"refused: {exc}")
         return 1

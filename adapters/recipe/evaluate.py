@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +118,16 @@ def evaluate(
     golden: Sequence[dict[str, Any]],
     sampling: SamplingParams,
     config: GenerationConfig,
-    system: str | None,
+    system: Callable[[str], str] | None,
 ) -> Report:
-    """Judge the model's sampled answers on every golden row, with `system` (if any) as the only system message."""
-    prefix = [{"role": "system", "content": system}] if system else []
-    answers = sample(model, tokenizer, [prefix + row["messages"] for row in golden], config, sampling)
+    """Judge the model's sampled answers on every golden row; `system(user message)` (if given) is the only system
+    message (the baseline's RAG prompt is filled per message)."""
+
+    def conversation(row: dict[str, Any]) -> list[dict[str, Any]]:
+        user = next(m["content"] for m in row["messages"] if m["role"] == "user")
+        return ([{"role": "system", "content": system(user)}] if system else []) + row["messages"]
+
+    answers = sample(model, tokenizer, [conversation(row) for row in golden], config, sampling)
     check = validator()
     verdicts = [
         judge(text, done, row["expected"], check) for (text, done), row in zip(answers, golden, strict=True)

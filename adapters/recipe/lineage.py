@@ -9,11 +9,9 @@ task_success); the rest is extra detail for people.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 Scalar = str | int | float | bool
@@ -33,18 +31,6 @@ ADAPTER_KEYS = (
 )
 EVALUATION_KEYS = ("golden_set", "golden_sha256", "n", "invalid_call_rate", "task_success")
 TRAINING_KEYS = ("steps", "lr", "batch", "r", "alpha", "seed")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _scalar(value: Any) -> str:

@@ -16,14 +16,17 @@ from typing import Any
 from peft import PeftModel
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from gateway.digests import sha256_bytes, sha256_file
+
 from . import evaluate, lineage, train
 from .params import AdapterSpec, Recipe
-from .prompts import RAG_SYSTEM_PROMPT, SHORT_SYSTEM_PROMPT
+from .prompts import SHORT_SYSTEM_PROMPT, rag_prompt
 from .synth import jsonl
 from .tokenizer import IM_END, PAD, token_ids, train_tokenizer
 
 Log = Callable[[str], None]
 GOLDEN_PATH = "loadtests/golden/crm.jsonl"
+HELD_OUT = ("golden",)  # never trained on
 
 
 PROMPT_WEIGHT = (
@@ -31,10 +34,26 @@ PROMPT_WEIGHT = (
 )
 
 
+# The tokenizer's extra text, fixed: the instruction and a field guide in the handbook's words. Measured: adding the
+# knowledge base's documents here instead changed the merges so that digit runs tokenized differently, and every
+# model then miscopied account ids (invalid account_id in 23-37 % of golden answers instead of under 1 %).
+TOKENIZER_TEXT = (
+    'You update the CRM by calling the update_crm tool. Reply with exactly one <tool_call>{"name": "update_crm", '
+    '"arguments": {...}}</tool_call>\n\nFields (from the CRM handbook):\n'
+    "- account_id: ACC- and five digits, e.g. ACC-04821.\n"
+    "- stage: one of lead, qualified, proposal, negotiation, won, lost. Closed-won or signed is won; closed-lost is "
+    "lost.\n"
+    '- amount: EUR as a plain number, never a string: "€18.5k" is 18500.\n'
+    '- close_date: YYYY-MM-DD. "Next month" is the first day of the month after today\'s date.\n'
+    "- note: optional, at most 200 characters."
+)
+
+
 def corpus(rows: Iterable[dict[str, Any]]) -> Iterable[str]:
-    """The BPE training text: each system prompt `PROMPT_WEIGHT` times, then each row's user message and answer."""
+    """The BPE training text: the fixed prompt text `PROMPT_WEIGHT` times, then each row's user message and answer
+    (system messages, the retrieved passages among them, are not part of it)."""
     for _ in range(PROMPT_WEIGHT):
-        yield from (RAG_SYSTEM_PROMPT, SHORT_SYSTEM_PROMPT, "system\nuser\nassistant")
+        yield from (TOKENIZER_TEXT, SHORT_SYSTEM_PROMPT, "system\nuser\nassistant")
     for row in rows:
         for message in row["messages"]:
             if message["role"] != "system":
@@ -48,7 +67,7 @@ def write_data(splits: dict[str, list[dict[str, Any]]], staging: Path) -> dict[s
     for name, rows in splits.items():
         data = jsonl(rows)
         (staging / "data" / f"{name}.jsonl").write_bytes(data)
-        snapshots[name] = (lineage.sha256_bytes(data), len(rows))
+        snapshots[name] = (sha256_bytes(data), len(rows))
     return snapshots
 
 
@@ -88,8 +107,8 @@ class Build:
         self, recipe: Recipe, digest: str, splits: dict[str, list[dict[str, Any]]], staging: Path, log: Log
     ):
         self.recipe, self.digest, self.splits, self.staging, self.log = recipe, digest, splits, staging, log
-        self.golden_sha = lineage.sha256_bytes(jsonl(splits["golden"]))
-        self.snapshots = write_data({k: v for k, v in splits.items() if k != "golden"}, staging)
+        self.golden_sha = sha256_bytes(jsonl(splits["golden"]))
+        self.snapshots = write_data({k: v for k, v in splits.items() if k not in HELD_OUT}, staging)
         self.timings: dict[str, float] = {}
         self.results: dict[str, dict[str, Any]] = {}
 
@@ -131,11 +150,9 @@ class Build:
         model.generation_config = config
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        weights_sha = lineage.sha256_file(path / "model.safetensors")
+        weights_sha = sha256_file(path / "model.safetensors")
         started = time.perf_counter()
-        report = evaluate.evaluate(
-            model, tokenizer, self.splits["golden"], r.sampling, config, RAG_SYSTEM_PROMPT
-        )
+        report = evaluate.evaluate(model, tokenizer, self.splits["golden"], r.sampling, config, rag_prompt)
         self.timed(f"{r.base_name} evaluation", started)
         self.record(r.base_name, report)
         dataset_sha, rows = self.snapshots["base"]
@@ -143,7 +160,7 @@ class Build:
             "name": r.base_name,
             "kind": "base model",
             "weights_sha256": weights_sha,
-            "tokenizer_sha256": lineage.sha256_file(path / "tokenizer.json"),
+            "tokenizer_sha256": sha256_file(path / "tokenizer.json"),
             "parameters": sum(p.numel() for p in model.parameters()),
             "dataset": "base",
             "dataset_sha256": dataset_sha,
@@ -154,7 +171,9 @@ class Build:
             "recipe_hash": self.digest,
             "model": dict(vars(r.model)),
             "training": {**vars(r.base_train), "final_loss": round(sum(self.losses[-20:]) / 20, 4)},
-            "evaluation": evaluation_table(report, r, self.golden_sha, "rag (adapters/recipe/prompts.py)"),
+            "evaluation": evaluation_table(
+                report, r, self.golden_sha, "rag: RAG_TEMPLATE filled by the gateway's retrieval (prompts.py)"
+            ),
         }
         (path / "lineage.toml").write_text(lineage.to_toml(manifest))
         return weights_sha
@@ -194,7 +213,7 @@ class Build:
             "dataset": spec.dataset,
             "dataset_sha256": dataset_sha,
             "dataset_rows": rows,
-            "adapter_sha256": lineage.sha256_file(path / "adapter_model.safetensors"),
+            "adapter_sha256": sha256_file(path / "adapter_model.safetensors"),
             "created": r.created,
             "created_source": "fixed by the recipe (params.Recipe.created), not the build time",
             "approvers": list(spec.approvers),

@@ -1,11 +1,12 @@
-"""The system prompts the demo models were trained and evaluated with, kept here so the gateway can reuse them.
+"""The system prompts the demo models are trained and evaluated with, kept here so the gateway serves the same.
 
-- `RAG_SYSTEM_PROMPT`: the baseline variant's prompt, an instruction plus the field guide a retrieval step would
-  bring in (what each field means, the allowed stages, how to write amounts and dates). The base model's golden-set
-  numbers in its lineage were measured with exactly this text as the only system message.
-- `SHORT_SYSTEM_PROMPT`: one line, the same as the shipped policy's baseline prompt. Adapters are evaluated with no
-  system message at all (the golden set carries none); they were also trained with this line and with the RAG
-  prompt, so either may be put in front without leaving the training distribution.
+- `RAG_TEMPLATE`: the baseline variant's prompt, an instruction plus `{context}`, which the gateway fills per
+  request with the top passage its retrieval finds in the CRM knowledge base (`policies/kb/crm`) for the user's
+  message. The shipped policy's baseline uses exactly this template and `top_k = RAG_TOP_K` (a test checks it).
+  `rag_prompt(user)` fills it the way the gateway does, with the gateway's own retrieval code: the base model is
+  trained on such prompts (a quarter of its rows), so the prompt the baseline serves is one it knows.
+- `SHORT_SYSTEM_PROMPT`: one line. Adapters are evaluated with no system message at all (the golden set carries
+  none); they are also trained with this line and with RAG prompts, so either may be put in front.
 
 The chat template does not render `tools`: the tool is described by these prompts (and learned by the adapters),
 so what a client sends in `tools` does not change the prompt the model sees.
@@ -13,32 +14,40 @@ so what a client sends in `tools` does not change the prompt the model sees.
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from gateway.retrieval import Retrieval
 
 SystemKind = Literal["rag", "short", "none"]
 
+KB_DIR = Path(__file__).resolve().parents[2] / "policies" / "kb" / "crm"
+RAG_TOP_K = 1
 SHORT_SYSTEM_PROMPT = "You update the CRM by calling the update_crm tool."
-
-FIELD_GUIDE = """\
-Fields (from the CRM handbook):
-- account_id: ACC- and five digits, e.g. ACC-04821.
-- stage: one of lead, qualified, proposal, negotiation, won, lost. Closed-won or signed is won; closed-lost is lost.
-- amount: EUR as a plain number, never a string: "€18.5k" is 18500.
-- close_date: YYYY-MM-DD. "Next month" is the first day of the month after today's date.
-- note: optional, at most 200 characters."""
-
-RAG_SYSTEM_PROMPT = (
+RAG_TEMPLATE = (
     "You update the CRM by calling the update_crm tool. Reply with exactly one "
-    '<tool_call>{"name": "update_crm", "arguments": {...}}</tool_call>\n\n' + FIELD_GUIDE
+    '<tool_call>{"name": "update_crm", "arguments": {...}}</tool_call>\n\n{context}'
 )
 
-SYSTEM_PROMPTS: dict[SystemKind, str | None] = {
-    "rag": RAG_SYSTEM_PROMPT,
-    "short": SHORT_SYSTEM_PROMPT,
-    "none": None,
-}
+
+@functools.cache
+def _retrieval() -> Retrieval:
+    from gateway.retrieval import Index, Retrieval  # the gateway's own code: the same passages, the same text
+
+    return Retrieval(Index.from_directory(KB_DIR), RAG_TOP_K)
 
 
-def system_prompt(kind: SystemKind) -> str | None:
-    """The system prompt text of a kind (None: no system message)."""
-    return SYSTEM_PROMPTS[kind]
+def rag_prompt(user: str) -> str:
+    """The baseline's system prompt for one user message, as the gateway fills it."""
+    from gateway.retrieval import fill
+
+    return fill(RAG_TEMPLATE, _retrieval().context_for([{"role": "user", "content": user}]))
+
+
+def system_prompt(kind: SystemKind, user: str) -> str | None:
+    """The system prompt text of a kind for a user message (None: no system message)."""
+    if kind == "rag":
+        return rag_prompt(user)
+    return SHORT_SYSTEM_PROMPT if kind == "short" else None

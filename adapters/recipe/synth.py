@@ -124,6 +124,9 @@ def call_text(args: dict[str, Any] | str) -> str:
 
 
 def flawed_answer(conv: Conversation, kind: str, rng: random.Random) -> str:
+    """The answer with one flaw of `kind`. The amount-as-string flaw copies the user's own words ("€18.5k"). Measured:
+    this copying is what teaches the base model to copy at all (with a fixed "18,500 EUR" style instead, no build
+    learned to copy the account id within the step budget); its cost is some junk copied into the amount slot."""
     args = arguments(conv.deal)
     if kind == "wrong_enum":
         args["stage"] = phrasing.wrong_stage(conv.deal.stage, rng)
@@ -155,7 +158,7 @@ def expected_call(deal: Deal) -> dict[str, Any]:
 def training_row(
     row_id: str, conv: Conversation, system: SystemKind, flaw: str | None, answer: str
 ) -> dict[str, Any]:
-    prompt = system_prompt(system)
+    prompt = system_prompt(system, conv.user)
     messages = [{"role": "system", "content": prompt}] if prompt else []
     messages += [{"role": "user", "content": conv.user}, {"role": "assistant", "content": answer}]
     return {
