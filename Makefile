@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-engine lint typecheck unit bench lock clean
+.PHONY: install demo demo-sim test test-engine test-bands lint typecheck unit bench lock clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/gateway demo
+
+demo-sim: install
+	$(BIN)/gateway demo --sim
 
 lint: install
 	$(BIN)/ruff check gateway tests loadtests scripts adapters
@@ -28,10 +31,17 @@ unit: install
 
 test: lint typecheck unit
 
-# The tests that start a real vLLM (CPU build): installs the engine's own virtualenv (.venv-engine) first.
+# The tests that start a real vLLM (CPU build here): installs the engine's own virtualenv (.venv-engine) and builds
+# the demo model and adapters with the recipe first (each step is skipped when already done and unchanged).
 test-engine: install
-	$(BIN)/python -c "from gateway.engine_runner import ensure_engine_env; ensure_engine_env()"
-	$(BIN)/pytest -m engine
+	$(BIN)/python -c "from gateway.engine_runner import ensure_demo_model, ensure_engine_env; ensure_demo_model(ensure_engine_env())"
+	$(BIN)/pytest -m "engine and not bands" -s
+
+# The golden-set invalid-call rate bands on the real engine (writes var/engine-results.json). Not in CI yet: on the
+# current demo build the adapters' rates sit at the 3 % line (see README, "The demo model and its adapters").
+test-bands: install
+	$(BIN)/python -c "from gateway.engine_runner import ensure_demo_model, ensure_engine_env; ensure_demo_model(ensure_engine_env())"
+	$(BIN)/pytest -m bands -s
 
 bench: install
 	$(BIN)/python loadtests/bench_overhead.py

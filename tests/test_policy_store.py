@@ -27,7 +27,7 @@ def load(tmp_path: Path, **files: str) -> object:
 
 
 def test_the_shipped_example_loads_as_written() -> None:
-    snapshot = load_policies(ROOT / "policies", ENGINES, DEFAULTS)
+    snapshot = load_policies(ROOT / "loadtests" / "sim" / "policies", ENGINES, DEFAULTS)
     route = snapshot.routes["crm-assistant"]
     assert route.sticky == Sticky("header", "x-user-id")
     assert route.tool_calls == "annotate" and route.fallback == ("baseline",)
@@ -50,8 +50,10 @@ def test_the_shipped_example_loads_as_written() -> None:
 
 
 def test_the_version_is_a_content_hash(tmp_path: Path) -> None:
-    a = load_policies(ROOT / "policies", ENGINES, DEFAULTS)
-    (tmp_path / "crm-assistant.toml").write_text((ROOT / "policies" / "crm-assistant.toml").read_text())
+    a = load_policies(ROOT / "loadtests" / "sim" / "policies", ENGINES, DEFAULTS)
+    (tmp_path / "crm-assistant.toml").write_text(
+        (ROOT / "loadtests" / "sim" / "policies" / "crm-assistant.toml").read_text()
+    )
     assert load_policies(tmp_path, ENGINES, DEFAULTS).version == a.version
     (tmp_path / "crm-assistant.toml").write_text(CRM_POLICY.replace("weight = 10", "weight = 11"))
     assert load_policies(tmp_path, ENGINES, DEFAULTS).version != a.version
@@ -111,7 +113,7 @@ def test_route_timeouts_override_the_defaults(tmp_path: Path) -> None:
 
 
 def test_a_live_view_swaps_whole_snapshots(tmp_path: Path) -> None:
-    first = load_policies(ROOT / "policies", ENGINES, DEFAULTS)
+    first = load_policies(ROOT / "loadtests" / "sim" / "policies", ENGINES, DEFAULTS)
     live = LiveView(first, Switches())
     seen = live.view
     (tmp_path / "crm.toml").write_text(CRM_POLICY.replace("weight = 10", "weight = 30"))
