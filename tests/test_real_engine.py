@@ -213,7 +213,10 @@ def test_a_streamed_answer_carries_its_verdict(make_gateway: GatewayMaker) -> No
 
 
 def test_a_hot_swap_under_load_loses_no_request(make_gateway: GatewayMaker, engine: EngineProcess) -> None:
-    gw = make_gateway(SHIPPED.replace('adapter = "crm-formatter@2"', 'adapter = "crm-formatter@1"'))
+    # No release gate: @1's recorded golden-set rate is not under the shipped gate's 3 % in every build.
+    gw = make_gateway(
+        without_release_gate(SHIPPED).replace('adapter = "crm-formatter@2"', 'adapter = "crm-formatter@1"')
+    )
     wait_for(lambda: "crm-formatter@1" in engine_models(engine.spec.base_url))
     rows = golden()
     failures: list[str] = []
@@ -327,6 +330,9 @@ def test_each_adapter_check_stops_a_broken_version_before_the_engine(
             json={"adapter": f"crm-formatter@{version}", "reason": "try a broken copy"},
         )
         error = swap.json()["error"]
+        if check == "lineage":  # without a lineage the catalog cannot vouch for the version at all
+            assert swap.status_code == 404 and "lineage.toml is missing" in error["message"], swap.text
+            continue
         assert swap.status_code == 400 and error["code"] == f"adapter_{check}", (version, swap.text)
         assert f"crm-formatter@{version}" in error["message"] and check in error["message"]
     assert not {f"crm-formatter@{v}" for v in expected} & engine_models(engine.spec.base_url)
@@ -340,7 +346,7 @@ CANARY = """
 candidate = "formatter"
 baseline = "baseline"
 steps = {steps}
-min_requests_per_step = 25
+min_requests_per_step = {min_requests}
 min_minutes_per_step = 0
 unit = "request"
 on_fail = "kill"
@@ -389,7 +395,7 @@ def audit_actions(gw: RunningGateway) -> list[dict[str, Any]]:
 
 
 def test_a_canary_of_the_good_version_walks_up_the_steps_on_real_output(make_gateway: GatewayMaker) -> None:
-    gw = make_gateway(SHIPPED + CANARY.format(steps="[20, 50, 100]"))
+    gw = make_gateway(SHIPPED + CANARY.format(steps="[20, 50, 100]", min_requests=25))
     sent = drive(gw.url, lambda: any(e["action"] == "canary_promote" for e in audit_actions(gw)))
     print(f"\ncrm-formatter@2 promoted after {sent} requests")
     decisions = [e for e in audit_actions(gw) if e["action"].startswith("canary_")]
@@ -402,8 +408,10 @@ def test_a_canary_of_the_regressed_version_is_killed_by_the_gateway(make_gateway
     policy = without_release_gate(SHIPPED).replace(
         'adapter = "crm-formatter@2"', 'adapter = "crm-formatter@3"'
     )
-    gw = make_gateway(policy + CANARY.format(steps="[20, 50, 100]"))
-    sent = drive(gw.url, lambda: any(e["action"] == "canary_kill" for e in audit_actions(gw)))
+    # Steps need evidence before they pass (300 candidate requests): with less, a canary of a version this much
+    # worse (about 22 % invalid against 13 %) can be promoted before the count test has seen enough.
+    gw = make_gateway(policy + CANARY.format(steps="[50, 100]", min_requests=300))
+    sent = drive(gw.url, lambda: any(e["action"] == "canary_kill" for e in audit_actions(gw)), timeout=480)
     kill = next(e for e in audit_actions(gw) if e["action"] == "canary_kill")
     print(f"\ncrm-formatter@3 killed after {sent} requests: {kill['reason']}")
     assert kill["actor"] == "canary" and "invalid_call_rate" in kill["reason"]
