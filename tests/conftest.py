@@ -6,6 +6,7 @@ service sees. Each gateway gets its own policies directory, keys file and data d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import subprocess
@@ -91,11 +92,10 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-@pytest.fixture(scope="session")
-def sim_engine_url() -> Iterator[str]:
-    """A real simulated-engine process, shared by the session."""
+@contextlib.contextmanager
+def running_sim_engine(behaviour: Path) -> Iterator[str]:
+    """A real simulated-engine process with `behaviour`, for as long as the block runs; yields its URL."""
     port = free_port()
-    behaviour = ROOT / "tests" / "data" / "sim_engine.toml"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.sim_engine", "--port", str(port), "--behaviour", str(behaviour)]
     )
@@ -106,6 +106,13 @@ def sim_engine_url() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def sim_engine_url() -> Iterator[str]:
+    """A real simulated-engine process, shared by the session."""
+    with running_sim_engine(ROOT / "tests" / "data" / "sim_engine.toml") as url:
+        yield url
 
 
 @dataclass

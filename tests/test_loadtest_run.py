@@ -5,8 +5,6 @@ through `gateway report` for the same window."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ import pytest
 
 from gateway.cli import main
 from tests.adapter_factory import make_adapter
-from tests.conftest import FORCER_TOKEN, ROOT, GatewayFactory, RunningGateway, _wait_http, free_port
+from tests.conftest import FORCER_TOKEN, ROOT, GatewayFactory, RunningGateway, running_sim_engine
 
 SCENARIOS = ROOT / "loadtests" / "scenarios"
 
@@ -24,18 +22,8 @@ SCENARIOS = ROOT / "loadtests" / "scenarios"
 @pytest.fixture(scope="module")
 def engine_url() -> Iterator[str]:
     """A simulated engine of this module's own (tests/data/loadtest_engine.toml)."""
-    port = free_port()
-    behaviour = ROOT / "tests" / "data" / "loadtest_engine.toml"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.sim_engine", "--port", str(port), "--behaviour", str(behaviour)]
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url + "/health")
+    with running_sim_engine(ROOT / "tests" / "data" / "loadtest_engine.toml") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(autouse=True)
