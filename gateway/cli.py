@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     engine.add_argument("--served-name", help="the model name clients of the engine use (needed with MODEL)")
     engine.add_argument("--port", type=int, default=8001)
-    engine.add_argument("--max-lora-rank", type=int, default=16)
-    engine.add_argument("--max-model-len", type=int, default=2048)
+    engine.add_argument("--max-lora-rank", type=int, default=16, help="with MODEL (the demo model: 8)")
+    engine.add_argument("--max-model-len", type=int, default=2048, help="with MODEL (the demo model: 1024)")
     engine.add_argument("--max-num-seqs", type=int, default=32, help="requests the engine batches together")
     engine.add_argument("--venv", type=Path, default=Path(".venv-engine"))
     engine.add_argument("--log", type=Path, default=Path("var/engine.log"))
