@@ -92,6 +92,19 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def engine_models(url: str) -> set[str]:
+    """The model names an engine (simulated or vLLM) serves now: its base model and loaded adapters."""
+    return {card["id"] for card in httpx.get(url + "/v1/models", timeout=10).json()["data"]}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def running_sim_engine(behaviour: Path) -> Iterator[str]:
     """A real simulated-engine process with `behaviour`, for as long as the block runs; yields its URL."""

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +15,16 @@ import openai
 import pytest
 
 from tests.adapter_factory import adapter_policy, make_adapter
-from tests.conftest import FORCER_TOKEN, ROOT, GatewayFactory, RunningGateway, _wait_http, free_port
+from tests.conftest import (
+    FORCER_TOKEN,
+    ROOT,
+    GatewayFactory,
+    RunningGateway,
+    _wait_http,
+    engine_models,
+    free_port,
+    wait_for,
+)
 
 MESSAGES = [{"role": "user", "content": "Hooli: negotiation, 9000 EUR."}]
 
@@ -27,17 +36,6 @@ def adapters(tmp_path: Path) -> Path:
     make_adapter(root, version="2", seed=2)
     make_adapter(root, version="3", seed=3, invalid_rate=0.31)  # fails the gate
     return root
-
-
-def engine_models(url: str) -> set[str]:
-    return {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def ask(gw: RunningGateway, variant: str = "formatter") -> httpx.Response:
