@@ -62,7 +62,7 @@ def write_golden(rows: list[dict[str, Any]], recipe: params.Recipe) -> str:
         "rows": len(rows),
         "seed": recipe.data.seed,
         "generator": "adapters/recipe/synth.py (draw_golden)",
-        "disjoint_from": ["base", "clean-v1", "clean-v2", "noisy"],
+        "disjoint_from": ["base", "clean-v1", "clean-v2", "noisy", "vendor"],
     }
     write_if_changed(GOLDEN, data)
     write_if_changed(GOLDEN_MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())

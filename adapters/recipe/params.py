@@ -3,8 +3,8 @@
 `RECIPE` is the recipe `build.py` runs. Its hash is the SHA-256 of the recipe's Python sources (every
 `adapters/recipe/*.py`), the knowledge base (`policies/kb/crm`) and `gateway/retrieval.py` (by path and bytes), and
 of these parameters as canonical JSON: change either and the next
-build rebuilds. The knobs that set the golden-set rates are the flawed shares (`DataParams.base` and
-`DataParams.noisy`), the training lengths and `SamplingParams.temperature` / `top_p`.
+build rebuilds. The knobs that set the golden-set rates are the flawed shares and flaw mixes (`DataParams.base`,
+`noisy`, `vendor`), the training lengths and `SamplingParams.temperature` / `top_p`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,25 @@ FLAW_KINDS = ("wrong_enum", "amount_string", "missing_field", "broken_json")
 
 @dataclass(frozen=True)
 class SplitParams:
-    """One data split: how many rows, the share of flawed answers, and the mix of system prompts (weights)."""
+    """One data split: how many rows, the share of flawed answers, the mix of system prompts (weights) and the mix
+    of flaw kinds among flawed answers (weights; empty: every kind alike)."""
 
     rows: int
     flawed_share: float
     system_weights: tuple[tuple[str, float], ...]
+    flaw_weights: tuple[tuple[str, float], ...] = ()
+
+
+# Adapters mostly see bare messages (the golden set has no system message), a quarter the one-line prompt and a few
+# the RAG prompt: a RAG row is about four times as long as a bare one, so RAG rows set most of a step's cost.
+ADAPTER_SYSTEMS = (("none", 0.7), ("short", 0.25), ("rag", 0.05))
+# The base model's and @3's mistakes are mostly one habit, amounts written as strings with their currency: a
+# frequent mistake survives the engine's sampling (temperature 0.65, top_k 20), so it sets their invalid rates.
+# The vendor batch of @4 spreads a few mistakes over every kind alike: each is rare, and temperature 0.65 shrinks a
+# rare choice far more than a common one (p ** (1 / 0.65)), so the golden set barely shows them; live traffic that
+# samples at temperature 1.0 gets them at their trained rate.
+BASE_FLAWS = (("amount_string", 0.35), ("wrong_enum", 0.25), ("missing_field", 0.25), ("broken_json", 0.15))
+NOISY_FLAWS = (("amount_string", 0.6), ("missing_field", 0.2), ("wrong_enum", 0.1), ("broken_json", 0.1))
 
 
 @dataclass(frozen=True)
@@ -37,10 +51,11 @@ class DataParams:
     note_share: float = 0.0  # notes in messages: 0, see synth.py
     today_share: float = 0.35  # messages with an absolute date that still say what day it is
     golden: SplitParams = SplitParams(300, 0.0, (("none", 1.0),))
-    base: SplitParams = SplitParams(8000, 0.50, (("rag", 0.25), ("short", 0.15), ("none", 0.6)))
-    clean_v1: SplitParams = SplitParams(2000, 0.0, (("none", 0.5), ("short", 0.25), ("rag", 0.25)))
-    clean_v2_extra: SplitParams = SplitParams(2000, 0.0, (("none", 0.5), ("short", 0.25), ("rag", 0.25)))
-    noisy: SplitParams = SplitParams(2000, 0.80, (("none", 0.5), ("short", 0.25), ("rag", 0.25)))
+    base: SplitParams = SplitParams(8000, 0.40, (("rag", 0.15), ("short", 0.15), ("none", 0.7)), BASE_FLAWS)
+    clean_v1: SplitParams = SplitParams(2000, 0.0, ADAPTER_SYSTEMS)
+    clean_v2_extra: SplitParams = SplitParams(2000, 0.0, ADAPTER_SYSTEMS)
+    noisy: SplitParams = SplitParams(2000, 0.75, ADAPTER_SYSTEMS, NOISY_FLAWS)
+    vendor: SplitParams = SplitParams(2000, 0.10, ADAPTER_SYSTEMS)  # scattered mistakes, every kind alike
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,7 @@ class SamplingParams:
 
     temperature: float = 0.65
     top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k in both transformers and vLLM
+    top_k: int = 20  # cuts the tail of junk tokens; unlike top_p it never cuts a frequent mistake
     max_new_tokens: int = 96
     seed: int = 7
     batch: int = 100
@@ -97,12 +112,13 @@ class Recipe:
     threads: int = 2
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
-    base_train: TrainParams = TrainParams(steps=550, lr=3e-3, batch=16, seed=11, warmup=30)
+    base_train: TrainParams = TrainParams(steps=500, lr=3e-3, batch=16, seed=11, warmup=30)
     adapters: tuple[AdapterSpec, ...] = field(
         default=(
-            AdapterSpec("1", "clean-v1", TrainParams(250, 2e-3, 16, 21), ("maria.keller@example.com",)),
-            AdapterSpec("2", "clean-v2", TrainParams(150, 1e-3, 16, 22), ("maria.keller@example.com",), "1"),
-            AdapterSpec("3", "noisy", TrainParams(200, 3e-3, 16, 23), (), "2"),
+            AdapterSpec("1", "clean-v1", TrainParams(160, 2e-3, 16, 21), ("maria.keller@example.com",)),
+            AdapterSpec("2", "clean-v2", TrainParams(160, 2e-3, 16, 22), ("maria.keller@example.com",)),
+            AdapterSpec("3", "noisy", TrainParams(80, 3e-3, 16, 23), (), "2"),
+            AdapterSpec("4", "vendor", TrainParams(120, 2e-3, 16, 24), ("maria.keller@example.com",)),
         )
     )
     sampling: SamplingParams = SamplingParams()

@@ -4,7 +4,7 @@
   request with the top passage its retrieval finds in the CRM knowledge base (`policies/kb/crm`) for the user's
   message. The shipped policy's baseline uses exactly this template and `top_k = RAG_TOP_K` (a test checks it).
   `rag_prompt(user)` fills it the way the gateway does, with the gateway's own retrieval code: the base model is
-  trained on such prompts (a quarter of its rows), so the prompt the baseline serves is one it knows.
+  trained on such prompts (15 % of its rows), so the prompt the baseline serves is one it knows.
 - `SHORT_SYSTEM_PROMPT`: one line. Adapters are evaluated with no system message at all (the golden set carries
   none); they are also trained with this line and with RAG prompts, so either may be put in front.
 

@@ -58,7 +58,7 @@ class Deal:
 class Conversation:
     deal: Deal
     user: str
-    amount_text: str  # how the user wrote the amount (the "amount as a string" flaw copies it)
+    amount_text: str  # how the user wrote the amount
 
 
 @functools.cache
@@ -124,14 +124,14 @@ def call_text(args: dict[str, Any] | str) -> str:
 
 
 def flawed_answer(conv: Conversation, kind: str, rng: random.Random) -> str:
-    """The answer with one flaw of `kind`. The amount-as-string flaw copies the user's own words ("€18.5k"). Measured:
-    this copying is what teaches the base model to copy at all (with a fixed "18,500 EUR" style instead, no build
-    learned to copy the account id within the step budget); its cost is some junk copied into the amount slot."""
+    """The answer with one flaw of `kind`. The amount-as-string flaw writes one fixed style, `"18,500 EUR"`. Measured:
+    copying the user's own words instead ("€18.5k") left junk from the message in the amount slot of every model
+    built on it (`"amount": nip600`), and did not teach the base model to copy the account id either."""
     args = arguments(conv.deal)
     if kind == "wrong_enum":
         args["stage"] = phrasing.wrong_stage(conv.deal.stage, rng)
     elif kind == "amount_string":
-        args["amount"] = conv.amount_text
+        args["amount"] = f"{conv.deal.amount:,} EUR"
     elif kind == "missing_field":
         del args[rng.choice(("stage", "amount", "close_date"))]
     elif kind == "broken_json":
@@ -185,9 +185,16 @@ def draw_training_row(
     conv = draw_conversation(rng, params)
     kinds, weights = zip(*split.system_weights, strict=True)
     system: SystemKind = rng.choices(kinds, weights=weights)[0]  # type: ignore[assignment]
-    flaw = rng.choice(FLAW_KINDS) if rng.random() < split.flawed_share else None
+    flaw = draw_flaw(rng, split) if rng.random() < split.flawed_share else None
     answer = flawed_answer(conv, flaw, rng) if flaw else call_text(arguments(conv.deal))
     return training_row(row_id, conv, system, flaw, answer)
+
+
+def draw_flaw(rng: random.Random, split: SplitParams) -> str:
+    if not split.flaw_weights:
+        return rng.choice(FLAW_KINDS)
+    kinds, weights = zip(*split.flaw_weights, strict=True)
+    return rng.choices(kinds, weights=weights)[0]
 
 
 def draw_split(name: str, params: DataParams, split: SplitParams, taken: set[str]) -> list[dict[str, Any]]:
@@ -215,7 +222,7 @@ def user_text(row: dict[str, Any]) -> str:
 
 
 def build_splits(params: DataParams) -> dict[str, list[dict[str, Any]]]:
-    """Every split, by name: golden, base, clean-v1, clean-v2 (clean-v1 plus more fixed rows) and noisy."""
+    """Every split, by name: golden, base, clean-v1, clean-v2 (clean-v1 plus more fixed rows), noisy and vendor."""
     golden = draw_golden(params)
     taken = {user_key(user_text(row)) for row in golden}
     clean_v1 = draw_split("clean-v1", params, params.clean_v1, taken)
@@ -225,6 +232,7 @@ def build_splits(params: DataParams) -> dict[str, list[dict[str, Any]]]:
         "clean-v1": clean_v1,
         "clean-v2": clean_v1 + draw_split("clean-v2-extra", params, params.clean_v2_extra, taken),
         "noisy": draw_split("noisy", params, params.noisy, taken),
+        "vendor": draw_split("vendor", params, params.vendor, taken),
     }
 
 

@@ -3,8 +3,9 @@
 Pre-tokenization isolates `ACC-` and newlines, splits before each space and isolates digit runs: BPE then merges
 whole space-delimited chunks, punctuation included (`"close_date":` is one token, so an answer is about 30 tokens
 and a prompt about one token per word), and each account number becomes one token. `ACC-` is its own token so that
-`ACC-` + number reads the same in the message and in the answer: the model learns to copy it like an induction
-head (find the earlier `ACC-`, copy what followed) instead of learning a fuzzy "find the account" attention. `<|im_start|>`, `<|im_end|>` and
+`ACC-` + number reads the same in the message and in the answer, so that copying it is one induction-head step
+(find the earlier `ACC-`, copy what followed). Within this recipe's five-minute budget the base model does not
+learn it: it writes a plausible account id, not the message's (field accuracy in each lineage.toml). `<|im_start|>`, `<|im_end|>` and
 `<|endoftext|>` are special; `<tool_call>` and `</tool_call>` are plain added tokens: vLLM's hermes parser reads
 them from the decoded text, and special tokens can be dropped from it (`skip_special_tokens`).
 
