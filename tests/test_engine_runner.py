@@ -26,6 +26,7 @@ from gateway.engine_runner import (
     EngineSpec,
     EngineStartError,
     command,
+    demo_spec,
     engine_env,
     env_is_ready,
     env_plan,
@@ -61,6 +62,13 @@ def test_command_runs_the_api_server_module_with_lora_and_hermes_tool_calls() ->
     assert (flag(argv, "--max-lora-rank"), flag(argv, "--max-loras")) == ("8", "2")
     assert flag(argv, "--max-cpu-loras") == "8"
     assert "--api-key" not in argv
+
+
+def test_the_demo_engine_runs_the_model_in_float32_as_it_was_trained() -> None:
+    """vLLM's `auto` would run the float32 demo model in bfloat16, which this CPU build emulates on AVX2 machines
+    (the golden replay took 123 s instead of 76 s)."""
+    assert flag(command(demo_spec(), "python"), "--dtype") == "float32"
+    assert flag(command(EngineSpec(model=Path("m"), served_model_name="b"), "python"), "--dtype") == "auto"
 
 
 def test_command_listens_on_loopback_by_default_at_the_gateways_default_engine_port() -> None:
