@@ -39,12 +39,12 @@ check: lint typecheck unit
 engine-model: install
 	$(BIN)/python -c "from gateway.engine_runner import ensure_demo_model, ensure_engine_env; ensure_demo_model(ensure_engine_env())"
 
-# The tests that start a real vLLM on the demo model.
+# The tests that start a real vLLM on the demo model, the golden-set rate bands among them (the rates measured are
+# written to var/engine-results.json).
 test-engine: engine-model
-	$(BIN)/pytest -m "engine and not bands" -s
+	$(BIN)/pytest -m engine -s
 
-# The golden-set invalid-call rate bands on the real engine (writes var/engine-results.json). Not in CI: the base
-# model with its RAG prompt records 3-4 % on vLLM against the 8-20 % band (README, "The demo model and its adapters").
+# The band test alone.
 test-bands: engine-model
 	$(BIN)/pytest -m bands -s
 

