@@ -355,8 +355,8 @@ def test_each_adapter_check_stops_a_broken_version_before_the_engine(
 
 CANARY = """
 [canary]
-candidate = "formatter"
-baseline = "baseline"
+candidate = "{candidate}"
+baseline = "{baseline}"
 steps = {steps}
 min_requests_per_step = {min_requests}
 min_minutes_per_step = 0
@@ -423,7 +423,8 @@ def audit_actions(gw: RunningGateway) -> list[dict[str, Any]]:
 
 
 def test_a_canary_of_the_good_version_walks_up_the_steps_on_real_output(make_gateway: GatewayMaker) -> None:
-    gw = make_gateway(SHIPPED + CANARY.format(steps="[20, 50, 100]", min_requests=25))
+    canary = CANARY.format(candidate="formatter", baseline="baseline", steps="[20, 50, 100]", min_requests=25)
+    gw = make_gateway(SHIPPED + canary)
     tally: Tally = {}
     sent = drive(gw.url, lambda: any(e["action"] == "canary_promote" for e in audit_actions(gw)), tally=tally)
     print(
@@ -443,9 +444,7 @@ def test_a_version_that_passes_the_golden_set_but_regresses_live_is_killed_by_it
     policy = (
         SHIPPED.replace("weight = 90", "weight = 0").replace("weight = 10", "weight = 100")
         + '\n[variants.v4]\nadapter = "crm-formatter@4"\nweight = 0\n'
-        + CANARY.format(steps="[50, 100]", min_requests=300)
-        .replace('candidate = "formatter"', 'candidate = "v4"')
-        .replace('baseline = "baseline"', 'baseline = "formatter"')
+        + CANARY.format(candidate="v4", baseline="formatter", steps="[50, 100]", min_requests=300)
     )
     gw = make_gateway(policy)  # the release gate is on: @4 passes it
     tally: Tally = {}
