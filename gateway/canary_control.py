@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -151,14 +152,8 @@ class CanaryController:
 
     def _read(self, route: str, feed: _Feed) -> None:
         db = self._connection()
-        if db is None:
-            return
-        for rowid, *values in db.execute(_SELECT, (route, feed.epoch, feed.last_rowid)):
-            feed.last_rowid = rowid
-            fields = dict(zip(_FIELDS, values, strict=True))
-            obs = observation(feed.spec, Record(request_id="", route=route, **fields))
-            if obs is not None:
-                feed.evidence.add(obs)
+        if db is not None:
+            _read_into(db, route, feed)
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._db is None:
@@ -237,6 +232,29 @@ class CanaryController:
             seen_by = self._feed(route.name, spec, state)
             body["look"] = describe(spec, seen_by.evidence, look(spec, seen_by.evidence, state.step, now))
         return body
+
+
+def _read_into(db: sqlite3.Connection, route: str, feed: _Feed) -> None:
+    for rowid, *values in db.execute(_SELECT, (route, feed.epoch, feed.last_rowid)):
+        feed.last_rowid = rowid
+        fields = dict(zip(_FIELDS, values, strict=True))
+        obs = observation(feed.spec, Record(request_id="", route=route, **fields))
+        if obs is not None:
+            feed.evidence.add(obs)
+
+
+def current_look(
+    records_db: Path, route: str, spec: CanarySpec, state: CanaryState, now: float
+) -> dict[str, Any]:
+    """The look at an active canary's step in progress, from the request log alone (read-only, no gateway needed):
+    the same numbers a gateway process would decide on now (`gateway report` shows them)."""
+    feed = _Feed(
+        state.key, state.epoch, state.step_started_at, spec, Evidence(spec, step_start=state.step_started_at)
+    )
+    if records_db.exists():
+        with closing(sqlite3.connect(records_db.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+            _read_into(db, route, feed)
+    return describe(spec, feed.evidence, look(spec, feed.evidence, state.step, now))
 
 
 def _brief(state: CanaryState) -> dict[str, Any]:

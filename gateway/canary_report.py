@@ -1,4 +1,5 @@
-"""The canary part of `gateway report`: every decided step of every canary, and the drills, from the audit log.
+"""The canary part of `gateway report`: every decided step of every canary, and the drills, from the audit log;
+then each active canary's step in progress, looked at from the request log as a gateway process would now.
 
 Each automatic decision's audit entry holds the step's counts, its rates with 95 % Wilson intervals, each
 guardrail's statistic and bound (`canary_analysis.describe`), so the report needs nothing but the state database,
@@ -9,13 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from collections.abc import Mapping
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
+from gateway.canary import ACTIVE, CanaryState, canary_key
+from gateway.canary_control import current_look
+from gateway.policy import Route
+
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
+RUNNING: Final = "canary_running"  # not an audit action: the step in progress, computed when the report runs
 _HEADERS: Final = (
     "route",
     "at (UTC)",
@@ -50,6 +57,45 @@ def read_entries(
     return entries
 
 
+def read_states(state_db: Path) -> dict[str, CanaryState]:
+    """The canaries' state rows, read-only ({} without a state database or before any canary started)."""
+    if not state_db.exists():
+        return {}
+    uri = state_db.resolve().as_uri() + "?mode=ro"
+    sql = "SELECT route, key, status, step, step_started_at, epoch, started_at, revision FROM canaries"
+    with closing(sqlite3.connect(uri, uri=True)) as db:
+        try:
+            found = db.execute(sql).fetchall()
+        except sqlite3.OperationalError:  # no canaries table yet
+            return {}
+    return {row[0]: CanaryState(*row) for row in found}
+
+
+def running_entries(
+    routes: Mapping[str, Route], states: Mapping[str, CanaryState], records_db: Path, now: float
+) -> list[dict[str, Any]]:
+    """One entry per active canary of `routes` for its step in progress (no decision yet), shaped like a decision's
+    audit entry so that it prints as one more row: the numbers a gateway process would decide on now."""
+    out: list[dict[str, Any]] = []
+    for name, route in sorted(routes.items()):
+        state, spec = states.get(name), route.canary
+        if spec is None or state is None or state.status not in ACTIVE or state.key != canary_key(route):
+            continue
+        since = dt.datetime.fromtimestamp(state.step_started_at, dt.UTC).strftime("%H:%M:%S")
+        out.append(
+            {
+                "at": now,
+                "actor": "canary",
+                "action": RUNNING,
+                "route": name,
+                "variant": spec.candidate,
+                "reason": f"{state.status}, step in progress since {since}: no decision yet",
+                "detail": current_look(records_db, name, spec, state, now),
+            }
+        )
+    return out
+
+
 def rows(entries: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return [_row(e) for e in entries]
 
@@ -62,8 +108,9 @@ def _row(e: dict[str, Any]) -> tuple[str, ...]:
         ms = d.get("time_to_baseline_ms")
         return (e["route"] or "-", when, "drill", "-", f"{e['variant']} killed: back on baseline in {ms:.0f} ms",
                 "", "", "", "", "", "", f"{e['actor']}: {e['reason'] or ''}")  # fmt: skip
-    if (
-        e["action"] not in DECISIONS
+    if e["action"] not in (
+        *DECISIONS,
+        RUNNING,
     ):  # start and operators' actions: no numbers, the reason says what happened
         return (e["route"] or "-", when, action, _step(d.get("to", d)), "", "", "", "", "", "", "",
                 f"{e['actor']}: {e['reason'] or ''}")  # fmt: skip
@@ -117,11 +164,15 @@ def _ratio(check: dict[str, Any] | None) -> str:
 
 
 def format_table(entries: list[dict[str, Any]]) -> str:
-    """One line per canary decision, operator action and drill, oldest first."""
+    """One line per canary decision, operator action and drill, oldest first (and the steps in progress last)."""
     if not entries:
         return ""
     table = [_HEADERS, *rows(entries)]
     widths = [max(len(r[i]) for r in table) for i in range(len(_HEADERS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "canaries and drills (from the audit log):\n" + "\n".join(lines) + "\n"
+    return (
+        "canaries and drills (from the audit log; `running`: the step in progress, looked at now):\n"
+        + "\n".join(lines)
+        + "\n"
+    )

@@ -499,16 +499,40 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(report.to_json(summaries) + b"\n")
     else:
         print(report.format_table(summaries))
-        _print_canaries(args.db.parent / "state.db" if args.db else Settings().state_db, args.route, since)
+        _print_canaries(
+            db, args.db.parent / "state.db" if args.db else Settings().state_db, args.route, since
+        )
     return 0
 
 
-def _print_canaries(state_db: Path, route: str | None, since: float | None) -> None:
+def _print_canaries(records_db: Path, state_db: Path, route: str | None, since: float | None) -> None:
     from gateway import canary_report
 
-    table = canary_report.format_table(canary_report.read_entries(state_db, route, since))
+    entries = canary_report.read_entries(state_db, route, since)
+    states = canary_report.read_states(state_db)
+    if any(state.status in ("running", "paused") for state in states.values()):
+        try:  # the steps in progress need the canaries' specs: the policies this machine has
+            routes = _policy_routes()
+        except ConfigError as err:
+            print(f"(the canaries' steps in progress are not shown: {err.message})", file=sys.stderr)
+        else:
+            wanted = {n: r for n, r in routes.items() if route is None or n == route}
+            entries += canary_report.running_entries(wanted, states, records_db, time.time())
+    table = canary_report.format_table(entries)
     if table:
         print(table)
+
+
+def _policy_routes() -> dict[str, Any]:
+    from gateway.adapters import scan
+    from gateway.policy import Timeouts
+    from gateway.policy_store import load_policies
+
+    settings = Settings()
+    defaults = Timeouts(settings.connect_timeout, settings.first_byte_timeout, settings.total_timeout)
+    return dict(
+        load_policies(settings.policies_dir, settings.engines, defaults, scan(settings.adapters_dir)).routes
+    )
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from tests.conftest import (
     GatewayFactory,
     RunningGateway,
     free_port,
+    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +114,11 @@ def canary_status(gw: RunningGateway) -> dict[str, Any]:
 
 def gateway_cmd(*args: str, gw: RunningGateway) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN, GATEWAY_DATA_DIR=str(gw.settings.data_dir))
+    env.update(
+        GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN,
+        GATEWAY_DATA_DIR=str(gw.settings.data_dir),
+        GATEWAY_POLICIES_DIR=str(gw.settings.policies_dir),
+    )
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", *args],
         capture_output=True,
@@ -175,6 +180,33 @@ def test_a_good_candidate_walks_up_the_steps_and_is_promoted(make_gateway: Gatew
     advance_line = next(line for line in lines if " advance " in line)
     assert "1 (10%)" in advance_line and re.search(r"\d+/\d+ \d+\.\d% \[\d+\.\d%, \d+\.\d%\]", advance_line)
     assert re.search(r"\d\S*/20 pass", advance_line) and any(" promote " in line for line in lines)
+
+
+def test_the_report_shows_the_step_in_progress_as_the_gateway_sees_it(make_gateway: GatewayFactory) -> None:
+    """A step in progress has no audit entry yet: `gateway report` looks at it from the request log (no gateway
+    needed), with the numbers the gateway would decide on."""
+    gw = make_gateway(
+        policies={"crm.toml": canary_policy("crm-formatter", min_requests=10**6)}, canary_interval_s=0.1
+    )
+    sent = drive_until([gw.url], lambda: True)
+    sent += drive_until([gw.url], lambda: canary_status(gw)["look"]["candidate"]["requests"] > 0)
+    wait_for(
+        lambda: len(gw.records()) == sent
+    )  # every record written: the gateway's look and the report's agree
+    seen = canary_status(gw)["look"]
+    report = gateway_cmd("report", gw=gw)
+    assert report.returncode == 0, report.stderr
+    (line,) = [
+        line
+        for line in report.stdout.splitlines()
+        if line.startswith("crm-assistant ") and " running " in line
+    ]
+    cand, base = seen["candidate"], seen["baseline"]
+    assert " 1 (10%) " in line and "step in progress" in line
+    assert (
+        f"{cand['invalid']}/{cand['requests']} " in line and f"{base['invalid']}/{base['requests']} " in line
+    )
+    assert re.search(r"\S+/20 pass", line)  # the invalid-call count test: statistic / bound, verdict
 
 
 def test_operators_pause_resume_promote_and_abort(make_gateway: GatewayFactory) -> None:
