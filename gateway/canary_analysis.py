@@ -11,7 +11,8 @@ Units and attribution (docs/canary-statistics.md, "Units and traps"):
 - The candidate's routing share rho is taken from each record: its `share` when the candidate served it, and
   1 - `share` when the baseline did (a canary route has no other variant with a weight; `canary_policy`).
 - With `unit = "user"` each user (the sticky key's bucket) counts at most once per event kind over the canary: a
-  sticky user's outcomes are correlated, so counting each of their requests would overstate the evidence.
+  sticky user's outcomes are correlated, so counting each of their requests would overstate the evidence. For the
+  same reason each user is one latency and one cost sample (the mean over their requests in the step).
 
 Rates (invalid calls, errors) use the anytime-valid count test (Lindon & Malek), accumulated over the whole canary
 (from its start, or from the last resume after a held failure) so that its error bound covers every look of every
@@ -83,20 +84,33 @@ def observation(spec: CanarySpec, rec: Record) -> Observation | None:
 
 @dataclass(slots=True)
 class ArmTally:
+    """One arm's counts, and its latency and cost samples: one per request, or with unit = "user" one per user
+    (the mean of the user's requests), so that a user who sends many requests is still one sample."""
+
     requests: int = 0
     invalid: int = 0
     errors: int = 0
-    latency: list[float] = field(default_factory=list)
-    cost: list[float] = field(default_factory=list)
+    _latency: list[float] = field(default_factory=list)
+    _cost: list[float] = field(default_factory=list)
+    _latency_by_unit: dict[float, list[float]] = field(default_factory=dict)
+    _cost_by_unit: dict[float, list[float]] = field(default_factory=dict)
 
     def add(self, obs: Observation) -> None:
         self.requests += 1
         self.invalid += obs.invalid
         self.errors += obs.error
         if obs.latency_per_token is not None:
-            self.latency.append(obs.latency_per_token)
+            _sample(self._latency, self._latency_by_unit, obs.unit, obs.latency_per_token)
         if obs.cost is not None:
-            self.cost.append(obs.cost)
+            _sample(self._cost, self._cost_by_unit, obs.unit, obs.cost)
+
+    @property
+    def latency(self) -> list[float]:
+        return self._latency + [sum(v) / len(v) for v in self._latency_by_unit.values()]
+
+    @property
+    def cost(self) -> list[float]:
+        return self._cost + [sum(v) / len(v) for v in self._cost_by_unit.values()]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -110,6 +124,13 @@ class ArmTally:
             "latency_per_token_median": _median(self.latency),
             "cost_median": _median(self.cost),
         }
+
+
+def _sample(plain: list[float], by_unit: dict[float, list[float]], unit: float | None, value: float) -> None:
+    if unit is None:  # unit = "request", or a request without a sticky key: its own unit
+        plain.append(value)
+    else:
+        by_unit.setdefault(unit, []).append(value)
 
 
 def _rate(x: int, n: int) -> float | None:

@@ -96,6 +96,40 @@ def test_with_unit_user_a_user_counts_once_per_event_kind() -> None:
         evidence.add_counts("candidate", 0.1, 1, 0, 0, 0.0)
 
 
+def test_with_unit_user_a_user_is_one_latency_and_cost_sample() -> None:
+    """One heavy user's slow requests must not outvote twenty users: per request the candidate's median would be
+    that user's latency (ten times the baseline's, a clear fail); per user it is the other users'."""
+    guard = RatioGuardrail(1.25, 20)
+    spec = CanarySpec(
+        "new",
+        "old",
+        (10.0, 100.0),
+        1,
+        0.0,
+        unit="user",
+        guardrails=Guardrails(latency_per_output_token=guard),
+    )
+    evidence = Evidence(spec)
+    slow = {"e2e_s": 10.0, "output_tokens": 10, "cost": 0.5}
+    for _ in range(60):
+        evidence.add(observation(spec, rec("new", 0.1, bucket=0.5, **slow)))  # type: ignore[arg-type]
+    for user in range(20):
+        fast = {"e2e_s": 1.0 + user / 100, "output_tokens": 10, "cost": 0.1}
+        evidence.add(observation(spec, rec("new", 0.1, bucket=user / 100, **fast)))  # type: ignore[arg-type]
+        evidence.add(observation(spec, rec("old", 0.9, bucket=0.6 + user / 100, **fast)))  # type: ignore[arg-type]
+    candidate = evidence.step["candidate"]
+    assert candidate.requests == 80 and len(candidate.latency) == len(candidate.cost) == 21  # 21 users
+    (check,) = [c for c in look(spec, evidence, 0, 1.0).checks]
+    assert check.verdict is Verdict.PASS and check.statistic == pytest.approx(1.0, abs=0.02)
+    per_request = [0.1 * (1.0 + u / 100) for u in range(20)] + [1.0] * 60
+    assert (
+        ratio_check("latency", guard, per_request, evidence.step["baseline"].latency).verdict is Verdict.FAIL
+    )
+    # Without a sticky key a request is its own unit, as with unit = "request".
+    evidence.add(observation(spec, rec("new", 0.1, **slow)))  # type: ignore[arg-type]
+    assert len(evidence.step["candidate"].latency) == 22
+
+
 def test_ratio_checks_fail_only_when_clearly_worse() -> None:
     guard = RatioGuardrail(1.25, 20)
     same = [0.01 * (1 + i % 7) for i in range(200)]
