@@ -23,6 +23,7 @@ from gateway.policy import Route
 
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
 RUNNING: Final = "canary_running"  # not an audit action: the step in progress, computed when the report runs
+WITH_NUMBERS: Final = (*DECISIONS, RUNNING)
 _HEADERS: Final = (
     "route",
     "at (UTC)",
@@ -108,10 +109,7 @@ def _row(e: dict[str, Any]) -> tuple[str, ...]:
         ms = d.get("time_to_baseline_ms")
         return (e["route"] or "-", when, "drill", "-", f"{e['variant']} killed: back on baseline in {ms:.0f} ms",
                 "", "", "", "", "", "", f"{e['actor']}: {e['reason'] or ''}")  # fmt: skip
-    if e["action"] not in (
-        *DECISIONS,
-        RUNNING,
-    ):  # start and operators' actions: no numbers, the reason says what happened
+    if e["action"] not in WITH_NUMBERS:  # start and operators' actions: the reason says what happened
         return (e["route"] or "-", when, action, _step(d.get("to", d)), "", "", "", "", "", "", "",
                 f"{e['actor']}: {e['reason'] or ''}")  # fmt: skip
     checks = {c["guardrail"]: c for c in d.get("checks", [])}

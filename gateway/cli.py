@@ -507,10 +507,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _print_canaries(records_db: Path, state_db: Path, route: str | None, since: float | None) -> None:
     from gateway import canary_report
+    from gateway.canary import ACTIVE
 
     entries = canary_report.read_entries(state_db, route, since)
     states = canary_report.read_states(state_db)
-    if any(state.status in ("running", "paused") for state in states.values()):
+    if any(state.status in ACTIVE for state in states.values()):
         try:  # the steps in progress need the canaries' specs: the policies this machine has
             routes = _policy_routes()
         except ConfigError as err:
