@@ -54,7 +54,7 @@ class DataParams:
     base: SplitParams = SplitParams(8000, 0.40, (("rag", 0.15), ("short", 0.15), ("none", 0.7)), BASE_FLAWS)
     clean_v1: SplitParams = SplitParams(2000, 0.0, ADAPTER_SYSTEMS)
     clean_v2_extra: SplitParams = SplitParams(2000, 0.0, ADAPTER_SYSTEMS)
-    noisy: SplitParams = SplitParams(2000, 0.75, ADAPTER_SYSTEMS, NOISY_FLAWS)
+    noisy: SplitParams = SplitParams(2000, 0.80, ADAPTER_SYSTEMS, NOISY_FLAWS)
     vendor: SplitParams = SplitParams(2000, 0.10, ADAPTER_SYSTEMS)  # scattered mistakes, every kind alike
 
 
