@@ -37,8 +37,8 @@ from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound
 from gateway.keys import KeyRing
 from gateway.lora import LoraManager
-from gateway.policy import PolicySnapshot, Timeouts, served_adapters
-from gateway.policy_store import LiveView, load_policies
+from gateway.policy import PolicySnapshot, served_adapters
+from gateway.policy_store import LiveView, load_configured
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.records import RecordWriter
 from gateway.settings import Settings
@@ -73,9 +73,6 @@ class Components:
     ) -> None:
         self.settings = settings
         self.keys = _load_keys(settings)
-        self.defaults = Timeouts(
-            settings.connect_timeout, settings.first_byte_timeout, settings.total_timeout
-        )
         policy = self.load_policy()
         self.state = StateStore(settings.state_db)
         self.live = LiveView(
@@ -102,7 +99,7 @@ class Components:
     def load_policy(self) -> PolicySnapshot:
         """Rescan the adapter catalog, then load policies against it (blocking: run it in a thread)."""
         self.catalog = scan(self.settings.adapters_dir)
-        return load_policies(self.settings.policies_dir, self.settings.engines, self.defaults, self.catalog)
+        return load_configured(self.settings, self.catalog)
 
     async def start(self) -> None:
         self.records.start()

@@ -19,6 +19,7 @@ import orjson
 
 from gateway.canary import ACTIVE, CanaryState, canary_key
 from gateway.canary_control import current_look
+from gateway.canary_store import COLUMNS
 from gateway.policy import Route
 
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
@@ -63,10 +64,9 @@ def read_states(state_db: Path) -> dict[str, CanaryState]:
     if not state_db.exists():
         return {}
     uri = state_db.resolve().as_uri() + "?mode=ro"
-    sql = "SELECT route, key, status, step, step_started_at, epoch, started_at, revision FROM canaries"
     with closing(sqlite3.connect(uri, uri=True)) as db:
         try:
-            found = db.execute(sql).fetchall()
+            found = db.execute(f"SELECT {COLUMNS} FROM canaries").fetchall()
         except sqlite3.OperationalError:  # no canaries table yet
             return {}
     return {row[0]: CanaryState(*row) for row in found}

@@ -15,7 +15,7 @@ from typing import Any, Final
 from gateway.canary import CanaryState, Transition
 from gateway.state import Flip, StateStore, Transaction
 
-_COLUMNS: Final = "route, key, status, step, step_started_at, epoch, started_at, revision"
+COLUMNS: Final = "route, key, status, step, step_started_at, epoch, started_at, revision"
 ACTOR: Final = "canary"  # the actor of automatic decisions in the audit log
 
 
@@ -28,7 +28,7 @@ class CanaryStore:
         self.state = state
 
     def states(self) -> dict[str, CanaryState]:
-        rows = self.state.query(f"SELECT {_COLUMNS} FROM canaries")
+        rows = self.state.query(f"SELECT {COLUMNS} FROM canaries")
         return {row[0]: CanaryState(*row) for row in rows}
 
     def start(
@@ -39,7 +39,7 @@ class CanaryStore:
             with self.state.transaction() as tx:
                 if previous is None:
                     cursor = tx.execute(
-                        f"INSERT OR IGNORE INTO canaries ({_COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT OR IGNORE INTO canaries ({COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (*_values(new), tx.at),
                     )
                 else:

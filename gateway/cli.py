@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -24,6 +24,9 @@ import orjson
 from gateway.canary_cli import add_commands as add_canary_commands
 from gateway.errors import ConfigError
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.policy import Route
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -524,16 +527,12 @@ def _print_canaries(records_db: Path, state_db: Path, route: str | None, since: 
         print(table)
 
 
-def _policy_routes() -> dict[str, Any]:
+def _policy_routes() -> dict[str, Route]:
     from gateway.adapters import scan
-    from gateway.policy import Timeouts
-    from gateway.policy_store import load_policies
+    from gateway.policy_store import load_configured
 
     settings = Settings()
-    defaults = Timeouts(settings.connect_timeout, settings.first_byte_timeout, settings.total_timeout)
-    return dict(
-        load_policies(settings.policies_dir, settings.engines, defaults, scan(settings.adapters_dir)).routes
-    )
+    return dict(load_configured(settings, scan(settings.adapters_dir)).routes)
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:

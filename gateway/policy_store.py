@@ -37,6 +37,7 @@ from gateway.policy import (
 from gateway.records import Price
 from gateway.retrieval import Index, Retrieval
 from gateway.rewrite import CONTEXT
+from gateway.settings import Settings
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 Name = Annotated[str, Field(pattern=_NAME)]
@@ -136,6 +137,12 @@ def parse_sticky(spec: str) -> Sticky:
     return Sticky(
         source="header" if source == "header" else "body", name=name.lower() if source == "header" else name
     )
+
+
+def load_configured(settings: Settings, catalog: Catalog) -> PolicySnapshot:
+    """`load_policies` as the settings name them: their directory, engines and default timeouts."""
+    defaults = Timeouts(settings.connect_timeout, settings.first_byte_timeout, settings.total_timeout)
+    return load_policies(settings.policies_dir, settings.engines, defaults, catalog)
 
 
 def load_policies(
