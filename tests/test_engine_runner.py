@@ -76,15 +76,12 @@ def test_the_cpu_lora_fix_is_installed_as_a_vllm_plugin_entry_point(tmp_path: Pa
     assert (tmp_path / "gateway_vllm_cpu_lora.py").read_bytes() == (
         ROOT / "gateway" / "vllm_cpu_lora.py"
     ).read_bytes()
+    written = lambda: {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
     listed = {line.split(",")[0] for line in (dist.read_text("RECORD") or "").splitlines()}
-    assert listed == {
-        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()
-    }  # pip can remove it
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    before = written()
+    assert listed == {str(p.relative_to(tmp_path)) for p in before}  # pip can remove it
     install_plugin(tmp_path)
-    assert {
-        p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()
-    } == before  # unchanged: not rewritten
+    assert written() == before  # unchanged: not rewritten
 
 
 def test_the_demo_engine_runs_the_model_in_float32_as_it_was_trained() -> None:
