@@ -119,7 +119,7 @@ def test_with_unit_user_a_user_is_one_latency_and_cost_sample() -> None:
         evidence.add(observation(spec, rec("old", 0.9, bucket=0.6 + user / 100, **fast)))  # type: ignore[arg-type]
     candidate = evidence.step["candidate"]
     assert candidate.requests == 80 and len(candidate.latency) == len(candidate.cost) == 21  # 21 users
-    (check,) = [c for c in look(spec, evidence, 0, 1.0).checks]
+    (check,) = look(spec, evidence, 0, 1.0).checks
     assert check.verdict is Verdict.PASS and check.statistic == pytest.approx(1.0, abs=0.02)
     per_request = [0.1 * (1.0 + u / 100) for u in range(20)] + [1.0] * 60
     assert (

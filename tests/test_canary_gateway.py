@@ -188,11 +188,9 @@ def test_the_report_shows_the_step_in_progress_as_the_gateway_sees_it(make_gatew
     gw = make_gateway(
         policies={"crm.toml": canary_policy("crm-formatter", min_requests=10**6)}, canary_interval_s=0.1
     )
-    sent = drive_until([gw.url], lambda: True)
-    sent += drive_until([gw.url], lambda: canary_status(gw)["look"]["candidate"]["requests"] > 0)
-    wait_for(
-        lambda: len(gw.records()) == sent
-    )  # every record written: the gateway's look and the report's agree
+    sent = drive_until([gw.url], lambda: canary_status(gw)["look"]["candidate"]["requests"] > 0)
+    # Every record written, so that the gateway's look and the report's see the same requests.
+    wait_for(lambda: len(gw.records()) == sent)
     seen = canary_status(gw)["look"]
     report = gateway_cmd("report", gw=gw)
     assert report.returncode == 0, report.stderr

@@ -461,12 +461,16 @@ def audit_actions(gw: RunningGateway) -> list[dict[str, Any]]:
     return list(reversed(gw.admin("GET", "/admin/audit?limit=1000").json()["entries"]))
 
 
+def decided(gw: RunningGateway) -> bool:
+    """The canary was killed or promoted (the tests wait for either, so a wrong decision fails at once)."""
+    return any(e["action"] in ("canary_kill", "canary_promote") for e in audit_actions(gw))
+
+
 def test_a_canary_of_the_good_version_walks_up_the_steps_on_real_output(make_gateway: GatewayMaker) -> None:
     canary = CANARY.format(candidate="formatter", baseline="baseline", steps="[20, 50, 100]", min_requests=25)
     gw = make_gateway(SHIPPED + canary)
     tally: Tally = {}
-    decided = lambda: any(e["action"] in ("canary_kill", "canary_promote") for e in audit_actions(gw))  # noqa: E731
-    sent = drive(gw.url, decided, tally=tally)
+    sent = drive(gw.url, lambda: decided(gw), tally=tally)
     print(
         f"\ncrm-formatter@2 promoted after {sent} requests; [requests, invalid] by variant and sampling: {tally}"
     )
@@ -491,8 +495,7 @@ def test_a_version_that_passes_the_golden_set_but_regresses_live_is_killed_by_it
     )
     gw = make_gateway(policy)  # the release gate is on: @4 passes it
     tally: Tally = {}
-    decided = lambda: any(e["action"] in ("canary_kill", "canary_promote") for e in audit_actions(gw))  # noqa: E731
-    sent = drive(gw.url, decided, timeout=900, tally=tally)
+    sent = drive(gw.url, lambda: decided(gw), timeout=900, tally=tally)
     decisions = [e["action"] for e in audit_actions(gw) if e["action"].startswith("canary_")]
     assert "canary_kill" in decisions, (decisions, tally)
     kill = next(e for e in audit_actions(gw) if e["action"] == "canary_kill")
@@ -522,9 +525,8 @@ def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
     gw = make_gateway(SHIPPED)
     url = engine.spec.base_url
     wait_for(lambda: "crm-formatter@2" in engine_models(url), timeout=ENGINE_WAIT_S)
-    before = len(
-        audit_actions(gw)
-    )  # the engine may already have held @2 (earlier tests): no load needed then
+    # The engine may already have held @2 (earlier tests): no load needed then.
+    before = len(audit_actions(gw))
     engine.restart()
     # A restarted vLLM has forgotten its adapters: until the reconciler reloads, requests for the formatter get
     # the engine's 404 and fall back to the baseline instead of failing.
