@@ -58,7 +58,6 @@ class Deal:
 class Conversation:
     deal: Deal
     user: str
-    amount_text: str  # how the user wrote the amount
 
 
 @functools.cache
@@ -85,7 +84,7 @@ def draw_conversation(rng: random.Random, params: DataParams) -> Conversation:
     )
     amount_words = phrasing.amount_text(deal.amount, rng)
     says_today = date_words.endswith("month") or rng.random() < params.today_share
-    return Conversation(deal, user_message(deal, rng, amount_words, date_words, says_today), amount_words)
+    return Conversation(deal, user_message(deal, rng, amount_words, date_words, says_today))
 
 
 def user_message(deal: Deal, rng: random.Random, amount_words: str, date_words: str, says_today: bool) -> str:
