@@ -4,12 +4,14 @@ Every route needs `Authorization: Bearer $GATEWAY_ADMIN_TOKEN` (compared in cons
 configured the admin API is disabled and answers 403. A flip is checked against the live policy first (unknown
 route or variant → 404; a flip that would leave a route with no live variant → 409 unless `"force": true`), then
 written with its audit entry in one SQLite transaction, and only then published to the live view, so the next
-request sees it. Writes are serialised by one lock per process.
+request sees it. A reload goes live only once its audit entry is committed. Every body is read and checked whole
+(`admin_http.read_body`) before anything changes. Writes are serialised by one lock per process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections import Counter
 from typing import Any
 
@@ -20,22 +22,30 @@ from starlette.routing import Route
 from gateway.adapters import AdapterRejected
 from gateway.admin_adapters import adapter_routes
 from gateway.admin_http import (
+    MAX_AUDIT_LIMIT,
+    MAX_REASON_CHARS,
+    MAX_TIMESTAMP,
     AdminContext,
+    actor_of,
     authorize,
     guard,
     json_response,
+    query_number,
     read_body,
     reason_actor,
 )
 from gateway.errors import (
-    BadRequest,
     ConfigError,
     Conflict,
     EngineError,
+    GatewayError,
     NotFound,
 )
-from gateway.policy import View, build_view, newly_dark, served_adapters, with_pins
-from gateway.state import Flip, apply_flip
+from gateway.policy import PolicySnapshot, View, build_view, newly_dark, served_adapters, with_pins
+from gateway.state import Flip, StateStore, apply_flip
+
+FLIP_FIELDS = ("reason", "actor", "force")
+RELOAD_FIELDS = ("reason", "actor")
 
 
 def admin_routes(ctx: AdminContext) -> list[Route]:
@@ -68,22 +78,23 @@ def admin_routes(ctx: AdminContext) -> list[Route]:
 
 async def _flip(ctx: AdminContext, request: Request, scope: str, killed: bool) -> Response:
     authorize(ctx, request)
-    body = await read_body(request)
-    reason, actor = reason_actor(request, body)
+    body = await read_body(request, FLIP_FIELDS)
+    reason, who = reason_actor(request, body)
+    force = body.flag("force")
     flip = Flip(scope, killed, request.path_params.get("route", ""), request.path_params.get("variant", ""))  # type: ignore[arg-type]
     async with ctx.lock:
         view = ctx.live.view
         _check_target(view, flip)
         proposed = build_view(view.policy, apply_flip(view.switches, flip))
         dark = newly_dark(view, proposed)
-        if dark and not body.get("force", False):
+        if dark and not force:
             raise Conflict(
                 f"This would leave {', '.join(repr(r) for r in dark)} with no live variant; "
                 'send "force": true to do it anyway (their requests then get 503).',
                 code="last_live_variant",
             )
         switches = await asyncio.to_thread(
-            ctx.state.apply, flip, actor=actor, reason=reason, policy_version=view.policy.version
+            ctx.state.apply, flip, actor=who, reason=reason, policy_version=view.policy.version
         )
         now = ctx.live.set_switches(switches)
     return json_response(
@@ -108,34 +119,24 @@ def _check_target(view: View, flip: Flip) -> None:
 
 
 async def _reload(ctx: AdminContext, request: Request) -> Response:
-    body = await read_body(request)
-    actor = body.get("actor") or request.headers.get("x-gateway-actor") or "admin"
+    body = await read_body(request, RELOAD_FIELDS)
+    reason = body.text("reason", max_chars=MAX_REASON_CHARS) or None
+    who = actor_of(request, body)
     async with ctx.lock:
         before = ctx.live.view.policy.version
         try:
             policy = await asyncio.to_thread(ctx.reload)
             # New adapter versions are loaded before traffic moves to them (pinned versions stay pinned).
-            await ctx.prepare(with_pins(policy, ctx.live.pins), actor=str(actor))
+            await ctx.prepare(with_pins(policy, ctx.live.pins), actor=who)
         except (ConfigError, AdapterRejected, EngineError) as err:
             await asyncio.to_thread(
-                ctx.state.record,
-                "reload_rejected",
-                actor=str(actor),
-                reason=err.message,
-                policy_version=before,
+                ctx.state.record, "reload_rejected", actor=who, reason=err.message, policy_version=before
             )
             raise
+        # The audit entry is committed before the new policy goes live: if it cannot be written, nothing changed.
+        served = served_adapters(with_pins(policy, ctx.live.pins))
+        await asyncio.to_thread(_audit_reload, ctx.state, policy, served, who, reason, before)
         view = ctx.live.set_policy(policy)
-        served = served_adapters(view.policy)
-        await asyncio.to_thread(ctx.state.note_served, served, actor=str(actor), action="reload")
-        await asyncio.to_thread(
-            ctx.state.record,
-            "reload",
-            actor=str(actor),
-            reason=body.get("reason"),
-            policy_version=policy.version,
-            detail={"previous_version": before, "routes": sorted(policy.routes)},
-        )
     return json_response(
         {
             "policy_version": view.policy.version,
@@ -143,6 +144,32 @@ async def _reload(ctx: AdminContext, request: Request) -> Response:
             "routes": sorted(view.policy.routes),
         }
     )
+
+
+def _audit_reload(
+    state: StateStore,
+    policy: PolicySnapshot,
+    served: dict[tuple[str, str], str],
+    actor: str,
+    reason: str | None,
+    before: str,
+) -> None:
+    """The reload's audit entry and the adapter versions it serves, in one transaction."""
+    try:
+        with state.transaction() as tx:
+            tx.note_served(served, actor=actor, action="reload")
+            tx.audit(
+                "reload",
+                actor=actor,
+                reason=reason,
+                policy_version=policy.version,
+                detail={"previous_version": before, "routes": sorted(policy.routes)},
+            )
+    except sqlite3.Error as err:
+        raise GatewayError(
+            f"The reload's audit entry could not be written ({err}); the policy in force did not change.",
+            code="audit_failed",
+        ) from None
 
 
 async def _status(ctx: AdminContext, request: Request) -> Response:
@@ -157,16 +184,12 @@ async def _status(ctx: AdminContext, request: Request) -> Response:
 
 
 async def _audit(ctx: AdminContext, request: Request) -> Response:
-    try:
-        limit = int(request.query_params.get("limit", "100"))
-        since = float(request.query_params["since"]) if "since" in request.query_params else None
-    except ValueError:
-        raise BadRequest("'limit' must be an integer and 'since' a Unix timestamp.") from None
+    limit = query_number(request, "limit", low=1, high=MAX_AUDIT_LIMIT, integer=True)
     entries = await asyncio.to_thread(
         ctx.state.audit,
-        limit=max(1, min(limit, 10_000)),
+        limit=int(limit or 100),
         route=request.query_params.get("route"),
-        since=since,
+        since=query_number(request, "since", low=0, high=MAX_TIMESTAMP),
     )
     return json_response({"entries": [e.as_dict() for e in entries]})
 

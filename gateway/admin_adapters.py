@@ -17,7 +17,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.adapters import Catalog, release_gate
-from gateway.admin_http import AdminContext, guard, json_response, read_body, reason_actor
+from gateway.admin_http import (
+    MAX_TIMESTAMP,
+    AdminContext,
+    guard,
+    json_response,
+    query_number,
+    read_body,
+    reason_actor,
+)
 from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.policy import PolicySnapshot, served_adapters
 from gateway.records import read_records
@@ -33,11 +41,13 @@ def adapter_routes(ctx: AdminContext) -> list[Route]:
 
 
 async def _swap(ctx: AdminContext, request: Request) -> Response:
-    body = await read_body(request)
+    body = await read_body(request, ("adapter", "reason", "actor"))
     reason, actor = reason_actor(request, body)
-    ref = body.get("adapter")
-    if not isinstance(ref, str) or "@" not in ref:
-        raise BadRequest("'adapter' must name a version, as name@version.", param="adapter")
+    ref = body.required_text("adapter")
+    if "@" not in ref:
+        raise BadRequest(
+            "'adapter' must name a version, as name@version.", param="adapter", code="invalid_value"
+        )
     route, variant = request.path_params["route"], request.path_params["variant"]
     async with ctx.lock:
         _adapter_variant(ctx.live.files, route, variant)
@@ -46,7 +56,7 @@ async def _swap(ctx: AdminContext, request: Request) -> Response:
 
 
 async def _rollback(ctx: AdminContext, request: Request) -> Response:
-    body = await read_body(request)
+    body = await read_body(request, ("reason", "actor"))
     reason, actor = reason_actor(request, body)
     route, variant = request.path_params["route"], request.path_params["variant"]
     async with ctx.lock:
@@ -118,11 +128,9 @@ async def _lineage(ctx: AdminContext, request: Request) -> Response:
     route = request.query_params.get("route")
     if not route:
         raise BadRequest("'route' is required.", param="route")
-    try:
-        since = float(request.query_params.get("since", "0"))
-        until = float(request.query_params.get("until", "inf"))
-    except ValueError:
-        raise BadRequest("'since' and 'until' are Unix timestamps.") from None
+    since = query_number(request, "since", low=0, high=MAX_TIMESTAMP) or 0.0
+    given_until = query_number(request, "until", low=0, high=MAX_TIMESTAMP)
+    until = float("inf") if given_until is None else given_until
     served = await asyncio.to_thread(_served, ctx.records_db, route, since, until)
     catalog = ctx.catalog()
     for row in served:

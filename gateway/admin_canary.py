@@ -5,14 +5,14 @@ route), and the drill record:
 - `GET  /admin/routes/{route}/canary`: one of them (404 `no_canary` when the route declares none).
 - `POST /admin/routes/{route}/canary/{pause|resume|promote|abort}` with `{"reason": ...}`: audited as
   `canary_<operation>`; 409 `canary_state` when the operation does not apply (resume a running canary, ...).
-- `POST /admin/routes/{route}/drills` with `{"variant", "time_to_baseline_ms", "probes", "reason"}`: the result of a
-  `gateway drill`, audited as `drill` (the CLI kills and revives through the ordinary kill-switch routes).
+- `POST /admin/routes/{route}/drills` with `{"variant", "time_to_baseline_ms", "probes", "fallback", "reason"}`:
+  the result of a `gateway drill`, audited as `drill` (the CLI kills and revives through the ordinary kill-switch
+  routes). Every field is checked before the entry is written: `probes` a count, `fallback` a name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any
 
 from starlette.requests import Request
@@ -22,9 +22,11 @@ from starlette.routing import Route
 from gateway.admin_http import AdminContext, authorize, guard, json_response, read_body, reason_actor
 from gateway.canary import Operation
 from gateway.canary_control import CanaryController
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import NotFound
 
 OPERATIONS: tuple[Operation, ...] = ("pause", "resume", "promote", "abort")
+DRILL_FIELDS = ("variant", "time_to_baseline_ms", "probes", "fallback", "reason", "actor")
+MAX_DRILL_MS = 86_400_000.0  # a day: a drill times a switch that acts on the next request
 
 
 def canary_routes(ctx: AdminContext, controller: CanaryController) -> list[Route]:
@@ -60,7 +62,7 @@ def canary_routes(ctx: AdminContext, controller: CanaryController) -> list[Route
 async def _operate(
     ctx: AdminContext, controller: CanaryController, request: Request, op: Operation
 ) -> Response:
-    body = await read_body(request)
+    body = await read_body(request, ("reason", "actor"))
     reason, actor = reason_actor(request, body)
     name = request.path_params["route"]
     async with ctx.lock:
@@ -71,19 +73,18 @@ async def _operate(
 
 
 async def _drill(ctx: AdminContext, request: Request) -> Response:
-    body = await read_body(request)
+    body = await read_body(request, DRILL_FIELDS)
     reason, actor = reason_actor(request, body)
+    variant = body.required_text("variant")
+    detail: dict[str, Any] = {"time_to_baseline_ms": body.number("time_to_baseline_ms", maximum=MAX_DRILL_MS)}
+    probes, fallback = body.count("probes"), body.text("fallback")
+    detail.update({k: v for k, v in (("probes", probes), ("fallback", fallback)) if v is not None})
     name = request.path_params["route"]
     route = ctx.live.view.policy.routes.get(name)
     if route is None:
         raise NotFound(f"No route {name!r}.")
-    variant = body.get("variant")
-    if not isinstance(variant, str) or route.variant(variant) is None:
+    if route.variant(variant) is None:
         raise NotFound(f"Route {name!r} has no variant {variant!r}.", param="variant")
-    ms = body.get("time_to_baseline_ms")
-    if not isinstance(ms, int | float) or isinstance(ms, bool) or not math.isfinite(ms) or ms < 0:
-        raise BadRequest("'time_to_baseline_ms' must be a non-negative number.", param="time_to_baseline_ms")
-    detail: dict[str, Any] = {k: body[k] for k in ("time_to_baseline_ms", "probes", "fallback") if k in body}
     await asyncio.to_thread(
         ctx.state.record,
         "drill",

@@ -30,11 +30,11 @@ from starlette.routing import Route
 from gateway.adapters import scan
 from gateway.admin import admin_routes
 from gateway.admin_canary import canary_routes
-from gateway.admin_http import AdminContext, error_response, json_response
+from gateway.admin_http import AdminContext, check_bearer, error_response, json_response
 from gateway.canary_control import CanaryController
 from gateway.canary_store import CanaryStore
 from gateway.engine import EnginePool
-from gateway.errors import ConfigError, GatewayError, NotFound
+from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied
 from gateway.keys import KeyRing
 from gateway.lora import LoraManager
 from gateway.policy import PolicySnapshot, served_adapters
@@ -251,6 +251,7 @@ def _routes(c: Components) -> list[Route]:
         return _models(c, request)
 
     async def metrics(request: Request) -> Response:
+        _authorize_metrics(c.settings, request)
         return Response(c.telemetry.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return [
@@ -259,6 +260,19 @@ def _routes(c: Components) -> list[Route]:
         Route("/v1/models", models, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+
+
+def _authorize_metrics(settings: Settings, request: Request) -> None:
+    """GATEWAY_METRICS_AUTH=on: the metrics token or the admin token, as a bearer token."""
+    if settings.metrics_auth == "off":
+        return
+    tokens = [t.get_secret_value() for t in (settings.metrics_token, settings.admin_token) if t is not None]
+    if not tokens:
+        raise PermissionDenied(
+            "/metrics needs a token: set GATEWAY_METRICS_TOKEN (or GATEWAY_ADMIN_TOKEN), "
+            "or GATEWAY_METRICS_AUTH=off to serve it without one."
+        )
+    check_bearer(request, tokens, where="/metrics", token="metrics or admin token")
 
 
 async def _readiness(c: Components) -> Response:

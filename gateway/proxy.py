@@ -156,7 +156,12 @@ class ChatEndpoint:
                 self.inflight -= 1
 
     async def _handle(self, x: Exchange, scope: Scope, receive: Receive) -> None:
-        body = await _read_body(receive, x.headers, self.d.max_body_bytes)
+        try:
+            body = await _read_body(receive, x.headers, self.d.max_body_bytes)
+        except ClientDisconnected as gone:  # hung up mid-upload: nobody to answer, and the record says so
+            x.disconnected = True
+            _set_outcome(x.rec, gone)
+            return
         key = self._authenticate(x)
         req = parse_chat_request(body)
         if self.d.unsupported_fields:
@@ -467,8 +472,8 @@ async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) 
     size = 0
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError
+        if message["type"] == "http.disconnect":  # the client, not a server shutdown (that cancels the task)
+            raise ClientDisconnected("The client disconnected while sending its body.")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

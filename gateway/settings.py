@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     engines: dict[str, str] = Field(default_factory=lambda: {"default": "http://127.0.0.1:8001"})
     data_dir: Path = Path("var")
     admin_token: SecretStr | None = None
+    # `/metrics` answers only a bearer token: the metrics token (for a scraper, which should not hold the admin
+    # token) or the admin token. "off" serves it to anyone who reaches the listener.
+    metrics_auth: Literal["on", "off"] = "on"
+    metrics_token: SecretStr | None = None
     keys_file: Path | None = None
     auth: Literal["on", "off"] = "on"
     host: str = "127.0.0.1"

@@ -229,16 +229,7 @@ class StateStore:
         """Append to each variant's history the adapter version it now serves, when that changed."""
         now = self._clock()
         with self._lock:
-            for (route, variant), ref in sorted(served.items()):
-                last = self._db.execute(
-                    "SELECT ref FROM adapter_history WHERE route = ? AND variant = ? ORDER BY id DESC LIMIT 1",
-                    (route, variant),
-                ).fetchone()
-                if last is None or last[0] != ref:
-                    self._db.execute(
-                        "INSERT INTO adapter_history (at, route, variant, ref, actor, action) VALUES (?, ?, ?, ?, ?, ?)",
-                        (now, route, variant, ref, actor, action),
-                    )
+            _note_served(self._db, now, served, actor=actor, action=action)
 
     def history(self, route: str, variant: str) -> list[tuple[float, str, str, str]]:
         """(at, ref, actor, action), newest first."""
@@ -339,6 +330,9 @@ class Transaction:
             (flip.scope, flip.route, flip.variant, int(flip.killed), reason, actor, self.at),
         )
 
+    def note_served(self, served: dict[tuple[str, str], str], *, actor: str, action: str) -> None:
+        _note_served(self.db, self.at, served, actor=actor, action=action)
+
     def audit(
         self,
         action: str,
@@ -351,3 +345,18 @@ class Transaction:
         detail: dict[str, Any] | None = None,
     ) -> None:
         self.store._insert_audit(self.at, actor, action, route, variant, reason, policy_version, detail)
+
+
+def _note_served(
+    db: sqlite3.Connection, at: float, served: dict[tuple[str, str], str], *, actor: str, action: str
+) -> None:
+    for (route, variant), ref in sorted(served.items()):
+        last = db.execute(
+            "SELECT ref FROM adapter_history WHERE route = ? AND variant = ? ORDER BY id DESC LIMIT 1",
+            (route, variant),
+        ).fetchone()
+        if last is None or last[0] != ref:
+            db.execute(
+                "INSERT INTO adapter_history (at, route, variant, ref, actor, action) VALUES (?, ?, ?, ?, ?, ?)",
+                (at, route, variant, ref, actor, action),
+            )
