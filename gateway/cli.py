@@ -267,15 +267,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings = Settings()
         print(
             f"\ndemo: engine {engine_url}; gateway on {settings.admin_url} (policies: {settings.policies_dir})\n"
-            f"  try:  curl -s {settings.admin_url}/v1/chat/completions -H 'content-type: application/json' "
-            '-d \'{"model": "crm-assistant", "messages": [{"role": "user", "content": '
-            '"Update ACC-04821: stage won, amount 18500, closing 2026-03-31."}]}\'\n'
+            "  try (the update_crm tool of loadtests/golden/crm.jsonl; -i shows the x-gateway-* headers):\n"
+            f"  {demo_curl(settings.admin_url, golden_tools(GOLDEN_SET))}\n"
             f"  admin token: {os.environ['GATEWAY_ADMIN_TOKEN']}  (gateway status / kill / revive / audit)\n",
             file=sys.stderr,
         )
         return cmd_serve(argparse.Namespace(host=None, port=None))
     finally:
         stop()
+
+
+GOLDEN_SET = Path(__file__).resolve().parent.parent / "loadtests" / "golden" / "crm.jsonl"
+DEMO_MESSAGE = "Update ACC-04821: stage won, amount 18500, closing 2026-03-31."
+
+
+def demo_curl(url: str, tools: list[Any] | None) -> str:
+    """The request the demo suggests: one CRM update to the route with, when known, the tool and its JSON Schema
+    (without `tools` the model's call comes back as plain text and nothing is checked). `-i` shows the gateway's
+    headers. The body is one single-quoted shell word: JSON may spell an apostrophe as \\u0027, so it does."""
+    body: dict[str, Any] = {"model": "crm-assistant", "messages": [{"role": "user", "content": DEMO_MESSAGE}]}
+    if tools:
+        body["tools"] = tools
+    data = orjson.dumps(body).decode().replace("'", "\\u0027")
+    return f"curl -si {url}/v1/chat/completions -H 'content-type: application/json' -d '{data}'"
+
+
+def golden_tools(path: Path) -> list[Any] | None:
+    """The tools of the golden set's first row (every row declares the same update_crm tool); None without it."""
+    try:
+        with path.open("rb") as rows:
+            tools = orjson.loads(rows.readline())["tools"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tools if isinstance(tools, list) else None
 
 
 def _nothing() -> None:

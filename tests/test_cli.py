@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.cli import actor_name, audit_line, audit_target
+from gateway.cli import GOLDEN_SET, actor_name, audit_line, audit_target, demo_curl, golden_tools
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGateway
@@ -139,6 +141,40 @@ def test_adapters_list_swap_rollback_and_lineage_from_the_command_line(
     assert (
         lineage.returncode == 0 and "adapter_swap" in lineage.stdout and "adapter_rollback" in lineage.stdout
     )
+
+
+# -- the demo's suggested request ---------------------------------------------------------------------------
+
+
+def curl_body(command: str) -> tuple[str, dict[str, object]]:
+    """The URL and the JSON body of a curl command line, split as a POSIX shell splits it."""
+    argv = shlex.split(command)
+    assert argv[0] == "curl"
+    return next(a for a in argv if a.startswith("http")), json.loads(argv[argv.index("-d") + 1])
+
+
+def test_the_demos_curl_sends_the_golden_sets_tool() -> None:
+    golden = json.loads(GOLDEN_SET.read_text().splitlines()[0])
+    command = demo_curl("http://127.0.0.1:8080", golden_tools(GOLDEN_SET))
+    url, body = curl_body(command)
+    assert url == "http://127.0.0.1:8080/v1/chat/completions"
+    assert body["model"] == "crm-assistant"
+    assert body["tools"] == golden["tools"]  # update_crm with its JSON Schema, apostrophes and all
+    assert "\n" not in command  # one line, to paste
+    assert shlex.split(command)[1] == "-si"  # -i: the x-gateway-* headers are shown
+
+
+def test_the_demos_curl_gets_a_checked_tool_call(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(keys_file=None, auth="off")  # as the demo runs
+    url, body = curl_body(demo_curl(gw.url, golden_tools(GOLDEN_SET)))
+    response = httpx.post(url, json=body, timeout=30.0)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-gateway-tool-calls"] in {"valid", "invalid"}
+
+
+def test_golden_tools_without_the_golden_set_is_none(tmp_path: Path) -> None:
+    assert golden_tools(tmp_path / "missing.jsonl") is None
+    assert "tools" not in curl_body(demo_curl("http://h:1", None))[1]
 
 
 # -- who the audit log names ------------------------------------------------------------------------------
