@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
 def _admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="gateway base URL (default: from GATEWAY_HOST/GATEWAY_PORT)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.add_argument("--actor", help="who the audit log names (default: $USER, else the login name)")
 
 
 # -- running ------------------------------------------------------------------------------------------------
@@ -266,15 +267,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings = Settings()
         print(
             f"\ndemo: engine {engine_url}; gateway on {settings.admin_url} (policies: {settings.policies_dir})\n"
-            f"  try:  curl -s {settings.admin_url}/v1/chat/completions -H 'content-type: application/json' "
-            '-d \'{"model": "crm-assistant", "messages": [{"role": "user", "content": '
-            '"Update ACC-04821: stage won, amount 18500, closing 2026-03-31."}]}\'\n'
+            "  try (the update_crm tool of loadtests/golden/crm.jsonl; -i shows the x-gateway-* headers):\n"
+            f"  {demo_curl(settings.admin_url, golden_tools(GOLDEN_SET))}\n"
             f"  admin token: {os.environ['GATEWAY_ADMIN_TOKEN']}  (gateway status / kill / revive / audit)\n",
             file=sys.stderr,
         )
         return cmd_serve(argparse.Namespace(host=None, port=None))
     finally:
         stop()
+
+
+GOLDEN_SET = Path(__file__).resolve().parent.parent / "loadtests" / "golden" / "crm.jsonl"
+DEMO_MESSAGE = "Update ACC-04821: stage won, amount 18500, closing 2026-03-31."
+
+
+def demo_curl(url: str, tools: list[Any] | None) -> str:
+    """The request the demo suggests: one CRM update to the route with, when known, the tool and its JSON Schema
+    (without `tools` the model's call comes back as plain text and nothing is checked). `-i` shows the gateway's
+    headers. The body is one single-quoted shell word: JSON may spell an apostrophe as \\u0027, so it does."""
+    body: dict[str, Any] = {"model": "crm-assistant", "messages": [{"role": "user", "content": DEMO_MESSAGE}]}
+    if tools:
+        body["tools"] = tools
+    data = orjson.dumps(body).decode().replace("'", "\\u0027")
+    return f"curl -si {url}/v1/chat/completions -H 'content-type: application/json' -d '{data}'"
+
+
+def golden_tools(path: Path) -> list[Any] | None:
+    """The tools of the golden set's first row (every row declares the same update_crm tool); None without it."""
+    try:
+        with path.open("rb") as rows:
+            tools = orjson.loads(rows.readline())["tools"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tools if isinstance(tools, list) else None
 
 
 def _nothing() -> None:
@@ -333,7 +358,7 @@ def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> A
     url = (args.url or settings.admin_url).rstrip("/")
     headers = {
         "Authorization": f"Bearer {settings.admin_token.get_secret_value()}",
-        "X-Gateway-Actor": os.environ.get("USER") or "cli",
+        "X-Gateway-Actor": actor_name(args.actor, os.environ),
     }
     try:
         response = httpx.request(method, url + path, headers=headers, timeout=10.0, **kwargs)
@@ -344,6 +369,26 @@ def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> A
         error = body.get("error", {}) if isinstance(body, dict) else {}
         raise CommandError(f"{response.status_code}: {error.get('message', response.text)}")
     return body
+
+
+def actor_name(
+    flag: str | None, environ: Mapping[str, str], login: Callable[[], str | None] | None = None
+) -> str:
+    """Who the audit log names for a command: `--actor`, else $USER, else $LOGNAME, else the login name of the
+    process's user (cron jobs, containers and `env -i` have no USER), else `cli`."""
+    named = flag or environ.get("USER") or environ.get("LOGNAME")
+    return named or (login or _login_name)() or "cli"
+
+
+def _login_name() -> str | None:
+    try:
+        import pwd
+    except ImportError:  # not on POSIX
+        return None
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a user id without a passwd entry (some containers)
+        return None
 
 
 def _print_json(body: Any) -> None:
@@ -405,13 +450,36 @@ def cmd_audit(args: argparse.Namespace) -> int:
         _print_json(body)
         return 0
     for e in body["entries"]:
-        when = dt.datetime.fromtimestamp(e["at"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        target = "/".join(p for p in (e["route"], e["variant"]) if p) or "*"
-        print(
-            f"{when}Z  {e['actor']:<12} {e['action']:<16} {target:<28} {e['reason'] or ''}  "
-            f"[policy {e['policy_version']}]"
-        )
+        print(audit_line(e))
     return 0
+
+
+def audit_line(e: Mapping[str, Any]) -> str:
+    """One audit entry for a terminal: when, who, what, on what (`audit_target`), why, under which policy."""
+    policy = f"  [policy {e['policy_version']}]" if e.get("policy_version") else ""
+    return (
+        f"{_when(e['at'])}  {e['actor']:<12} {e['action']:<16} {audit_target(e):<28} {e.get('reason') or ''}"
+        f"{policy}"
+    ).rstrip()
+
+
+def audit_target(e: Mapping[str, Any]) -> str:
+    """What an audit entry acted on: `route/variant` (with the adapter version it now serves after a swap or a
+    rollback), `name@version on engine E` for an engine's adapter loads, unloads and rejections, `all routes`
+    for kill-all and revive-all, `policies` for a reload."""
+    detail = e.get("detail") or {}
+    where = "/".join(p for p in (e.get("route"), e.get("variant")) if p)
+    if e["action"] in ("kill_all", "revive_all"):
+        return "all routes"
+    if e["action"].startswith("reload"):
+        previous = detail.get("previous_version")
+        return f"policies (was {previous})" if previous else "policies"
+    adapter = detail.get("adapter")
+    if adapter and "engine" in detail:
+        return f"{adapter} on engine {detail['engine']}"
+    if adapter and where:
+        return f"{where} -> {adapter}"
+    return where or "-"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -478,9 +546,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         )
     print("changes:")
     for e in reversed(body["changes"]):
-        print(
-            f"  {_when(e['at'])}  {e['actor']:<12} {e['action']:<18} {e['variant'] or ''} {e['reason'] or ''}"
-        )
+        print(f"  {_when(e['at'])}  {e['actor']:<12} {e['action']:<18} {audit_target(e)} {e['reason'] or ''}")
     return 0
 
 

@@ -193,25 +193,41 @@ _HEADERS: Final = (
     "variant",
     "requests",
     "errors",
-    "client",
+    "client 4xx",
+    "disconnects",
     "invalid (95% CI)",
     "trunc",
     "fallback",
     "e2e p50/p95 ms",
     "ttft p50/p95 ms",
     "tokens in/out",
-    "cost/req",
+    "cost/1k req",
     "cost total",
 )
 _LEFT: Final = 2  # the first two columns are names, left-aligned; the rest are numbers
+NONE: Final = "(none)"  # a record without a route or variant: answered before one was chosen
+NO_SAMPLES: Final = "n/a"
+_LEGEND: Final = {
+    NONE: f"{NONE}: answered before a route or variant was chosen (a bad key or body, an unknown route, no live"
+    " variant)",
+    NO_SAMPLES: f"{NO_SAMPLES}: no samples (ttft: streams only; invalid: no tool call checked; cost: no priced"
+    " request)",
+}
 
 
 def format_table(summaries: Iterable[VariantSummary]) -> str:
-    """A fixed-width table, one row per (route, variant), for a terminal."""
-    rows = [_HEADERS, *(_row(s) for s in summaries)]
+    """A fixed-width table, one row per (route, variant), for a terminal, then a line explaining each of the
+    placeholders `(none)` and `n/a` that the table shows.
+
+    Costs are fixed-point (never an exponent) with three significant digits, per 1,000 requests and in total;
+    `to_json` keeps the exact figures."""
+    body = [_row(s) for s in summaries]
+    rows = [_HEADERS, *body]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
     lines = [_line(row, widths) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    shown = {cell for row in body for cell in row}
+    lines += [text for placeholder, text in _LEGEND.items() if placeholder in shown]
     return "\n".join(lines) + "\n"
 
 
@@ -224,34 +240,46 @@ def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
 
 def _row(s: VariantSummary) -> tuple[str, ...]:
     return (
-        s.route or "-",
-        s.variant or "-",
+        s.route or NONE,
+        s.variant or NONE,
         str(s.requests),
         f"{s.errors} ({s.error_rate:.1%})",
-        str(s.client_errors + s.client_disconnects),
+        str(s.client_errors),
+        str(s.client_disconnects),
         _invalid(s),
         str(s.truncated),
         str(s.fallbacks),
-        f"{_ms(s.e2e_p50)}/{_ms(s.e2e_p95)}",
-        f"{_ms(s.ttft_p50)}/{_ms(s.ttft_p95)}",
+        _ms_pair(s.e2e_p50, s.e2e_p95),
+        _ms_pair(s.ttft_p50, s.ttft_p95),
         f"{s.input_tokens}/{s.output_tokens}",
-        _money(s.cost_per_request),
+        _money({currency: amount * 1000 for currency, amount in s.cost_per_request.items()}),
         _money(s.cost_total),
     )
 
 
 def _invalid(s: VariantSummary) -> str:
     if s.invalid_rate is None:
-        return "-"
+        return NO_SAMPLES
     low, high = s.invalid_ci
     return f"{s.invalid}/{s.tool_checked} {s.invalid_rate:.1%} [{low:.1%}, {high:.1%}]"
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+def _ms_pair(p50: float | None, p95: float | None) -> str:
+    if p50 is None or p95 is None:
+        return NO_SAMPLES
+    return f"{p50 * 1000:.0f}/{p95 * 1000:.0f}"
 
 
 def _money(by_currency: dict[str, float]) -> str:
     if not by_currency:
-        return "-"
-    return "; ".join(f"{amount:.6g} {currency}" for currency, amount in sorted(by_currency.items()))
+        return NO_SAMPLES
+    return "; ".join(f"{amount(value)} {currency}" for currency, value in sorted(by_currency.items()))
+
+
+def amount(value: float) -> str:
+    """Fixed-point with three significant digits and at least two decimals, never an exponent: a request's cost
+    is a few millionths of a euro, which `%g` prints as 4.91143e-05 (here 0.0000491)."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.2f}"
+    decimals = min(12, max(2, 2 - math.floor(math.log10(abs(value)))))
+    return f"{value:.{decimals}f}"

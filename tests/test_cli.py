@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from gateway.app import create_app
+from gateway.cli import GOLDEN_SET, actor_name, audit_line, audit_target, demo_curl, golden_tools
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGateway
@@ -19,8 +23,10 @@ from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGat
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def gateway_cmd(*args: str, gw: RunningGateway | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+def gateway_cmd(
+    *args: str, gw: RunningGateway | None = None, drop: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k not in drop}
     full_env.update(env)
     if gw is not None:
         full_env.setdefault("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -135,3 +141,101 @@ def test_adapters_list_swap_rollback_and_lineage_from_the_command_line(
     assert (
         lineage.returncode == 0 and "adapter_swap" in lineage.stdout and "adapter_rollback" in lineage.stdout
     )
+
+
+# -- the demo's suggested request ---------------------------------------------------------------------------
+
+
+def curl_body(command: str) -> tuple[str, dict[str, object]]:
+    """The URL and the JSON body of a curl command line, split as a POSIX shell splits it."""
+    argv = shlex.split(command)
+    assert argv[0] == "curl"
+    return next(a for a in argv if a.startswith("http")), json.loads(argv[argv.index("-d") + 1])
+
+
+def test_the_demos_curl_sends_the_golden_sets_tool() -> None:
+    golden = json.loads(GOLDEN_SET.read_text().splitlines()[0])
+    command = demo_curl("http://127.0.0.1:8080", golden_tools(GOLDEN_SET))
+    url, body = curl_body(command)
+    assert url == "http://127.0.0.1:8080/v1/chat/completions"
+    assert body["model"] == "crm-assistant"
+    assert body["tools"] == golden["tools"]  # update_crm with its JSON Schema, apostrophes and all
+    assert "\n" not in command  # one line, to paste
+    assert shlex.split(command)[1] == "-si"  # -i: the x-gateway-* headers are shown
+
+
+def test_the_demos_curl_gets_a_checked_tool_call(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(keys_file=None, auth="off")  # as the demo runs
+    url, body = curl_body(demo_curl(gw.url, golden_tools(GOLDEN_SET)))
+    response = httpx.post(url, json=body, timeout=30.0)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-gateway-tool-calls"] in {"valid", "invalid"}
+
+
+def test_golden_tools_without_the_golden_set_is_none(tmp_path: Path) -> None:
+    assert golden_tools(tmp_path / "missing.jsonl") is None
+    assert "tools" not in curl_body(demo_curl("http://h:1", None))[1]
+
+
+# -- who the audit log names ------------------------------------------------------------------------------
+
+
+def test_the_actor_is_the_flag_then_user_then_logname_then_the_login_name() -> None:
+    def login() -> str:
+        return "from-passwd"
+
+    env = {"USER": "ops-bob", "LOGNAME": "bob"}
+    assert actor_name("release-bot", env, login) == "release-bot"
+    assert actor_name(None, env, login) == "ops-bob"
+    assert actor_name(None, {"LOGNAME": "bob"}, login) == "bob"
+    assert actor_name(None, {}, login) == "from-passwd"  # USER unset: no longer "cli"
+    assert actor_name(None, {}, lambda: None) == "cli"
+
+
+def test_without_user_the_cli_records_the_login_name(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()
+    flip = ("kill", "crm-assistant", "formatter", "--reason", "r")
+    assert gateway_cmd(*flip, gw=gw, drop=("USER", "LOGNAME")).returncode == 0
+    assert gateway_cmd("revive", *flip[1:], "--actor", "release-bot", gw=gw).returncode == 0
+    entries = json.loads(gateway_cmd("audit", "--json", gw=gw).stdout)["entries"]
+    assert [e["actor"] for e in entries] == ["release-bot", pwd.getpwuid(os.getuid()).pw_name]
+
+
+# -- audit lines --------------------------------------------------------------------------------------------
+
+
+def entry(action: str, **fields: object) -> dict[str, object]:
+    base = {"at": 0.0, "actor": "ops", "action": action, "route": None, "variant": None, "reason": None,
+            "policy_version": "abc123", "detail": None}  # fmt: skip
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize(
+    ("e", "target"),
+    [
+        (entry("kill_variant", route="crm", variant="ft"), "crm/ft"),
+        (entry("revive_route", route="crm"), "crm"),
+        (entry("kill_all"), "all routes"),
+        (entry("adapter_load", detail={"adapter": "crm-formatter@2", "engine": "default"}),
+         "crm-formatter@2 on engine default"),
+        (entry("adapter_unload", detail={"adapter": "crm-formatter@1", "engine": "gpu"}),
+         "crm-formatter@1 on engine gpu"),
+        (entry("adapter_rejected", detail={"adapter": "crm-formatter@9", "engine": "default"}),
+         "crm-formatter@9 on engine default"),
+        (entry("adapter_swap", route="crm", variant="ft", detail={"adapter": "crm-formatter@2"}),
+         "crm/ft -> crm-formatter@2"),
+        (entry("reload", detail={"previous_version": "0ld", "routes": ["crm"]}), "policies (was 0ld)"),
+        (entry("reload_rejected"), "policies"),
+        (entry("canary_kill", route="crm", variant="ft", detail={"step": 1}), "crm/ft"),
+    ],
+)  # fmt: skip
+def test_each_audit_line_names_its_target(e: dict[str, object], target: str) -> None:
+    assert audit_target(e) == target
+    assert target in audit_line(e)
+
+
+def test_an_audit_line_says_when_who_what_why_and_the_policy() -> None:
+    line = audit_line(entry("kill_variant", route="crm", variant="ft", reason="invalid calls up"))
+    assert line.startswith("1970-01-01 00:00:00Z  ops")
+    assert "kill_variant" in line and "invalid calls up" in line and line.endswith("[policy abc123]")
+    assert "policy" not in audit_line(entry("adapter_unload", policy_version=None))

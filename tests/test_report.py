@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 
 import orjson
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.records import Record
-from gateway.report import format_table, percentile, summarize, to_json, wilson
+from gateway.report import amount, format_table, percentile, summarize, to_json, wilson
 
 # --- Wilson interval ----------------------------------------------------------------------------------------
 
@@ -132,11 +133,49 @@ def test_format_table_has_a_header_and_one_aligned_row_per_variant() -> None:
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["route", "variant", "requests"]
     assert set(lines[1]) <= {"-", " "}
-    assert len(lines) == 2 + 4
+    rows = lines[2:6]
     assert "1/2 50.0% [9.5%, 90.5%]" in table
-    assert "0.002 USD" in table
-    assert lines[2].startswith("-")  # the record without a route
-    assert len({len(line) for line in lines}) == 1  # fixed width: the last column is right-aligned
+    assert rows[0].split()[:2] == ["(none)", "(none)"]  # the record without a route
+    assert len({len(line) for line in lines[:6]}) == 1  # fixed width: the last column is right-aligned
+
+
+def columns(table: str, route: str, variant: str) -> dict[str, str]:
+    """The table's row for (route, variant) as {header: cell} (cells are separated by two spaces or more)."""
+    lines = table.splitlines()
+    header = re.split(r" {2,}", lines[0])
+    rows = (re.split(r" {2,}", line) for line in lines[2:])
+    return dict(zip(header, next(r for r in rows if r[:2] == [route, variant]), strict=True))
+
+
+def test_format_table_shows_client_errors_and_disconnects_apart() -> None:
+    base = columns(format_table(summarize(RECORDS)), "crm", "base")  # one client_error, one disconnect
+    assert (base["errors"], base["client 4xx"], base["disconnects"]) == ("1 (20.0%)", "1", "1")
+
+
+def test_format_table_prints_costs_without_exponents_per_1k_requests() -> None:
+    tiny = [rec("crm", "base", e2e_s=0.1, cost=4.91143e-05, currency="EUR") for _ in range(3)]
+    row = columns(format_table(summarize(tiny)), "crm", "base")
+    assert (row["cost/1k req"], row["cost total"]) == ("0.0491 EUR", "0.000147 EUR")  # was 4.91143e-05 EUR
+    assert orjson.loads(to_json(summarize(tiny)))[0]["cost_per_request"]["EUR"] == pytest.approx(4.91143e-05)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(4.91143e-05, "0.0000491"), (0.0491143, "0.0491"), (0.138, "0.138"), (2.0, "2.00"), (1234.5, "1234.50"),
+     (0.0, "0.00")],
+)  # fmt: skip
+def test_amount_is_fixed_point_with_three_significant_digits(value: float, text: str) -> None:
+    assert amount(value) == text
+
+
+def test_format_table_explains_its_placeholders_under_the_table() -> None:
+    lines = format_table(summarize(RECORDS)).splitlines()
+    legend = lines[6:]
+    assert any(line.startswith("(none): answered before a route") for line in legend)
+    assert any(line.startswith("n/a: no samples") for line in legend)
+    only_streams = [rec("crm", "ft", stream=True, e2e_s=1.0, ttft_s=0.05, tool_verdict="valid", cost=0.01,
+                        currency="EUR")]  # fmt: skip
+    assert len(format_table(summarize(only_streams)).splitlines()) == 3  # nothing to explain
 
 
 def test_to_json_round_trips_every_field() -> None:
