@@ -290,6 +290,8 @@ class ChatEndpoint:
             out = stream.feed(data, clock())
             if out:
                 await x.send({"type": "http.response.body", "body": out, "more_body": True})
+            if stream.fault is not None:
+                raise stream.fault
         response.release()
         x.response = None
         await self._end_stream(x, req, plan, variant, stream, exp)

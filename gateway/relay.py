@@ -4,7 +4,9 @@
   untouched, except the usage-only chunk when the client did not ask for it (the gateway always asks the engine,
   to price every stream) and the engine's own `[DONE]` (the relay's caller ends the stream itself, after the
   verdict comment). In enforce mode, everything from the first tool-call delta on is held back until the verdict.
-  It also notes when output tokens arrived (time to first token, time per output token).
+  A `data:` event that is not a JSON object is never relayed: the relay stops there and sets `fault` (the
+  `openai` SDK would raise a JSONDecodeError on it, and the answer cannot be checked). It also notes when output
+  tokens arrived (time to first token, time per output token).
 - `tool_call_events(...)`: a replacement answer's tool calls as stream chunks (enforce mode, fallback's call).
 """
 
@@ -15,7 +17,12 @@ from collections.abc import Sequence
 import orjson
 
 from gateway import sse
+from gateway.errors import EngineError
 from gateway.toolcalls import ToolCall
+
+
+class _NotAChunk(Exception):
+    """A `data:` payload that is not a JSON object (nor `[DONE]`)."""
 
 
 class StreamRelay:
@@ -28,17 +35,26 @@ class StreamRelay:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.done = False  # the engine sent [DONE]: the stream ended normally
+        self.fault: EngineError | None = None  # the engine sent something that is not a stream of chunks
 
     def feed(self, data: bytes, now: float) -> bytes:
+        """The bytes to forward now. After a `fault`, nothing more is read: the caller ends the stream."""
         out: list[bytes] = []
-        for event in self._decoder.feed(data):
-            keep = self._event(event, now)
-            if keep is None:
-                continue
-            if self.held:
-                self.held.append(keep)
-            else:
-                out.append(keep)
+        try:
+            for event in self._decoder.feed(data):
+                keep = self._event(event, now)
+                if keep is None:
+                    continue
+                if self.held:
+                    self.held.append(keep)
+                else:
+                    out.append(keep)
+        except _NotAChunk:
+            self.fault = EngineError(
+                "The engine sent a stream event that is not a JSON object; the stream was ended.",
+                code="engine_bad_stream",
+            )
+            self.fault.fallback_ok = False
         return b"".join(out)
 
     def _event(self, event: bytes, now: float) -> bytes | None:
@@ -51,8 +67,13 @@ class StreamRelay:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return event  # not ours to judge: relay it untouched
-        flags = self.acc.add(chunk) if isinstance(chunk, dict) else 0
+            # An empty data buffer is not dispatched (WHATWG SSE), so it is not relayed either.
+            if not payload.strip():
+                return None
+            raise _NotAChunk from None
+        if not isinstance(chunk, dict):
+            raise _NotAChunk
+        flags = self.acc.add(chunk)
         if flags & sse.TOKENS:
             if self.first_token_at is None:
                 self.first_token_at = now

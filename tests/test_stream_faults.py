@@ -1,0 +1,164 @@
+"""What a faulty or indiscreet engine can and cannot do to a client and to what the gateway keeps: an engine stream
+that is not a stream of JSON chunks ends with an error event (and an error record). The faulty engine is a small
+HTTP server in this file; the rest is real."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from gateway import relay, sse
+from tests.conftest import FORCER_TOKEN, GatewayFactory, RunningGateway
+
+SECRET = "Zanzibar-Quokka-7731"  # stands for a prompt the engine echoes back
+MESSAGES = [{"role": "user", "content": f"Update {SECRET}: stage won."}]
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [choice],
+    }
+    return sse.data_event(body)
+
+
+COMPLETION = {
+    "id": "chatcmpl-2",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "good",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+}
+
+
+class _FaultyEngine(BaseHTTPRequestHandler):
+    """Answers by model name: `garbage` streams a non-JSON event mid-way, `echo-500` / `echo-400` refuse with
+    the prompt in the error, `echo-midstream` fails mid-stream with the prompt in every error field, `good`
+    answers normally."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = json.dumps(body["messages"])
+        model = body["model"]
+        if model in ("echo-500", "echo-400"):
+            status = int(model[-3:])
+            self._send(status, {"error": {"message": f"cannot handle {prompt}", "type": "X", "code": status}})
+        elif model == "garbage":
+            self._stream([_chunk({"role": "assistant", "content": "Hel"}), b"data: <html>oops</html>\n\n"])
+        elif model == "echo-midstream":
+            error = {"error": {"message": prompt, "type": prompt, "param": None, "code": prompt}}
+            self._stream([_chunk({"role": "assistant", "content": "Hel"}), sse.data_event(error)])
+        else:
+            self._send(200, COMPLETION)
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        raw = orjson.dumps(body)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _stream(self, events: list[bytes]) -> None:
+        """The events, then content that must never reach the client, a finish chunk and [DONE]."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+        tail = [_chunk({"content": "AFTER-THE-FAULT"}), _chunk({}, "stop"), sse.DONE]
+        for event in [*events, *tail]:
+            self.wfile.write(event)
+            self.wfile.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def faulty_engine() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FaultyEngine)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+POLICIES = {
+    "echo.toml": 'route = "echo"\nfallback = ["good"]\n[variants.bad]\nmodel = "echo-500"\nweight = 1\n'
+    '[variants.good]\nmodel = "good"\nweight = 0\n',
+    "reject.toml": 'route = "reject"\n[variants.only]\nmodel = "echo-400"\nweight = 1\n',
+    "mid.toml": 'route = "mid"\n[variants.only]\nmodel = "echo-midstream"\nweight = 1\n',
+    "garbage.toml": 'route = "garbage"\n[variants.only]\nmodel = "garbage"\nweight = 1\n',
+}
+
+
+def faulty_gateway(make_gateway: GatewayFactory, url: str, **settings: Any) -> RunningGateway:
+    return make_gateway(POLICIES, engines={"default": url}, **settings)
+
+
+def client(gw: RunningGateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=FORCER_TOKEN, max_retries=0)
+
+
+def raw_stream(gw: RunningGateway, body: dict[str, Any]) -> list[str]:
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {FORCER_TOKEN}"},
+    ) as r:
+        return [e for e in "".join(r.iter_text()).split("\n\n") if e]
+
+
+# -- a stream that is not a stream of JSON chunks --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [b"<html>oops</html>", b"42", b'"text"', b"[1, 2]"])
+def test_the_relay_stops_at_a_data_event_that_is_not_a_json_object(payload: bytes) -> None:
+    stream = relay.StreamRelay(client_wants_usage=False, hold_tool_calls=False)
+    first = _chunk({"content": "Hel"})
+    out = stream.feed(first + b"data: " + payload + b"\n\n" + _chunk({"content": "lo"}), now=0.0)
+    assert out == first  # what came before is relayed; the bad event and everything after it are not
+    assert stream.fault is not None and stream.fault.code == "engine_bad_stream"
+    assert not stream.fault.fallback_ok
+
+
+def test_an_empty_data_event_is_dropped_not_a_fault() -> None:
+    # WHATWG SSE: an event whose data buffer is empty is not dispatched; the openai SDK would choke on it.
+    stream = relay.StreamRelay(client_wants_usage=False, hold_tool_calls=False)
+    assert stream.feed(b"data:\n\n: ping\n\n", now=0.0) == b": ping\n\n"
+    assert stream.fault is None
+
+
+def test_a_non_json_engine_event_ends_the_stream_with_an_error_event_and_an_error_record(
+    make_gateway: GatewayFactory, faulty_engine: str
+) -> None:
+    gw = faulty_gateway(make_gateway, faulty_engine)
+    events = raw_stream(gw, {"model": "garbage", "messages": MESSAGES, "stream": True})
+    assert "oops" not in "".join(events) and "AFTER-THE-FAULT" not in "".join(events)
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "engine_bad_stream")
+    assert events[-1] == "data: [DONE]"
+    with pytest.raises(openai.APIError) as raised:  # not a JSONDecodeError
+        for _ in client(gw).chat.completions.create(model="garbage", messages=MESSAGES, stream=True):
+            pass
+    assert "not a JSON object" in raised.value.message
+    records = gw.records()
+    assert [(r.status, r.outcome, r.error_code) for r in records] == [
+        (200, "stream_error", "engine_bad_stream")
+    ] * 2
