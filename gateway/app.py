@@ -142,6 +142,7 @@ def create_app(
         telemetry=c.telemetry,
         max_body_bytes=settings.max_body_bytes,
         unsupported_fields=frozenset(settings.unsupported_fields),
+        log_engine_errors=settings.log_engine_errors,
         counters=c.counters,
         engine_inflight=c.engine_inflight,
         **({"draw": draw} if draw is not None else {}),

@@ -103,6 +103,9 @@ class Deps:
     max_body_bytes: int
     # Request fields refused with a 400 before any engine sees them (GATEWAY_UNSUPPORTED_FIELDS).
     unsupported_fields: frozenset[str] = frozenset()
+    # Engine error text may echo the prompt: it reaches logs only when the operator asks (GATEWAY_LOG_ENGINE_ERRORS),
+    # and the request log never (it keeps the gateway's own classification).
+    log_engine_errors: bool = False
     counters: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)  # live, for /admin/status
     # Requests in flight per engine model: an adapter version is unloaded only once its count is back to zero.
     engine_inflight: Counter[str] = field(default_factory=Counter)
@@ -226,7 +229,13 @@ class ChatEndpoint:
             fallback = plan.fallback_for(variant.name) if err.fallback_ok else None
             if fallback is None:
                 raise
-            log.warning("request %s: %s; falling back to %r", x.rec.request_id, err.message, fallback.name)
+            log.warning(
+                "request %s: variant %r failed before its first byte (%s); falling back to %r",
+                x.rec.request_id,
+                variant.name,
+                self._engine_detail(err.code, err.message),
+                fallback.name,
+            )
             x.rec.fallback_from, x.rec.fallback_reason = variant.name, err.code
             variant = fallback
             _assign(x.rec, variant, plan)
@@ -309,6 +318,12 @@ class ChatEndpoint:
         _timing(x, stream)
         if acc.error is not None or not stream.done:
             _stream_failure(x.rec, acc.error)
+            if acc.error is not None:
+                log.warning(
+                    "request %s: the engine's stream failed (%s)",
+                    x.rec.request_id,
+                    self._engine_detail("engine_stream_error", acc.error.get("message")),
+                )
             body = b"".join(stream.discard())  # never release calls that were not checked
             if acc.error is None:  # the engine's own error event was already relayed
                 body += sse.error_event(
@@ -381,6 +396,13 @@ class ChatEndpoint:
         if verdict.reason:
             out.append((b"x-gateway-tool-calls-reason", verdict.reason.encode()))
         return out
+
+    def _engine_detail(self, code: str | None, message: object) -> str:
+        """What a log line says about an engine failure: the gateway's classification, and the engine's own
+        text only when the operator opted in (it may echo the prompt)."""
+        if self.d.log_engine_errors and message:
+            return f"{code}: {message}"
+        return str(code)
 
     def _account(self, x: Exchange, variant: Variant, usage: Any) -> None:
         rec = x.rec
@@ -518,11 +540,8 @@ def _set_outcome(rec: Record, err: GatewayError) -> None:
 def _stream_failure(rec: Record, error: dict[str, Any] | None) -> None:
     rec.status = 200
     rec.outcome = "stream_error"
-    if error is None:
-        rec.error_code = "engine_stream_truncated"
-    else:
-        code = error.get("code") or error.get("type")
-        rec.error_code = str(code) if code is not None else "engine_error"
+    # The gateway's own classification: the engine's error fields are its text, which may echo the prompt.
+    rec.error_code = "engine_stream_truncated" if error is None else "engine_stream_error"
 
 
 def _invalid(verdict: Verdict, variant: Variant) -> InvalidToolCall:

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     reconcile_s: float = Field(default=5.0, gt=0)
     # How often each gateway process looks at its canaries (reads new records, decides, writes by compare-and-set).
     canary_interval_s: float = Field(default=1.0, gt=0)
+    # Log the engine's own error text (it may echo the prompt); off, logs carry only the gateway's classification.
+    log_engine_errors: bool = False
     otlp_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),

@@ -1,10 +1,12 @@
 """What a faulty or indiscreet engine can and cannot do to a client and to what the gateway keeps: an engine stream
-that is not a stream of JSON chunks ends with an error event (and an error record). The faulty engine is a small
-HTTP server in this file; the rest is real."""
+that is not a stream of JSON chunks ends with an error event (and an error record), and an engine whose errors
+echo the prompt puts it in neither the request log nor the logs. The faulty engine is a small HTTP server in
+this file; the rest is real."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -162,3 +164,48 @@ def test_a_non_json_engine_event_ends_the_stream_with_an_error_event_and_an_erro
     assert [(r.status, r.outcome, r.error_code) for r in records] == [
         (200, "stream_error", "engine_bad_stream")
     ] * 2
+
+
+# -- engine error text stays out of what the gateway keeps -----------------------------------------------------
+
+
+def _drive_engine_errors(gw: RunningGateway) -> None:
+    c = client(gw)
+    assert c.chat.completions.create(model="echo", messages=MESSAGES).choices[0].message.content == "done"
+    with pytest.raises(openai.BadRequestError):  # the client's own input may come back to the client
+        c.chat.completions.create(model="reject", messages=MESSAGES)
+    with pytest.raises(openai.APIError):
+        for _ in c.chat.completions.create(model="mid", messages=MESSAGES, stream=True):
+            pass
+
+
+def test_an_engine_that_echoes_the_prompt_in_errors_puts_it_in_no_log(
+    make_gateway: GatewayFactory, faulty_engine: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    gw = faulty_gateway(make_gateway, faulty_engine)
+    _drive_engine_errors(gw)
+    fell_back, rejected, midstream = gw.records()
+    assert (fell_back.fallback_from, fell_back.fallback_reason, fell_back.outcome) == (
+        "bad",
+        "engine_error",
+        "ok",
+    )
+    assert (rejected.status, rejected.error_code) == (400, "engine_rejected")
+    assert (midstream.outcome, midstream.error_code) == ("stream_error", "engine_stream_error")
+    for path in gw.settings.data_dir.iterdir():
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in caplog.text
+    assert "falling back to 'good'" in caplog.text and "engine_stream_error" in caplog.text
+
+
+def test_engine_error_text_is_logged_when_the_operator_opts_in(
+    make_gateway: GatewayFactory, faulty_engine: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    gw = faulty_gateway(make_gateway, faulty_engine, log_engine_errors=True)
+    _drive_engine_errors(gw)
+    assert caplog.text.count(SECRET) >= 2  # the fallback and the mid-stream error
+    assert len(gw.records()) == 3
+    for path in gw.settings.data_dir.iterdir():  # the request log keeps the classification all the same
+        assert SECRET.encode() not in path.read_bytes(), path
