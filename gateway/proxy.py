@@ -292,7 +292,11 @@ class ChatEndpoint:
         exp = expectation_from_request(req.body)
         enforce = plan.route.tool_calls == "enforce" and exp.active
         variant, response = await self._open(x, req, plan, decision.variant)
-        stream = relay.StreamRelay(client_wants_usage=req.include_usage, hold_tool_calls=enforce)
+        stream = relay.StreamRelay(
+            client_wants_usage=req.include_usage,
+            hold_tool_calls=enforce,
+            hold_finish=_shows_verdict(plan, exp),  # the verdict goes on the stream's last chunk
+        )
         await self._start(x, 200, [*_SSE_HEADERS, *x.response_headers()])
         clock = self.d.clock
         async for data in response.chunks():
@@ -337,9 +341,13 @@ class ChatEndpoint:
         else:
             tail = stream.release()
         self._account(x, variant, acc.usage)
-        if plan.route.tool_calls != "observe" and exp.active:
-            tail += sse.comment(_verdict_comment(verdict))
-        await x.send({"type": "http.response.body", "body": tail + sse.DONE, "more_body": False})
+        comment = b""
+        if _shows_verdict(plan, exp):
+            head = {"id": x.rec.request_id, "created": int(self.d.wallclock()), "model": acc.model}
+            tail = relay.with_verdict(tail, _verdict_fields(verdict, x.rec.variant), head)
+            comment = sse.comment(_verdict_comment(verdict))
+        body = b"".join(tail) + comment + sse.DONE
+        await x.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _replace_stream_calls(
         self,
@@ -350,7 +358,7 @@ class ChatEndpoint:
         stream: relay.StreamRelay,
         verdict: Verdict,
         exp: Expectation,
-    ) -> tuple[bytes, Verdict]:
+    ) -> tuple[list[bytes], Verdict]:
         """Enforce mode in a stream: the held calls were invalid; send the fallback's call, or an error event."""
         kept = stream.discard()
         fallback = plan.fallback_for(variant.name)
@@ -374,7 +382,7 @@ class ChatEndpoint:
             created=int(data.get("created", 0)),
             finish_reason=completions[0].finish_reason or "tool_calls",
         )
-        return events + b"".join(kept), retried
+        return events + kept, retried
 
     # -- shared -----------------------------------------------------------------------------------------------
 
@@ -551,6 +559,20 @@ def _invalid(verdict: Verdict, variant: Variant) -> InvalidToolCall:
         "fallback answer was available.",
         code=verdict.reason,
     )
+
+
+def _shows_verdict(plan: Plan, exp: Expectation) -> bool:
+    return plan.route.tool_calls != "observe" and exp.active
+
+
+def _verdict_fields(verdict: Verdict, variant: str | None) -> dict[str, Any]:
+    """The verdict on a stream's last chunk (`"gateway"`): what the comment line says, where SDKs keep it."""
+    fields: dict[str, Any] = {"tool_calls": verdict.header, "variant": variant}
+    if verdict.reason:
+        fields["reason"] = verdict.reason
+    if verdict.path:
+        fields["path"] = verdict.path
+    return fields
 
 
 def _verdict_comment(verdict: Verdict) -> str:

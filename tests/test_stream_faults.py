@@ -1,7 +1,7 @@
 """What a faulty or indiscreet engine can and cannot do to a client and to what the gateway keeps: an engine stream
 that is not a stream of JSON chunks ends with an error event (and an error record), and an engine whose errors
-echo the prompt puts it in neither the request log nor the logs. The faulty engine is a small HTTP server in
-this file; the rest is real."""
+echo the prompt puts it in neither the request log nor the logs. Also: a stream's tool-call verdict on its last
+chunk, where the `openai` SDK keeps it. The faulty engine is a small HTTP server in this file; the rest is real."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from gateway import relay, sse
-from tests.conftest import FORCER_TOKEN, GatewayFactory, RunningGateway
+from tests.conftest import FORCER_TOKEN, UPDATE_CRM, GatewayFactory, RunningGateway
 
 SECRET = "Zanzibar-Quokka-7731"  # stands for a prompt the engine echoes back
 MESSAGES = [{"role": "user", "content": f"Update {SECRET}: stage won."}]
@@ -209,3 +209,70 @@ def test_engine_error_text_is_logged_when_the_operator_opts_in(
     assert len(gw.records()) == 3
     for path in gw.settings.data_dir.iterdir():  # the request log keeps the classification all the same
         assert SECRET.encode() not in path.read_bytes(), path
+
+
+# -- the verdict where SDKs keep it ----------------------------------------------------------------------------
+
+ANNOTATED = 'route = "crm"\ntool_calls = "annotate"\n[variants.base]\nmodel = "crm-base"\nweight = 1\n'
+ENFORCED = (
+    'route = "crm"\ntool_calls = "enforce"\nfallback = ["safe"]\n[variants.sloppy]\nmodel = "always-invalid"\n'
+    'weight = 1\n[variants.safe]\nmodel = "crm-formatter"\nweight = 0\n'
+)
+OBSERVED = ANNOTATED.replace('"annotate"', '"observe"')
+
+
+def sdk_chunks(gw: RunningGateway, **kwargs: Any) -> list[Any]:
+    return list(
+        client(gw).chat.completions.create(
+            model="crm", messages=MESSAGES, tools=[UPDATE_CRM], stream=True, **kwargs
+        )
+    )
+
+
+@pytest.mark.parametrize("usage", [False, True])
+def test_the_stream_verdict_is_on_the_last_chunk_for_sdk_users(
+    make_gateway: GatewayFactory, usage: bool
+) -> None:
+    gw = make_gateway({"crm.toml": ANNOTATED})
+    chunks = sdk_chunks(gw, stream_options={"include_usage": usage})
+    *body, last = chunks
+    (rec,) = gw.records()
+    verdict = (last.model_extra or {})["gateway"]
+    assert verdict["tool_calls"] == rec.tool_verdict and verdict["variant"] == "base"
+    assert verdict.get("reason") == rec.tool_reason
+    assert not any("gateway" in (c.model_extra or {}) for c in body)
+    if usage:  # the usage chunk is the last one
+        assert (
+            last.usage is not None and last.usage.completion_tokens == rec.output_tokens and not last.choices
+        )
+    else:  # no extra chunk shape: the finish chunk carries it
+        assert last.usage is None and last.choices[0].finish_reason is not None
+
+
+def test_an_enforced_stream_carries_the_verdict_of_the_call_it_served(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway({"crm.toml": ENFORCED})
+    last = sdk_chunks(gw)[-1]
+    assert (last.model_extra or {})["gateway"] == {"tool_calls": "valid", "variant": "safe"}
+    (rec,) = gw.records()
+    assert (rec.variant, rec.fallback_from, rec.tool_verdict) == ("safe", "sloppy", "valid")
+
+
+def test_observe_mode_puts_no_verdict_in_the_stream(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway({"crm.toml": OBSERVED})
+    assert not any("gateway" in (c.model_extra or {}) for c in sdk_chunks(gw))
+
+
+def test_a_verdict_without_a_finish_chunk_gets_a_chunk_of_its_own() -> None:
+    head = {"id": "r1", "created": 5, "model": "m"}
+    (extra,) = relay.with_verdict([], {"tool_calls": "none", "variant": "v"}, head)
+    body = orjson.loads(sse.event_data(extra) or b"")
+    assert body == {
+        **head,
+        "object": "chat.completion.chunk",
+        "choices": [],
+        "gateway": {"tool_calls": "none", "variant": "v"},
+    }
+    usage = sse.data_event({"choices": [], "usage": {"prompt_tokens": 1}})
+    annotated = relay.with_verdict([_chunk({}, "stop"), usage, b": note\n\n"], {"tool_calls": "valid"}, head)
+    assert annotated[0] == _chunk({}, "stop") and annotated[2] == b": note\n\n"
+    assert orjson.loads(sse.event_data(annotated[1]) or b"")["gateway"] == {"tool_calls": "valid"}
