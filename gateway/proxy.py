@@ -36,6 +36,7 @@ from gateway.errors import (
     InvalidToolCall,
     PayloadTooLarge,
     PermissionDenied,
+    ServerShuttingDown,
     UnknownRoute,
 )
 from gateway.keys import ANONYMOUS, ApiKey, KeyRing
@@ -78,7 +79,9 @@ class Exchange:
     engine_models: list[str] = field(default_factory=list)  # counted in Deps.engine_inflight until the end
     started: bool = False  # response headers sent: errors must now go in-band
     disconnected: bool = False
+    shutting_down: bool = False  # the drain deadline came: the gateway cancelled this request itself
     response: EngineResponse | None = None
+    task: asyncio.Task[Any] | None = None
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         rec = self.rec
@@ -127,6 +130,8 @@ class ChatEndpoint:
     def __init__(self, deps: Deps) -> None:
         self.d = deps
         self.inflight = 0  # requests between arrival and their record's submission
+        self._running: dict[int, Exchange] = {}  # the same requests, for the drain deadline (`cut_off`)
+        self.draining = False  # shutdown has begun: responses carry `Connection: close`
         # Request ids: a random prefix per endpoint and a counter, unique without a syscall per request.
         self._id_prefix = os.urandom(7).hex()
         self._ids = itertools.count()
@@ -136,19 +141,16 @@ class ChatEndpoint:
         headers = dict(scope["headers"])
         request_id = _incoming_id(headers) or f"{self._id_prefix}{next(self._ids):010x}"
         x = Exchange(Record(ts=d.wallclock(), request_id=request_id), d.clock(), send, headers)
+        x.task = asyncio.current_task()
         self.inflight += 1
+        self._running[id(x)] = x
         try:
             await self._handle(x, scope, receive)
         except GatewayError as err:
             await self._fail(x, err)
         except asyncio.CancelledError:
-            if not x.disconnected:
-                _set_outcome(x.rec, ClientDisconnected("server shutting down"))
+            if not await self._cancelled(x):
                 raise
-            _set_outcome(x.rec, ClientDisconnected("client disconnected"))
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # the cancellation was ours (the disconnect watcher), not the server's
         except Exception:
             log.exception("unhandled error in request %s", x.rec.request_id)
             await self._fail(x, GatewayError("The gateway failed to handle this request."))
@@ -157,6 +159,29 @@ class ChatEndpoint:
                 self._finish(x)
             finally:
                 self.inflight -= 1
+                del self._running[id(x)]
+
+    async def _cancelled(self, x: Exchange) -> bool:
+        """Whether a cancellation was the gateway's own (the disconnect watcher, the drain deadline), now
+        handled; False: the server cancelled the request (uvicorn's own shutdown timeout), re-raise it."""
+        if not (x.disconnected or x.shutting_down):
+            _set_outcome(x.rec, ServerShuttingDown("The server shut down before the request finished."))
+            return False
+        if x.task is not None:
+            x.task.uncancel()
+        if x.disconnected:
+            _set_outcome(x.rec, ClientDisconnected("client disconnected"))
+        else:
+            await self._fail(x, ServerShuttingDown("The server is shutting down; send the request again."))
+        return True
+
+    def cut_off(self) -> None:
+        """The drain deadline: every request still running ends now, a stream with an SSE error event, any
+        other with a 503, each with its record (`server_shutdown`)."""
+        for x in list(self._running.values()):
+            if x.task is not None and not x.shutting_down:
+                x.shutting_down = True
+                x.task.cancel()
 
     async def _handle(self, x: Exchange, scope: Scope, receive: Receive) -> None:
         body = await _read_body(receive, x.headers, self.d.max_body_bytes)
@@ -424,6 +449,8 @@ class ChatEndpoint:
     async def _start(self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         x.started = True
         x.rec.status = status
+        if self.draining:  # the client must not reuse a connection that closes once the drain is over
+            headers = [*headers, (b"connection", b"close")]
         await x.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _respond(
@@ -438,7 +465,8 @@ class ChatEndpoint:
             x.response.close()
             x.response = None
         if x.started:  # a stream is under way: the error goes in-band, then the stream ends
-            x.rec.outcome = "stream_error"
+            if not x.shutting_down:
+                x.rec.outcome = "stream_error"
             body = sse.error_event(err.body()) + sse.DONE
             await x.send({"type": "http.response.body", "body": body, "more_body": False})
             return
@@ -469,7 +497,7 @@ class _DisconnectWatch:
     def __init__(self, receive: Receive, x: Exchange, after_s: float = 0.1) -> None:
         self._receive = receive
         self._x = x
-        self._work = asyncio.current_task()
+        self._work = x.task
         self._task: asyncio.Task[None] | None = None
         self._timer = asyncio.get_running_loop().call_later(after_s, self._start)
 
