@@ -8,6 +8,11 @@ request log is flushed on shutdown.
 
 `POST /v1/chat/completions` is dispatched by a thin ASGI front (`GatewayASGI`) straight to the chat endpoint; every
 other path goes through Starlette's router, middleware and exception handlers, where per-request cost matters less.
+
+Graceful shutdown (`Drain`, driven by `DrainingServer` under `gateway serve`): uvicorn runs the lifespan's shutdown
+only after connections have drained, so the drain starts from uvicorn's own shutdown step instead. From then on
+every response carries `Connection: close`, `/readyz` answers 503, keep-alive connections get a moment to bring a
+last request, and at the deadline (`GATEWAY_DRAIN_S`) the requests still running are ended by the gateway itself.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -57,12 +64,82 @@ class GatewayASGI:
         self.chat = chat
         self.starlette = starlette
         self.components = components
+        self._drain = components.drain
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: see `Drain`. At the deadline, the chat requests still running are ended."""
+        self.chat.draining = True
+        self._drain.begin(self.chat.cut_off)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
             await self.chat(scope, receive, send)
+        elif scope["type"] == "http":
+            await self.starlette(scope, receive, _closing(send, self._drain))
         else:
             await self.starlette(scope, receive, send)
+
+
+def _closing(send: Callable[[Any], Awaitable[None]], drain: Drain) -> Callable[[Any], Awaitable[None]]:
+    """`send` with `Connection: close` on a response that starts while draining: the client will not reuse a
+    connection about to close. (The chat endpoint adds it itself, off this extra layer.)"""
+
+    async def closing(message: Any) -> None:
+        if message["type"] == "http.response.start" and drain.draining:
+            message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+        await send(message)
+
+    return closing
+
+
+class Drain:
+    """The gateway's side of a graceful shutdown. `begin()` marks the process as draining (responses carry
+    `Connection: close`, `/readyz` answers 503) and arms the deadline, `seconds` later, at which `at_deadline`
+    ends the requests still running. Idempotent; `close()` disarms it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.draining = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def keep_alive_grace_s(self) -> float:
+        """How long idle keep-alive connections stay open once draining, for a request already on its way."""
+        return min(1.0, self.seconds / 2)
+
+    def begin(self, at_deadline: Callable[[], None]) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.warning("draining: requests in flight have %g s to finish", self.seconds)
+        self._timer = asyncio.get_running_loop().call_later(self.seconds, at_deadline)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the gateway's drain in front of its shutdown. uvicorn closes idle keep-alive
+    connections at once, under any request a client is sending on one just then (a reset, and no record);
+    here the listener closes first, the drain begins, and idle connections get `keep_alive_grace_s` to bring a
+    last request, answered with `Connection: close`. Set `timeout_graceful_shutdown` above `Drain.seconds`: the
+    gateway ends its requests at its own deadline, uvicorn's only cancels what is left after that."""
+
+    def __init__(self, config: uvicorn.Config, app: GatewayASGI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        for server in self.servers:
+            server.close()  # no new connections from now on (uvicorn closes them again: idempotent)
+        self._app.begin_drain()
+        # uvicorn offers no event for "no connection left": poll its set, as its own shutdown does.
+        for _ in range(math.ceil(self._app.components.drain.keep_alive_grace_s / 0.05)):
+            if not self.server_state.connections or self.force_exit:
+                break
+            await asyncio.sleep(0.05)
+        await super().shutdown(sockets)
 
 
 class Components:
@@ -83,6 +160,7 @@ class Components:
         self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
         self.records = RecordWriter(settings.records_db)
+        self.drain = Drain(settings.drain_s)
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
         self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
         # Serialises this process's changes to what is served (reload, swap, rollback, canary operations) with the
@@ -106,6 +184,7 @@ class Components:
         await self.engines.start()
 
     async def close(self) -> None:
+        self.drain.close()
         await self.lora.close()
         await self.engines.close()
         self.canary.close()
@@ -142,6 +221,7 @@ def create_app(
         telemetry=c.telemetry,
         max_body_bytes=settings.max_body_bytes,
         unsupported_fields=frozenset(settings.unsupported_fields),
+        log_engine_errors=settings.log_engine_errors,
         counters=c.counters,
         engine_inflight=c.engine_inflight,
         **({"draw": draw} if draw is not None else {}),
@@ -284,9 +364,11 @@ async def _readiness(c: Components) -> Response:
             engines[name] = "ok"
         except GatewayError as err:
             engines[name] = err.message
-    ready = bool(view.policy.routes) and all(v == "ok" for v in engines.values())
+    draining = c.drain.draining  # a load balancer should stop sending new requests here
+    ready = bool(view.policy.routes) and all(v == "ok" for v in engines.values()) and not draining
     body = {
         "ready": ready,
+        "draining": draining,
         "policy_version": view.policy.version,
         "routes": len(view.policy.routes),
         "engines": engines,

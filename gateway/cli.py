@@ -8,7 +8,9 @@ request log (SQLite) directly, so it also works while the gateway is down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import math
 import os
 import re
 import subprocess
@@ -174,7 +176,7 @@ def _admin_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import DrainingServer, create_app
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
@@ -184,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"routes {sorted(app.components.live.view.policy.routes)}, listening on {settings.host}:{settings.port}",
         file=sys.stderr,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -194,9 +196,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proxy_headers=False,  # client addresses are not used (nor recorded)
         lifespan="on",
         log_level="info",
-        timeout_graceful_shutdown=10,
+        # The gateway ends its own requests at GATEWAY_DRAIN_S (with an error event and a record); uvicorn's
+        # timeout, a second later, only cancels what is somehow left.
+        timeout_graceful_shutdown=math.ceil(settings.drain_s) + 1,
     )
-    return 0
+    server = DrainingServer(config, app)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises a captured SIGINT again once drained
+        server.run()
+    return 0 if server.started else 3  # 3: uvicorn's own exit status for a failed start
 
 
 def cmd_sim_engine(args: argparse.Namespace) -> int:

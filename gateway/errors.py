@@ -19,6 +19,7 @@ OpenAI error `type` and a default `code`, so rendering happens in exactly one pl
     │   ├── EngineTimeout              504   code=engine_timeout
     │   └── InvalidToolCall            502 invalid_tool_call
     ├── ClientDisconnected             499 (never sent; recorded as an outcome)
+    ├── ServerShuttingDown             503 server_error          code=server_shutting_down
     └── ConfigError                    500 config_error (policy / keys file rejected at load)
 """
 
@@ -148,6 +149,15 @@ class ClientDisconnected(GatewayError):
     status = 499
     default_code = "client_disconnected"
     outcome = "client_disconnected"
+
+
+class ServerShuttingDown(GatewayError):
+    """The process is draining (SIGTERM) and its deadline came before the request finished."""
+
+    status = 503
+    type = "server_error"
+    default_code = "server_shutting_down"
+    outcome = "server_shutdown"
 
 
 class ConfigError(GatewayError):

@@ -36,6 +36,7 @@ from gateway.errors import (
     InvalidToolCall,
     PayloadTooLarge,
     PermissionDenied,
+    ServerShuttingDown,
     UnknownRoute,
 )
 from gateway.keys import ANONYMOUS, ApiKey, KeyRing
@@ -78,7 +79,9 @@ class Exchange:
     engine_models: list[str] = field(default_factory=list)  # counted in Deps.engine_inflight until the end
     started: bool = False  # response headers sent: errors must now go in-band
     disconnected: bool = False
+    shutting_down: bool = False  # the drain deadline came: the gateway cancelled this request itself
     response: EngineResponse | None = None
+    task: asyncio.Task[Any] | None = None
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         rec = self.rec
@@ -103,6 +106,9 @@ class Deps:
     max_body_bytes: int
     # Request fields refused with a 400 before any engine sees them (GATEWAY_UNSUPPORTED_FIELDS).
     unsupported_fields: frozenset[str] = frozenset()
+    # Engine error text may echo the prompt: it reaches logs only when the operator asks (GATEWAY_LOG_ENGINE_ERRORS),
+    # and the request log never (it keeps the gateway's own classification).
+    log_engine_errors: bool = False
     counters: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)  # live, for /admin/status
     # Requests in flight per engine model: an adapter version is unloaded only once its count is back to zero.
     engine_inflight: Counter[str] = field(default_factory=Counter)
@@ -124,6 +130,8 @@ class ChatEndpoint:
     def __init__(self, deps: Deps) -> None:
         self.d = deps
         self.inflight = 0  # requests between arrival and their record's submission
+        self._running: dict[int, Exchange] = {}  # the same requests, for the drain deadline (`cut_off`)
+        self.draining = False  # shutdown has begun: responses carry `Connection: close`
         # Request ids: a random prefix per endpoint and a counter, unique without a syscall per request.
         self._id_prefix = os.urandom(7).hex()
         self._ids = itertools.count()
@@ -133,19 +141,16 @@ class ChatEndpoint:
         headers = dict(scope["headers"])
         request_id = _incoming_id(headers) or f"{self._id_prefix}{next(self._ids):010x}"
         x = Exchange(Record(ts=d.wallclock(), request_id=request_id), d.clock(), send, headers)
+        x.task = asyncio.current_task()
         self.inflight += 1
+        self._running[id(x)] = x
         try:
             await self._handle(x, scope, receive)
         except GatewayError as err:
             await self._fail(x, err)
         except asyncio.CancelledError:
-            if not x.disconnected:
-                _set_outcome(x.rec, ClientDisconnected("server shutting down"))
+            if not await self._cancelled(x):
                 raise
-            _set_outcome(x.rec, ClientDisconnected("client disconnected"))
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # the cancellation was ours (the disconnect watcher), not the server's
         except Exception:
             log.exception("unhandled error in request %s", x.rec.request_id)
             await self._fail(x, GatewayError("The gateway failed to handle this request."))
@@ -154,6 +159,29 @@ class ChatEndpoint:
                 self._finish(x)
             finally:
                 self.inflight -= 1
+                del self._running[id(x)]
+
+    async def _cancelled(self, x: Exchange) -> bool:
+        """Whether a cancellation was the gateway's own (the disconnect watcher, the drain deadline), now
+        handled; False: the server cancelled the request (uvicorn's own shutdown timeout), re-raise it."""
+        if not (x.disconnected or x.shutting_down):
+            _set_outcome(x.rec, ServerShuttingDown("The server shut down before the request finished."))
+            return False
+        if x.task is not None:
+            x.task.uncancel()
+        if x.disconnected:
+            _set_outcome(x.rec, ClientDisconnected("client disconnected"))
+        else:
+            await self._fail(x, ServerShuttingDown("The server is shutting down; send the request again."))
+        return True
+
+    def cut_off(self) -> None:
+        """The drain deadline: every request still running ends now, a stream with an SSE error event, any
+        other with a 503, each with its record (`server_shutdown`)."""
+        for x in list(self._running.values()):
+            if x.task is not None and not x.shutting_down:
+                x.shutting_down = True
+                x.task.cancel()
 
     async def _handle(self, x: Exchange, scope: Scope, receive: Receive) -> None:
         try:
@@ -231,7 +259,13 @@ class ChatEndpoint:
             fallback = plan.fallback_for(variant.name) if err.fallback_ok else None
             if fallback is None:
                 raise
-            log.warning("request %s: %s; falling back to %r", x.rec.request_id, err.message, fallback.name)
+            log.warning(
+                "request %s: variant %r failed before its first byte (%s); falling back to %r",
+                x.rec.request_id,
+                variant.name,
+                self._engine_detail(err.code, err.message),
+                fallback.name,
+            )
             x.rec.fallback_from, x.rec.fallback_reason = variant.name, err.code
             variant = fallback
             _assign(x.rec, variant, plan)
@@ -288,13 +322,19 @@ class ChatEndpoint:
         exp = expectation_from_request(req.body)
         enforce = plan.route.tool_calls == "enforce" and exp.active
         variant, response = await self._open(x, req, plan, decision.variant)
-        stream = relay.StreamRelay(client_wants_usage=req.include_usage, hold_tool_calls=enforce)
+        stream = relay.StreamRelay(
+            client_wants_usage=req.include_usage,
+            hold_tool_calls=enforce,
+            hold_finish=_shows_verdict(plan, exp),  # the verdict goes on the stream's last chunk
+        )
         await self._start(x, 200, [*_SSE_HEADERS, *x.response_headers()])
         clock = self.d.clock
         async for data in response.chunks():
             out = stream.feed(data, clock())
             if out:
                 await x.send({"type": "http.response.body", "body": out, "more_body": True})
+            if stream.fault is not None:
+                raise stream.fault
         response.release()
         x.response = None
         await self._end_stream(x, req, plan, variant, stream, exp)
@@ -312,6 +352,12 @@ class ChatEndpoint:
         _timing(x, stream)
         if acc.error is not None or not stream.done:
             _stream_failure(x.rec, acc.error)
+            if acc.error is not None:
+                log.warning(
+                    "request %s: the engine's stream failed (%s)",
+                    x.rec.request_id,
+                    self._engine_detail("engine_stream_error", acc.error.get("message")),
+                )
             body = b"".join(stream.discard())  # never release calls that were not checked
             if acc.error is None:  # the engine's own error event was already relayed
                 body += sse.error_event(
@@ -325,9 +371,13 @@ class ChatEndpoint:
         else:
             tail = stream.release()
         self._account(x, variant, acc.usage)
-        if plan.route.tool_calls != "observe" and exp.active:
-            tail += sse.comment(_verdict_comment(verdict))
-        await x.send({"type": "http.response.body", "body": tail + sse.DONE, "more_body": False})
+        comment = b""
+        if _shows_verdict(plan, exp):
+            head = {"id": x.rec.request_id, "created": int(self.d.wallclock()), "model": acc.model}
+            tail = relay.with_verdict(tail, _verdict_fields(verdict, x.rec.variant), head)
+            comment = sse.comment(_verdict_comment(verdict))
+        body = b"".join(tail) + comment + sse.DONE
+        await x.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _replace_stream_calls(
         self,
@@ -338,7 +388,7 @@ class ChatEndpoint:
         stream: relay.StreamRelay,
         verdict: Verdict,
         exp: Expectation,
-    ) -> tuple[bytes, Verdict]:
+    ) -> tuple[list[bytes], Verdict]:
         """Enforce mode in a stream: the held calls were invalid; send the fallback's call, or an error event."""
         kept = stream.discard()
         fallback = plan.fallback_for(variant.name)
@@ -362,7 +412,7 @@ class ChatEndpoint:
             created=int(data.get("created", 0)),
             finish_reason=completions[0].finish_reason or "tool_calls",
         )
-        return events + b"".join(kept), retried
+        return events + kept, retried
 
     # -- shared -----------------------------------------------------------------------------------------------
 
@@ -385,6 +435,13 @@ class ChatEndpoint:
             out.append((b"x-gateway-tool-calls-reason", verdict.reason.encode()))
         return out
 
+    def _engine_detail(self, code: str | None, message: object) -> str:
+        """What a log line says about an engine failure: the gateway's classification, and the engine's own
+        text only when the operator opted in (it may echo the prompt)."""
+        if self.d.log_engine_errors and message:
+            return f"{code}: {message}"
+        return str(code)
+
     def _account(self, x: Exchange, variant: Variant, usage: Any) -> None:
         rec = x.rec
         if isinstance(usage, dict):
@@ -397,6 +454,8 @@ class ChatEndpoint:
     async def _start(self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         x.started = True
         x.rec.status = status
+        if self.draining:  # the client must not reuse a connection that closes once the drain is over
+            headers = [*headers, (b"connection", b"close")]
         await x.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _respond(
@@ -411,7 +470,8 @@ class ChatEndpoint:
             x.response.close()
             x.response = None
         if x.started:  # a stream is under way: the error goes in-band, then the stream ends
-            x.rec.outcome = "stream_error"
+            if not x.shutting_down:
+                x.rec.outcome = "stream_error"
             body = sse.error_event(err.body()) + sse.DONE
             await x.send({"type": "http.response.body", "body": body, "more_body": False})
             return
@@ -442,7 +502,7 @@ class _DisconnectWatch:
     def __init__(self, receive: Receive, x: Exchange, after_s: float = 0.1) -> None:
         self._receive = receive
         self._x = x
-        self._work = asyncio.current_task()
+        self._work = x.task
         self._task: asyncio.Task[None] | None = None
         self._timer = asyncio.get_running_loop().call_later(after_s, self._start)
 
@@ -521,11 +581,8 @@ def _set_outcome(rec: Record, err: GatewayError) -> None:
 def _stream_failure(rec: Record, error: dict[str, Any] | None) -> None:
     rec.status = 200
     rec.outcome = "stream_error"
-    if error is None:
-        rec.error_code = "engine_stream_truncated"
-    else:
-        code = error.get("code") or error.get("type")
-        rec.error_code = str(code) if code is not None else "engine_error"
+    # The gateway's own classification: the engine's error fields are its text, which may echo the prompt.
+    rec.error_code = "engine_stream_truncated" if error is None else "engine_stream_error"
 
 
 def _invalid(verdict: Verdict, variant: Variant) -> InvalidToolCall:
@@ -535,6 +592,20 @@ def _invalid(verdict: Verdict, variant: Variant) -> InvalidToolCall:
         "fallback answer was available.",
         code=verdict.reason,
     )
+
+
+def _shows_verdict(plan: Plan, exp: Expectation) -> bool:
+    return plan.route.tool_calls != "observe" and exp.active
+
+
+def _verdict_fields(verdict: Verdict, variant: str | None) -> dict[str, Any]:
+    """The verdict on a stream's last chunk (`"gateway"`): what the comment line says, where SDKs keep it."""
+    fields: dict[str, Any] = {"tool_calls": verdict.header, "variant": variant}
+    if verdict.reason:
+        fields["reason"] = verdict.reason
+    if verdict.path:
+        fields["path"] = verdict.path
+    return fields
 
 
 def _verdict_comment(verdict: Verdict) -> str:

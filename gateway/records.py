@@ -43,7 +43,7 @@ class Record:
     stream: bool = False
     status: int = 0  # HTTP status sent to the client (200 for a stream even if it failed mid-way)
     # ok | client_error | engine_error | engine_timeout | no_live_variant | invalid_tool_call |
-    # client_disconnected | stream_error | gateway_error
+    # client_disconnected | stream_error | gateway_error | server_shutdown (cut at the drain deadline)
     outcome: str = "ok"
     error_code: str | None = None
     # The variant chosen first, when another one answered instead: it failed before its first byte (reason: the

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     reconcile_s: float = Field(default=5.0, gt=0)
     # How often each gateway process looks at its canaries (reads new records, decides, writes by compare-and-set).
     canary_interval_s: float = Field(default=1.0, gt=0)
+    # Graceful shutdown (SIGTERM): seconds the requests in flight get to finish; streams still running then are
+    # ended with an SSE error event (`server_shutting_down`).
+    drain_s: float = Field(default=30.0, ge=0, le=3600)
+    # Log the engine's own error text (it may echo the prompt); off, logs carry only the gateway's classification.
+    log_engine_errors: bool = False
     otlp_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
