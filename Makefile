@@ -1,5 +1,6 @@
 # One word per task. `make demo` runs the gateway with its demo engine; `make test` runs every check CI runs:
-# `make check` (lint, types, the suite against the simulated engine; a few minutes) and `make test-engine` (vLLM).
+# `make engine-model` (vLLM's venv and the demo model, checked against its recorded hashes), `make check` (lint,
+# types, the suite against the simulated engine, the built model's own tests; a few minutes), `make test-engine`.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -30,14 +31,15 @@ typecheck: install
 unit: install
 	$(BIN)/pytest
 
-test: check test-engine
+test: engine-model check test-engine
 
 check: lint typecheck unit
 
 # The engine's own virtualenv (.venv-engine, vLLM's CPU build here) and the demo model and adapters the recipe
-# builds; each step is skipped when already done and unchanged.
+# builds; each step is skipped when already done and unchanged. The build must reproduce the recorded hashes
+# (adapters/recipe/weights.json): a file that differs fails here, named, with what to look at.
 engine-model: install
-	$(BIN)/python -c "from gateway.engine_runner import ensure_demo_model, ensure_engine_env; ensure_demo_model(ensure_engine_env())"
+	$(BIN)/python -c "from gateway.engine_runner import ensure_demo_model, ensure_engine_env; ensure_demo_model(ensure_engine_env(), check=True)"
 
 # The tests that start a real vLLM on the demo model.
 test-engine: engine-model

@@ -451,13 +451,16 @@ def demo_spec(models: Path = DEMO_MODELS, port: int = 8001, max_num_seqs: int = 
     )
 
 
-def ensure_demo_model(python: Path, models: Path = DEMO_MODELS, adapters: Path = DEMO_ADAPTERS) -> Path:
+def ensure_demo_model(
+    python: Path, models: Path = DEMO_MODELS, adapters: Path = DEMO_ADAPTERS, *, check: bool = False
+) -> Path:
     """Build the demo base model and adapter versions with the recipe (in the engine venv, which has torch and
     peft) unless `models/build.json` already records this recipe's build; return the base model's directory.
-    A cached build answers in a few seconds; a fresh one takes about five minutes on two cores."""
-    subprocess.run(
-        [str(python), str(RECIPE), "--out", str(models), "--adapters", str(adapters)], check=True, cwd=ROOT
-    )
+    A cached build answers in a few seconds; a fresh one takes about five minutes on two cores. The recipe
+    compares the build with its recorded hashes (adapters/recipe/weights.json) and logs any file that differs;
+    with `check` a difference raises (`make test` checks; the demo runs whatever this machine built)."""
+    argv = [str(python), str(RECIPE), "--out", str(models), "--adapters", str(adapters)]
+    subprocess.run([*argv, "--check"] if check else argv, check=True, cwd=ROOT)
     return models / "base" / DEMO_BASE
 
 
