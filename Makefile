@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo demo-sim test check test-engine engine-model lint typecheck unit bench lock clean
+.PHONY: install demo demo-sim test check test-engine engine-model lint typecheck unit fuzz bench lock clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ engine-model: install
 # The tests that start a real vLLM on the demo model.
 test-engine: engine-model
 	$(BIN)/pytest -m engine -s
+
+# The request fuzz test with many more examples than the suite's 2,000 (tests/test_fuzz.py).
+GATEWAY_FUZZ_EXAMPLES ?= 50000
+fuzz: install
+	GATEWAY_FUZZ_EXAMPLES=$(GATEWAY_FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py -q
 
 bench: install
 	$(BIN)/python loadtests/bench_overhead.py

@@ -4,6 +4,10 @@ A key is stored as the hex SHA-256 of its bearer token. Authentication hashes th
 it with every stored digest using `hmac.compare_digest`, so the time taken does not depend on how many leading
 characters matched. With authentication off (an explicit `GATEWAY_AUTH=off`), every caller is the anonymous key,
 allowed every route and allowed to force variants (the demo and local load tests rely on that).
+
+A route a key may not use is answered exactly as a route that does not exist (`route_not_found`: 404
+`model_not_found`, the same message), as OpenAI answers for a model the caller cannot access, so a key holder
+cannot learn which other routes exist.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import AuthenticationError, ConfigError, PermissionDenied
+from gateway.errors import AuthenticationError, ConfigError, UnknownRoute
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +31,17 @@ class ApiKey:
     routes: frozenset[str]
     can_force_variant: bool = False
 
+    def may_use(self, route: str) -> bool:
+        return "*" in self.routes or route in self.routes
+
     def check_route(self, route: str) -> None:
-        if "*" not in self.routes and route not in self.routes:
-            raise PermissionDenied(f"API key {self.name!r} may not use route {route!r}.", param="model")
+        if not self.may_use(route):
+            raise route_not_found(route)
+
+
+def route_not_found(route: str) -> UnknownRoute:
+    """The one answer for a route that does not exist and for one the caller may not use."""
+    return UnknownRoute(f"The model `{route}` does not exist or you do not have access to it.", param="model")
 
 
 ANONYMOUS = ApiKey(name="anonymous", tenant="anonymous", routes=frozenset({"*"}), can_force_variant=True)

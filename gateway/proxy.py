@@ -37,9 +37,8 @@ from gateway.errors import (
     PayloadTooLarge,
     PermissionDenied,
     ServerShuttingDown,
-    UnknownRoute,
 )
-from gateway.keys import ANONYMOUS, ApiKey, KeyRing
+from gateway.keys import ANONYMOUS, ApiKey, KeyRing, route_not_found
 from gateway.openai_types import ChatRequest, parse_chat_request
 from gateway.policy import Decision, Plan, Route, Variant, bucket
 from gateway.policy_store import LiveView
@@ -221,11 +220,13 @@ class ChatEndpoint:
         view = self.d.live.view  # read once: this request sees one policy and one set of switches
         x.rec.policy_version = view.policy.version
         x.rec.stream = req.stream
+        # Access first, and the same answer as for a route that does not exist: nothing (status, message or
+        # x-gateway-route header) tells a key holder which routes they may not use exist.
+        key.check_route(req.model)
         plan = view.plans.get(req.model)
         if plan is None:
-            raise UnknownRoute(f"The model {req.model!r} does not exist on this gateway.", param="model")
+            raise route_not_found(req.model)
         x.rec.route = req.model
-        key.check_route(req.model)
         return plan
 
     def _forced(self, x: Exchange, key: ApiKey) -> str | None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import BadRequest
+from gateway.openai_types import MAX_DEPTH, deeper_than, deepest_field, nesting_too_deep
 from gateway.policy import Variant
 
 CONTEXT = "{context}"
@@ -31,7 +33,14 @@ def engine_body(body: dict[str, Any], variant: Variant, *, stream: bool, context
     if stream:
         options = body.get("stream_options")
         out["stream_options"] = {**options, "include_usage": True} if options else {"include_usage": True}
-    return orjson.dumps(out)
+    try:
+        return orjson.dumps(out)
+    except orjson.JSONEncodeError as exc:  # only the client's content can cause it
+        if deeper_than(
+            out, MAX_DEPTH
+        ):  # orjson writes 254 levels: the nesting limit is checked here, for free
+            raise nesting_too_deep(deepest_field(out)) from None
+        raise BadRequest(f"The request cannot be forwarded to the engine: {exc}.") from None
 
 
 def with_system_prompt(messages: list[dict[str, Any]], prompt: str) -> list[dict[str, Any]]:
