@@ -216,7 +216,9 @@ def create_app(
         live=c.live,
         keys=c.keys,
         engines=c.engines,
-        schemas=SchemaCache(),
+        schemas=SchemaCache(
+            max_bytes=settings.schema_cache_bytes, max_schema_bytes=settings.max_schema_bytes
+        ),
         records=c.records,
         telemetry=c.telemetry,
         max_body_bytes=settings.max_body_bytes,

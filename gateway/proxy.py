@@ -289,7 +289,7 @@ class ChatEndpoint:
     # -- non-stream -------------------------------------------------------------------------------------------
 
     async def _unary(self, x: Exchange, req: ChatRequest, plan: Plan, decision: Decision) -> None:
-        exp = expectation_from_request(req.body)
+        exp = expectation_from_request(req.body, self.d.schemas)  # a bad or oversized schema: 400 here
         variant, response = await self._open(x, req, plan, decision.variant)
         raw, data = await _read_json(response)
         x.response = None
@@ -320,7 +320,7 @@ class ChatEndpoint:
     # -- stream -----------------------------------------------------------------------------------------------
 
     async def _stream(self, x: Exchange, req: ChatRequest, plan: Plan, decision: Decision) -> None:
-        exp = expectation_from_request(req.body)
+        exp = expectation_from_request(req.body, self.d.schemas)  # a bad or oversized schema: 400 here
         enforce = plan.route.tool_calls == "enforce" and exp.active
         variant, response = await self._open(x, req, plan, decision.variant)
         stream = relay.StreamRelay(

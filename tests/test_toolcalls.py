@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.errors import BadRequest
 from gateway.toolcalls import (
+    MAX_ARGUMENT_DEPTH,
     Completion,
     Expectation,
     SchemaCache,
@@ -386,29 +388,196 @@ def test_cache_is_bounded_lru() -> None:
     assert cache.validator(b) is not None
 
 
-@pytest.mark.parametrize(
-    "schema",
-    [
-        {"type": "objekt"},
+BAD_SCHEMAS = [
+    ({"type": "objekt"}, "not a valid JSON Schema (draft 2020-12) at /type"),
+    ({"type": 5}, "not a valid JSON Schema (draft 2020-12) at /type"),
+    (
         {"type": "object", "properties": {"account_id": {"type": "string", "pattern": "(unclosed"}}},
-        {"$ref": "http://127.0.0.1:9/crm.json"},  # compiled offline: never fetched
-    ],
-)
-def test_bad_schema_does_not_raise_and_is_remembered(schema: dict[str, Any]) -> None:
+        "at /properties/account_id/pattern",
+    ),
+    (
+        {"$ref": "http://127.0.0.1:9/crm.json"},
+        "remote $ref is not allowed",
+    ),  # compiled offline: never fetched
+    ({"$ref": "crm.json"}, "remote $ref is not allowed"),
+]
+
+
+@pytest.mark.parametrize(("schema", "words"), BAD_SCHEMAS)
+def test_a_bad_schema_is_a_400_naming_the_tool_when_the_request_is_read(schema: Any, words: str) -> None:
+    cache = SchemaCache()
+    body = request(tools=[tool("lookup_account", LOOKUP_ACCOUNT), tool("update_crm", schema)])
+    for _ in range(2):
+        with pytest.raises(BadRequest) as err:
+            expectation_from_request(body, cache)
+        assert (err.value.status, err.value.code, err.value.param) == (
+            400,
+            "invalid_schema",
+            "tools[1].function.parameters",
+        )
+        assert err.value.message.startswith("Tool 'update_crm': its parameters schema ")
+        assert words in err.value.message
+    assert cache.rejected == 1  # the failed compile is remembered
+
+
+@pytest.mark.parametrize(("schema", "words"), BAD_SCHEMAS)
+def test_a_call_to_a_tool_whose_schema_does_not_compile_is_never_valid(schema: Any, words: str) -> None:
+    # Checked without preparing the request's schemas first: the verdict says the schema was unusable.
     cache = SchemaCache()
     body = request(tools=[tool("update_crm", schema)])
     v = verdict(choice(call(GOOD_ARGS)), body=body, cache=cache)
-    assert (v.status, v.bad_schema, v.calls) == ("valid", True, 1)
+    assert (v.status, v.reason, v.bad_schema, v.calls) == ("invalid", "schema_unusable", True, 1)
     assert verdict(choice(call("{")), body=body, cache=cache).reason == "malformed_json"
-    verdict(choice(call(GOOD_ARGS)), body=body, cache=cache)
     assert cache.rejected == 1
     assert cache.validator(schema) is None
 
 
-def test_bad_schema_flag_survives_a_later_invalid_call() -> None:
+def test_a_bad_schema_makes_the_call_invalid_whatever_its_place() -> None:
     body = request(tools=[tool("broken", {"type": "objekt"}), tool("update_crm", UPDATE_CRM)])
+    v = verdict(choice(call(GOOD_ARGS), call("{}", name="broken", id="chatcmpl-tool-2")), body=body)
+    assert (v.status, v.reason, v.bad_schema) == ("invalid", "schema_unusable", True)
     v = verdict(choice(call("{}", name="broken"), call({"stage": "won"})), body=body)
-    assert (v.status, v.reason, v.bad_schema) == ("invalid", "schema_violation", True)
+    assert (v.status, v.reason, v.bad_schema) == ("invalid", "schema_unusable", True)
+
+
+def test_a_bad_response_format_schema_is_a_400() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"required": "account_id"}}}
+    with pytest.raises(BadRequest) as err:
+        expectation_from_request(request(response_format=fmt), SchemaCache())
+    assert (err.value.code, err.value.param) == ("invalid_schema", "response_format.json_schema.schema")
+    assert err.value.message.startswith("response_format: the json_schema schema is not a valid JSON Schema")
+
+
+def test_a_prepared_request_is_checked_without_compiling_again() -> None:
+    cache = SchemaCache()
+    schema_only = {"type": "json_schema", "json_schema": {"name": "s", "schema": SUMMARY}}
+    exp = expectation_from_request(request(response_format=schema_only, tools=[tool("ping", {})]), cache)
+    assert cache.size == 2
+    other = SchemaCache()  # a cache that has compiled nothing: the request's own validators are used
+    assert check([choice(call("{}", name="ping"))], exp, other).status == "valid"
+    text = choice(content='{"account_id": "ACC-004211", "risk": "severe"}', finish="stop")
+    assert check([text], exp, other).reason == "schema_violation"
+    assert other.size == 0
+
+
+def test_a_schema_over_the_size_limit_is_refused_without_compiling() -> None:
+    cache = SchemaCache(max_schema_bytes=len(orjson.dumps(UPDATE_CRM)) - 1)
+    with pytest.raises(BadRequest) as err:
+        expectation_from_request(request(), cache)
+    size = len(orjson.dumps(UPDATE_CRM))
+    assert (err.value.code, err.value.param) == ("schema_too_large", "tools[0].function.parameters")
+    assert err.value.message == (
+        f"Tool 'update_crm': its parameters schema is {size:,} bytes of JSON; "
+        f"the limit is {size - 1:,} bytes per schema."
+    )
+    assert (cache.size, cache.rejected) == (0, 0)
+    assert verdict(choice(call(GOOD_ARGS)), cache=cache).reason == "schema_unusable"
+    assert SchemaCache(max_schema_bytes=size).validator(UPDATE_CRM) is not None  # the limit itself is allowed
+
+
+def _sized(i: int) -> dict[str, Any]:
+    return {"type": "object", "properties": {f"p{i}_{k}": {"type": "integer"} for k in range(50)}}
+
+
+def test_cache_is_bounded_by_estimated_bytes() -> None:
+    probe = SchemaCache()
+    probe.validator(_sized(0))
+    one = probe.bytes  # the estimate for one such schema (they all serialize to the same length)
+    assert one > 20 * len(orjson.dumps(_sized(0)))
+    cache = SchemaCache(max_bytes=2 * one)
+    first, second = cache.validator(_sized(0)), cache.validator(_sized(1))
+    assert (cache.size, cache.bytes) == (2, 2 * one)
+    assert cache.validator(_sized(0)) is first  # 0 is now the most recent: 1 goes next
+    cache.validator(_sized(2))
+    assert (cache.size, cache.bytes) == (2, 2 * one)
+    assert cache.validator(_sized(0)) is first
+    assert cache.validator(_sized(1)) is not second  # evicted, compiled again
+
+
+def test_a_schema_larger_than_the_whole_cache_is_used_but_not_kept() -> None:
+    cache = SchemaCache(max_bytes=1000)
+    exp = expectation_from_request(request(), cache)
+    assert (cache.size, cache.bytes) == (0, 0)
+    assert check([choice(call(GOOD_ARGS))], exp, cache).status == "valid"
+    assert check([choice(call({**GOOD_ARGS, "amount": -1}))], exp, cache).reason == "schema_violation"
+
+
+# --- model output the validator cannot take ----------------------------------------------------------------
+
+
+def nested(depth: int, leaf: str = "1") -> str:
+    return '{"a": ' * depth + leaf + "}" * depth
+
+
+RECURSIVE = {"type": "object", "additionalProperties": {"$ref": "#"}}
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        # The reported crash: a violation at the top of arguments nested ~300 deep (jsonschema-rs raised while
+        # handing the error's instance back to Python).
+        ('{"account_id": "ACC-004211", "stage": "won", "amount": ' + nested(300) + "}", "arguments_too_deep"),
+        ('{"account_id": ' + "[" * 2000 + "]" * 2000 + "}", "arguments_too_deep"),  # past orjson's 1,024 too
+        (nested(MAX_ARGUMENT_DEPTH), "schema_violation"),  # at the limit: checked as usual
+        (nested(MAX_ARGUMENT_DEPTH + 1), "arguments_too_deep"),
+    ],
+)
+def test_deeply_nested_arguments_are_invalid_never_an_error(
+    arguments: str, expected: str, prepared: bool
+) -> None:
+    cache = SchemaCache()
+    body = request()
+    v = check([choice(call(arguments))], expectation_from_request(body, cache if prepared else None), cache)
+    assert (v.status, v.reason, v.calls) == ("invalid", expected, 1)
+
+
+def test_depth_is_limited_whatever_the_schema_allows() -> None:
+    body = request(tools=[tool("tree", RECURSIVE), tool("ping", None)])
+    assert verdict(choice(call(nested(MAX_ARGUMENT_DEPTH, "{}"), name="tree")), body=body).status == "invalid"
+    assert (
+        verdict(choice(call(nested(MAX_ARGUMENT_DEPTH - 1, "{}"), name="tree")), body=body).status == "valid"
+    )
+    v = verdict(choice(call(nested(400), name="ping")), body=body)  # no schema: JSON only, depth still counts
+    assert (v.status, v.reason) == ("invalid", "arguments_too_deep")
+    schema_only = {"type": "json_schema", "json_schema": {"name": "tree", "schema": RECURSIVE}}
+    deep = choice(content=nested(300, "{}"), finish="stop")
+    assert verdict(deep, body=request(tools=None, response_format=schema_only)).reason == "arguments_too_deep"
+
+
+def test_brackets_inside_strings_do_not_count_as_depth() -> None:
+    v = verdict(choice(call({**GOOD_ARGS, "notes": "{[" * 200})))
+    assert v.status == "valid"
+
+
+class _RaisingValidator:
+    """A validator that fails the way a binding can: on the instance, or while building its error."""
+
+    def __init__(self, valid: bool | None) -> None:
+        self.valid = valid
+
+    def is_valid(self, _instance: Any) -> bool:
+        if self.valid is None:
+            raise ValueError("cannot convert the instance")
+        return self.valid
+
+    def iter_errors(self, _instance: Any) -> Any:
+        raise ValueError("Recursion limit reached")
+
+
+@pytest.mark.parametrize(("valid", "reason"), [(None, "unvalidatable"), (False, "schema_violation")])
+def test_a_validator_that_raises_gives_an_invalid_verdict(valid: bool | None, reason: str) -> None:
+    exp = Expectation(
+        tools={"update_crm": UPDATE_CRM},
+        required=False,
+        forced_name=None,
+        content_schema=None,
+        tool_choice="auto",
+        validators={"update_crm": _RaisingValidator(valid)},
+    )
+    v = check([choice(call(GOOD_ARGS))], exp, SchemaCache())
+    assert (v.status, v.reason, v.path, v.detail) == ("invalid", reason, None, None)
 
 
 # --- privacy ------------------------------------------------------------------------------------------------
