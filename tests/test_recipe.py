@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from adapters.recipe import lineage, params, prompts, schema, synth
+from adapters.recipe import build, cpu, lineage, params, prompts, schema, synth
 from gateway.digests import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,6 +208,56 @@ def test_built_snapshots_share_no_user_message_with_the_golden_set() -> None:
 def test_the_build_evaluated_this_golden_file() -> None:
     record = json.loads((built() / "build.json").read_text())
     assert record["golden_sha256"] == sha256_file(GOLDEN)
+
+
+def test_the_build_reproduces_the_recorded_weights() -> None:
+    """One recipe, the same bytes on every x86-64 machine with AVX2 (adapters/recipe/cpu.py pins the kernels):
+    every file of every model directory has the SHA-256 that adapters/recipe/weights.json records."""
+    adapters = Path(json.loads((built() / "build.json").read_text())["adapters_dir"])
+    differs = build.verify(build.Layout(built(), adapters), RECIPE, params.recipe_hash())
+    assert differs == [], "\n".join(differs)
+
+
+def test_the_record_covers_every_model_directory_and_matches_this_recipe() -> None:
+    record = json.loads(build.RECORDED.read_text())
+    assert record["recipe_hash"] == params.recipe_hash(), "recipe changed: rebuild, check the rates, --record"
+    assert record["cpu_capability"] == cpu.ISA
+    folders = {name.rsplit("/", 1)[0] for name in record["files"]}
+    expected = {"base/crm-base", *(f"adapters/crm-formatter/{spec.version}" for spec in RECIPE.adapters)}
+    assert folders == expected
+    weights = [n for n in record["files"] if n.endswith(".safetensors")]
+    assert len(weights) == 1 + len(RECIPE.adapters)
+
+
+def test_a_differing_file_is_named_with_both_hashes() -> None:
+    record = {
+        "recipe_hash": "r1",
+        "files": {"base/m/model.safetensors": "a" * 64, "base/m/config.json": "c" * 64},
+    }
+    found = {
+        "base/m/model.safetensors": "b" * 64,
+        "base/m/config.json": "c" * 64,
+        "base/m/extra.bin": "d" * 64,
+    }
+    assert build.differences(record, found, "r1") == [
+        f"base/m/model.safetensors: sha256 {'b' * 12}…, recorded {'a' * 12}…",
+        "base/m/extra.bin: not in the record",
+    ]
+    (other,) = build.differences(record, found, "r2")
+    assert "another recipe" in other and "--record" in other
+    assert build.differences(record, dict(record["files"]), "r1") == []
+
+
+def test_the_pins_make_torch_run_avx2_kernels_in_a_fresh_process() -> None:
+    """On an AVX-512 machine torch picks AVX-512 kernels unless pinned; the recipe's pins must take in a new
+    process (the engine venv has torch; skipped without it)."""
+    python = ROOT / ".venv-engine" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no engine venv (make engine-model builds it)")
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    env = {**os.environ, **cpu.pins(RECIPE.threads)}
+    done = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == cpu.ISA
 
 
 def test_the_gateway_accepts_every_built_adapter_for_the_built_base() -> None:
