@@ -279,6 +279,7 @@ def check_answer(response: httpx.Response) -> None:
 
 @settings(
     max_examples=EXAMPLES,
+    deadline=None,  # a busy CI machine may stall one request for longer than hypothesis' 200 ms: not a failure
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
 @given(raw=request_bytes(), headers=request_headers())
