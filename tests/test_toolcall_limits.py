@@ -10,19 +10,14 @@ arguments), and counts the chat requests it received.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import openai
 import orjson
 import pytest
-import uvicorn
 
-from tests.conftest import CLIENT_TOKEN, UPDATE_CRM, GatewayFactory, RunningGateway
+from tests.conftest import UPDATE_CRM, GatewayFactory, RunningGateway, sdk_client, serve_in_thread, sse_events
 
 POLICY = """
 route = "crm-assistant"
@@ -111,17 +106,8 @@ class FakeEngine:
 @pytest.fixture
 def fake_engine() -> Iterator[tuple[FakeEngine, str]]:
     engine = FakeEngine()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(engine, lifespan="off", access_log=False, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "fake engine did not start"
-        time.sleep(0.01)
-    yield engine, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server, thread, url = serve_in_thread(engine, "fake engine", lifespan="off")
+    yield engine, url
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -129,10 +115,6 @@ def fake_engine() -> Iterator[tuple[FakeEngine, str]]:
 @pytest.fixture
 def gateway(make_gateway: GatewayFactory, fake_engine: tuple[FakeEngine, str]) -> RunningGateway:
     return make_gateway({"crm.toml": POLICY}, engines={"default": fake_engine[1]}, max_schema_bytes=4096)
-
-
-def client(gw: RunningGateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_TOKEN, max_retries=0)
 
 
 def tool(parameters: Any, name: str = "update_crm") -> dict[str, Any]:
@@ -146,7 +128,7 @@ def test_deeply_nested_arguments_are_an_invalid_call_not_a_500(
     gateway: RunningGateway, fake_engine: tuple[FakeEngine, str]
 ) -> None:
     fake_engine[0].arguments = DEEP
-    raw = client(gateway).chat.completions.with_raw_response.create(
+    raw = sdk_client(gateway).chat.completions.with_raw_response.create(
         model="crm-assistant", messages=MESSAGES, tools=[UPDATE_CRM]
     )
     assert raw.status_code == 200
@@ -167,9 +149,7 @@ def test_deeply_nested_arguments_in_a_stream_end_with_an_invalid_verdict(
 ) -> None:
     fake_engine[0].arguments = DEEP
     body = {"model": "crm-assistant", "messages": MESSAGES, "tools": [UPDATE_CRM], "stream": True}
-    headers = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=headers) as r:
-        events = [e for e in "".join(r.iter_text()).split("\n\n") if e]
+    events = sse_events(gateway, body)
     assert not any('"error"' in e for e in events)
     assert events[-2] == ": x-gateway-tool-calls=invalid reason=arguments_too_deep"
     assert events[-1] == "data: [DONE]"
@@ -197,7 +177,7 @@ def test_a_schema_that_does_not_compile_is_a_400_naming_the_tool(
 ) -> None:
     tools = [UPDATE_CRM, tool(parameters, name="lookup_account")]
     with pytest.raises(openai.BadRequestError) as err:
-        client(gateway).chat.completions.create(model="crm-assistant", messages=MESSAGES, tools=tools)
+        sdk_client(gateway).chat.completions.create(model="crm-assistant", messages=MESSAGES, tools=tools)
     error = err.value.body
     assert isinstance(error, dict)
     assert (error["type"], error["code"], error["param"]) == (
@@ -216,7 +196,7 @@ def test_a_response_format_schema_that_does_not_compile_is_a_400(
 ) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "summary", "schema": {"type": "objekt"}}}
     with pytest.raises(openai.BadRequestError) as err:
-        client(gateway).chat.completions.create(
+        sdk_client(gateway).chat.completions.create(
             model="crm-assistant", messages=MESSAGES, response_format=fmt, stream=True
         )
     error = err.value.body
@@ -231,7 +211,7 @@ def test_a_schema_over_the_size_limit_is_a_400_naming_the_tool_and_the_limit(
     properties = {f"field_{i}": {"type": "string", "maxLength": 64} for i in range(200)}
     big = tool({"type": "object", "properties": properties}, name="bulk_update")
     with pytest.raises(openai.BadRequestError) as err:
-        client(gateway).chat.completions.create(model="crm-assistant", messages=MESSAGES, tools=[big])
+        sdk_client(gateway).chat.completions.create(model="crm-assistant", messages=MESSAGES, tools=[big])
     error = err.value.body
     assert isinstance(error, dict)
     assert (error["code"], error["param"]) == ("schema_too_large", "tools[0].function.parameters")
