@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
-from tests.conftest import CLIENT_TOKEN, CRM_POLICY, GatewayFactory, RunningGateway
+from tests.conftest import ADMIN_TOKEN, CRM_POLICY, GatewayFactory, RunningGateway, sdk_client
 
 MESSAGES = [{"role": "user", "content": "Set Globex to won, 5000 EUR."}]
 FLIP = "/admin/routes/crm-assistant/variants/formatter/kill"
@@ -43,9 +42,15 @@ BAD_FIELDS: list[tuple[dict[str, Any], str, str]] = [
 
 
 def ask(gw: RunningGateway) -> str:
-    c = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_TOKEN, max_retries=0)
-    raw = c.chat.completions.with_raw_response.create(model="crm-assistant", messages=MESSAGES)
+    raw = sdk_client(gw).chat.completions.with_raw_response.create(model="crm-assistant", messages=MESSAGES)
     return raw.headers["x-gateway-variant"]
+
+
+def edit_policy(tmp_path: Path) -> None:
+    """Change the route's policy file, so that a reload would have something to put live."""
+    (tmp_path / "policies" / "crm-assistant.toml").write_text(
+        CRM_POLICY.replace("weight = 10", "weight = 30")
+    )
 
 
 def refused(r: httpx.Response, param: str | None, code: str, status: int = 400) -> None:
@@ -62,9 +67,7 @@ def test_every_admin_body_is_checked_before_anything_changes(
 ) -> None:
     gw = make_gateway()
     version = gw.app.components.live.view.policy.version
-    (tmp_path / "policies" / "crm-assistant.toml").write_text(
-        CRM_POLICY.replace("weight = 10", "weight = 30")
-    )
+    edit_policy(tmp_path)
     for change, param, code in BAD_FIELDS:
         refused(gw.admin("POST", path, json={**good, **change}), param, code)
     refused(gw.admin("POST", path, json=[good]), None, "invalid_type")
@@ -102,10 +105,8 @@ def test_a_reload_with_a_bad_reason_leaves_the_old_policy_live_and_unaudited(
 ) -> None:
     gw = make_gateway()
     before = gw.app.components.live.view.policy.version
-    (tmp_path / "policies" / "crm-assistant.toml").write_text(
-        CRM_POLICY.replace("weight = 10", "weight = 30")
-    )
-    with httpx.Client(headers={"Authorization": "Bearer test-admin-token"}) as admin:
+    edit_policy(tmp_path)
+    with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
         r = admin.post(gw.url + "/admin/reload", json={"reason": {"why": "ramp"}})
         refused(r, "reason", "invalid_type")
         assert gw.app.components.live.view.policy.version == before
@@ -129,9 +130,7 @@ def test_a_reload_goes_live_only_once_its_audit_entry_is_written(
             "CREATE TRIGGER refuse_reload BEFORE INSERT ON audit WHEN NEW.action = 'reload' "
             "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
         )
-    (tmp_path / "policies" / "crm-assistant.toml").write_text(
-        CRM_POLICY.replace("weight = 10", "weight = 30")
-    )
+    edit_policy(tmp_path)
     r = gw.admin("POST", "/admin/reload", json={"reason": "ramp"})
     assert r.status_code == 500 and r.json()["error"]["code"] == "audit_failed"
     assert "did not change" in r.json()["error"]["message"]
