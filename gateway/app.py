@@ -381,7 +381,7 @@ async def _readiness(c: Components) -> Response:
 def _models(c: Components, request: Request) -> Response:
     if c.keys is not None:
         key = c.keys.authenticate(request.headers.get("authorization"))
-        allowed = [r for r in c.live.view.policy.routes if "*" in key.routes or r in key.routes]
+        allowed = [r for r in c.live.view.policy.routes if key.may_use(r)]
     else:
         allowed = list(c.live.view.policy.routes)
     created = int(time.time())
