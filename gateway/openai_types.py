@@ -156,9 +156,8 @@ def _decimal(low: float, high: float) -> Callable[[str, Any], None]:
 
 def _integer(low: int, high: int | None = None) -> Callable[[str, Any], None]:
     def check(param: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(
-            value, int
-        ):  # JSON's 1.0 is a decimal, as in OpenAI's API
+        # JSON's 1.0 is a decimal, as in OpenAI's API.
+        if isinstance(value, bool) or not isinstance(value, int):
             raise _invalid_type(param, "an integer", value)
         _in_range(param, value, low, high, "integer")
 

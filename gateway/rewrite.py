@@ -36,9 +36,8 @@ def engine_body(body: dict[str, Any], variant: Variant, *, stream: bool, context
     try:
         return orjson.dumps(out)
     except orjson.JSONEncodeError as exc:  # only the client's content can cause it
-        if deeper_than(
-            out, MAX_DEPTH
-        ):  # orjson writes 254 levels: the nesting limit is checked here, for free
+        # orjson writes 254 levels: the nesting limit is checked here, for free.
+        if deeper_than(out, MAX_DEPTH):
             raise nesting_too_deep(deepest_field(out)) from None
         raise BadRequest(f"The request cannot be forwarded to the engine: {exc}.") from None
 
