@@ -44,9 +44,6 @@ from gateway.errors import (
 from gateway.policy import PolicySnapshot, View, build_view, newly_dark, served_adapters, with_pins
 from gateway.state import Flip, StateStore, apply_flip
 
-FLIP_FIELDS = ("reason", "actor", "force")
-RELOAD_FIELDS = ("reason", "actor")
-
 
 def admin_routes(ctx: AdminContext) -> list[Route]:
     def flip_endpoint(scope: str, killed: bool) -> Any:
@@ -78,7 +75,7 @@ def admin_routes(ctx: AdminContext) -> list[Route]:
 
 async def _flip(ctx: AdminContext, request: Request, scope: str, killed: bool) -> Response:
     authorize(ctx, request)
-    body = await read_body(request, FLIP_FIELDS)
+    body = await read_body(request, "force")
     reason, who = reason_actor(request, body)
     force = body.flag("force")
     flip = Flip(scope, killed, request.path_params.get("route", ""), request.path_params.get("variant", ""))  # type: ignore[arg-type]
@@ -119,7 +116,7 @@ def _check_target(view: View, flip: Flip) -> None:
 
 
 async def _reload(ctx: AdminContext, request: Request) -> Response:
-    body = await read_body(request, RELOAD_FIELDS)
+    body = await read_body(request)
     reason = body.text("reason", max_chars=MAX_REASON_CHARS) or None
     who = actor_of(request, body)
     async with ctx.lock:

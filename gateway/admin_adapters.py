@@ -41,7 +41,7 @@ def adapter_routes(ctx: AdminContext) -> list[Route]:
 
 
 async def _swap(ctx: AdminContext, request: Request) -> Response:
-    body = await read_body(request, ("adapter", "reason", "actor"))
+    body = await read_body(request, "adapter")
     reason, actor = reason_actor(request, body)
     ref = body.required_text("adapter")
     if "@" not in ref:
@@ -56,7 +56,7 @@ async def _swap(ctx: AdminContext, request: Request) -> Response:
 
 
 async def _rollback(ctx: AdminContext, request: Request) -> Response:
-    body = await read_body(request, ("reason", "actor"))
+    body = await read_body(request)
     reason, actor = reason_actor(request, body)
     route, variant = request.path_params["route"], request.path_params["variant"]
     async with ctx.lock:

@@ -25,7 +25,7 @@ from gateway.canary_control import CanaryController
 from gateway.errors import NotFound
 
 OPERATIONS: tuple[Operation, ...] = ("pause", "resume", "promote", "abort")
-DRILL_FIELDS = ("variant", "time_to_baseline_ms", "probes", "fallback", "reason", "actor")
+DRILL_FIELDS = ("variant", "time_to_baseline_ms", "probes", "fallback")
 MAX_DRILL_MS = 86_400_000.0  # a day: a drill times a switch that acts on the next request
 
 
@@ -62,7 +62,7 @@ def canary_routes(ctx: AdminContext, controller: CanaryController) -> list[Route
 async def _operate(
     ctx: AdminContext, controller: CanaryController, request: Request, op: Operation
 ) -> Response:
-    body = await read_body(request, ("reason", "actor"))
+    body = await read_body(request)
     reason, actor = reason_actor(request, body)
     name = request.path_params["route"]
     async with ctx.lock:
@@ -73,7 +73,7 @@ async def _operate(
 
 
 async def _drill(ctx: AdminContext, request: Request) -> Response:
-    body = await read_body(request, DRILL_FIELDS)
+    body = await read_body(request, *DRILL_FIELDS)
     reason, actor = reason_actor(request, body)
     variant = body.required_text("variant")
     detail: dict[str, Any] = {"time_to_baseline_ms": body.number("time_to_baseline_ms", maximum=MAX_DRILL_MS)}

@@ -1,11 +1,11 @@
 """What every admin endpoint shares: the context they act on, bearer-token authorization, request bodies read
 and type-checked before anything changes, query numbers, and JSON answers (errors in OpenAI's envelope).
 
-An admin body is a JSON object of the endpoint's own fields and no others. Each field present must have its type
-(a string is a string, a boolean is `true` or `false`, never `"false"`; `null` is none of them), within its
-limit; anything else is a 400 naming the field (`param`) with the code `invalid_type`, `unknown_parameter`,
-`missing_required_parameter`, `string_above_max_length` or `invalid_value`. Endpoints read every field before they
-take the lock, so a bad body never reaches a half-made change.
+An admin body is a JSON object of `reason`, `actor` and the endpoint's own fields, and no others. Each field
+present must have its type (a string is a string, a boolean is `true` or `false`, never `"false"`; `null` is none
+of them), within its limit; anything else is a 400 naming the field (`param`) with the code `invalid_type`,
+`unknown_parameter`, `missing_required_parameter`, `string_above_max_length` or `invalid_value`. Endpoints read
+every field before they take the lock, so a bad body never reaches a half-made change.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import math
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,11 +98,7 @@ class AdminBody:
             raise _invalid_type(name, "a string", value)
         value = value.strip()
         if len(value) > max_chars:
-            raise BadRequest(
-                f"'{name}' is {len(value)} characters long; the limit is {max_chars}.",
-                param=name,
-                code="string_above_max_length",
-            )
+            raise _too_long(f"'{name}'", name, len(value), max_chars)
         return value
 
     def required_text(self, name: str, *, max_chars: int = MAX_NAME_CHARS, why: str = "") -> str:
@@ -145,8 +141,10 @@ class AdminBody:
         return value
 
 
-async def read_body(request: Request, fields: Collection[str]) -> AdminBody:
-    """The body as a JSON object whose keys are all in `fields` (an empty body is an empty object)."""
+async def read_body(request: Request, *fields: str) -> AdminBody:
+    """The body as a JSON object whose keys are all `reason`, `actor` (every admin body may say why and who) or
+    the endpoint's own `fields` (an empty body is an empty object)."""
+    allowed = sorted({"reason", "actor", *fields})
     raw = await _read_raw(request)
     try:
         data = orjson.loads(raw) if raw else {}
@@ -154,10 +152,10 @@ async def read_body(request: Request, fields: Collection[str]) -> AdminBody:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_type")
-    unknown = sorted(data.keys() - set(fields))
+    unknown = sorted(data.keys() - set(allowed))
     if unknown:
         raise BadRequest(
-            f"Unknown field {unknown[0]!r}: this endpoint takes {', '.join(repr(f) for f in sorted(fields))}.",
+            f"Unknown field {unknown[0]!r}: this endpoint takes {', '.join(repr(f) for f in allowed)}.",
             param=unknown[0],
             code="unknown_parameter",
         )
@@ -190,11 +188,7 @@ def actor_of(request: Request, body: AdminBody) -> str:
         return named
     header = request.headers.get("x-gateway-actor", "").strip()
     if len(header) > MAX_NAME_CHARS:
-        raise BadRequest(
-            f"The x-gateway-actor header is {len(header)} characters long; the limit is {MAX_NAME_CHARS}.",
-            param="x-gateway-actor",
-            code="string_above_max_length",
-        )
+        raise _too_long("The x-gateway-actor header", "x-gateway-actor", len(header), MAX_NAME_CHARS)
     return header or "admin"
 
 
@@ -213,6 +207,14 @@ def query_number(
     if not (math.isfinite(value) and low <= value <= high):
         raise BadRequest(f"'{name}' must be between {low:g} and {high:g}.", param=name, code="invalid_value")
     return value
+
+
+def _too_long(what: str, param: str, length: int, limit: int) -> BadRequest:
+    return BadRequest(
+        f"{what} is {length} characters long; the limit is {limit}.",
+        param=param,
+        code="string_above_max_length",
+    )
 
 
 def _invalid_type(name: str, expected: str, value: Any) -> BadRequest:
