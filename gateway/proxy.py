@@ -128,12 +128,17 @@ def _refuse_unsupported(body: dict[str, Any], unsupported: frozenset[str]) -> No
 class ChatEndpoint:
     def __init__(self, deps: Deps) -> None:
         self.d = deps
-        self.inflight = 0  # requests between arrival and their record's submission
-        self._running: dict[int, Exchange] = {}  # the same requests, for the drain deadline (`cut_off`)
+        # Requests between arrival and their record's submission (`inflight`), for the drain deadline (`cut_off`).
+        self._running: dict[int, Exchange] = {}
         self.draining = False  # shutdown has begun: responses carry `Connection: close`
         # Request ids: a random prefix per endpoint and a counter, unique without a syscall per request.
         self._id_prefix = os.urandom(7).hex()
         self._ids = itertools.count()
+
+    @property
+    def inflight(self) -> int:
+        """Requests between arrival and their record's submission."""
+        return len(self._running)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         d = self.d
@@ -141,7 +146,6 @@ class ChatEndpoint:
         request_id = _incoming_id(headers) or f"{self._id_prefix}{next(self._ids):010x}"
         x = Exchange(Record(ts=d.wallclock(), request_id=request_id), d.clock(), send, headers)
         x.task = asyncio.current_task()
-        self.inflight += 1
         self._running[id(x)] = x
         try:
             await self._handle(x, scope, receive)
@@ -157,7 +161,6 @@ class ChatEndpoint:
             try:
                 self._finish(x)
             finally:
-                self.inflight -= 1
                 del self._running[id(x)]
 
     async def _cancelled(self, x: Exchange) -> bool:
