@@ -252,7 +252,7 @@ def _row(s: VariantSummary) -> tuple[str, ...]:
         _ms_pair(s.e2e_p50, s.e2e_p95),
         _ms_pair(s.ttft_p50, s.ttft_p95),
         f"{s.input_tokens}/{s.output_tokens}",
-        _money({currency: amount * 1000 for currency, amount in s.cost_per_request.items()}),
+        _money({currency: per_request * 1000 for currency, per_request in s.cost_per_request.items()}),
         _money(s.cost_total),
     )
 
