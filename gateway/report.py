@@ -18,8 +18,9 @@ import orjson
 
 from gateway.records import Record
 
-# Outcomes that count against the variant. client_error (the caller's fault) and client_disconnected (the
-# caller left) are counted separately: they say nothing about the variant's health.
+# Outcomes that count against the variant. client_error (the caller's fault), client_disconnected (the caller
+# left) and server_shutdown (cut at the drain deadline of a gateway shutting down) are counted separately: they
+# say nothing about the variant's health.
 ERROR_OUTCOMES: Final = frozenset(
     {
         "engine_error",
@@ -43,6 +44,7 @@ class VariantSummary:
     error_rate: float
     client_errors: int
     client_disconnects: int
+    shutdown_cuts: int  # requests still running at a shutting-down gateway's drain deadline, ended by it
     tool_checked: int  # requests whose tool-call verdict was valid or invalid: the invalid rate's denominator
     invalid: int
     invalid_rate: float | None
@@ -103,6 +105,7 @@ class _Group:
     errors: int = 0
     client_errors: int = 0
     client_disconnects: int = 0
+    shutdown_cuts: int = 0
     valid: int = 0
     invalid: int = 0
     truncated: int = 0
@@ -119,6 +122,7 @@ class _Group:
         self.errors += record.outcome in ERROR_OUTCOMES
         self.client_errors += record.outcome == "client_error"
         self.client_disconnects += record.outcome == "client_disconnected"
+        self.shutdown_cuts += record.outcome == "server_shutdown"
         self.valid += record.tool_verdict == "valid"
         self.invalid += record.tool_verdict == "invalid"
         self.truncated += record.tool_verdict == "truncated"
@@ -142,6 +146,7 @@ class _Group:
             error_rate=self.errors / self.requests if self.requests else 0.0,
             client_errors=self.client_errors,
             client_disconnects=self.client_disconnects,
+            shutdown_cuts=self.shutdown_cuts,
             tool_checked=checked,
             invalid=self.invalid,
             invalid_rate=self.invalid / checked if checked else None,
@@ -195,6 +200,7 @@ _HEADERS: Final = (
     "errors",
     "client 4xx",
     "disconnects",
+    "shutdown cuts",
     "invalid (95% CI)",
     "trunc",
     "fallback",
@@ -246,6 +252,7 @@ def _row(s: VariantSummary) -> tuple[str, ...]:
         f"{s.errors} ({s.error_rate:.1%})",
         str(s.client_errors),
         str(s.client_disconnects),
+        str(s.shutdown_cuts),
         _invalid(s),
         str(s.truncated),
         str(s.fallbacks),

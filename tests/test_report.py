@@ -147,6 +147,13 @@ def columns(table: str, route: str, variant: str) -> dict[str, str]:
     return dict(zip(header, next(r for r in rows if r[:2] == [route, variant]), strict=True))
 
 
+def test_requests_cut_at_a_shutdowns_drain_deadline_are_counted_apart_from_errors() -> None:
+    records = [rec("crm", "base", outcome="server_shutdown", status=503), rec("crm", "base", e2e_s=0.1)]
+    (base,) = summarize(records)
+    assert (base.requests, base.errors, base.shutdown_cuts, base.client_disconnects) == (2, 0, 1, 0)
+    assert columns(format_table([base]), "crm", "base")["shutdown cuts"] == "1"
+
+
 def test_format_table_shows_client_errors_and_disconnects_apart() -> None:
     base = columns(format_table(summarize(RECORDS)), "crm", "base")  # one client_error, one disconnect
     assert (base["errors"], base["client 4xx"], base["disconnects"]) == ("1 (20.0%)", "1", "1")
