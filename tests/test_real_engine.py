@@ -3,7 +3,7 @@ the gateway in front, the `openai` SDK as the client. Marked `engine`: `make tes
 engine's virtualenv, builds the demo model when the recipe changed, and runs them.
 
 What they prove is what the demo claims: the invalid-call rates the gateway records on the golden set land in their
-bands (base model with the RAG prompt 8-20 %, crm-formatter@1 and @2 under 3 %, @3 over 25 %), with four adapter
+bands (base model with the RAG prompt 5-25 %, crm-formatter@1 and @2 under 3 %, @3 over 25 %), with four adapter
 versions batched alongside the base model; a canary promotes @2 and kills @4, which passes the golden set but
 regresses at the temperature live traffic uses; a hot swap under load loses no request; an engine restart is
 reconciled while requests fall back; each adapter check stops a broken version before the engine sees it; the
@@ -58,7 +58,9 @@ RESULTS = ROOT / "var" / "engine-results.json"
 SHIPPED = (ROOT / "policies" / "crm-assistant.toml").read_text()
 # variant -> (adapter or None for the RAG baseline, lowest and highest invalid-call rate the demo promises)
 BANDS: dict[str, tuple[str | None, float, float]] = {
-    "baseline": (None, 0.08, 0.20),
+    # 11.3-18.3 % over seven runs on an AVX-512 machine, vLLM pinned to AVX2 or not (README): at 18.3 % a run of
+    # 300 exceeds 25 % once in about 650 runs (at the mean, 13.5 %, far less than once in a million); 8-20 % was too close.
+    "baseline": (None, 0.05, 0.25),
     "v1": ("crm-formatter@1", 0.0, 0.03),
     "formatter": ("crm-formatter@2", 0.0, 0.03),
     "v3": ("crm-formatter@3", 0.25, 1.0),
