@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 from gateway.canary_spec import CanarySpec, RateGuardrail, RatioGuardrail
 from gateway.canary_stats import CountTest, Verdict, prob_b_worse
 from gateway.records import Record
-from gateway.report import wilson
+from gateway.stats import median, median_interval, wilson
 
 Arm = Literal["candidate", "baseline"]
 Outcome = Literal["fail", "pass", "hold"]
@@ -121,8 +121,8 @@ class ArmTally:
             "errors": self.errors,
             "error_rate": _rate(self.errors, self.requests),
             "error_ci": wilson(self.errors, self.requests),
-            "latency_per_token_median": _median(self.latency),
-            "cost_median": _median(self.cost),
+            "latency_per_token_median": _median_or_none(self.latency),
+            "cost_median": _median_or_none(self.cost),
         }
 
 
@@ -135,6 +135,10 @@ def _sample(plain: list[float], by_unit: dict[float, list[float]], unit: float |
 
 def _rate(x: int, n: int) -> float | None:
     return x / n if n else None
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    return median(values) if values else None
 
 
 class Evidence:
@@ -233,11 +237,10 @@ def ratio_check(name: str, guardrail: RatioGuardrail, candidate: list[float], ba
     counts: dict[str, Any] = {"candidate_samples": len(candidate), "baseline_samples": len(baseline)}
     if min(len(candidate), len(baseline)) < guardrail.min_samples:
         return Check(name, Verdict.INCONCLUSIVE, math.nan, guardrail.max_ratio, counts)
-    c_sorted, b_sorted = sorted(candidate), sorted(baseline)
-    c_mid, b_mid = _median_sorted(c_sorted), _median_sorted(b_sorted)
+    c_mid, b_mid = median(candidate), median(baseline)
     ratio = c_mid / b_mid if b_mid > 0 else (1.0 if c_mid <= 0 else math.inf)
-    c_low, _ = median_interval(c_sorted)
-    _, b_high = median_interval(b_sorted)
+    c_low, _ = median_interval(candidate)
+    _, b_high = median_interval(baseline)
     counts.update(candidate_median=c_mid, baseline_median=b_mid, candidate_low=c_low, baseline_high=b_high)
     if c_low > guardrail.max_ratio * b_high:
         verdict = Verdict.FAIL
@@ -246,25 +249,6 @@ def ratio_check(name: str, guardrail: RatioGuardrail, candidate: list[float], ba
     else:
         verdict = Verdict.INCONCLUSIVE
     return Check(name, verdict, ratio, guardrail.max_ratio, counts)
-
-
-def median_interval(ordered: list[float]) -> tuple[float, float]:
-    """A distribution-free 95 % interval for the median of sorted values: the order statistics n/2 -+ 0.98 sqrt(n)
-    (the binomial(n, 1/2) count below the median, in its normal approximation; z = 1.96)."""
-    n = len(ordered)
-    half = 0.98 * math.sqrt(n)
-    low = max(0, math.floor(n / 2 - half))
-    high = min(n - 1, math.ceil(n / 2 + half) - 1)
-    return ordered[low], ordered[high]
-
-
-def _median_sorted(ordered: list[float]) -> float:
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
-
-
-def _median(values: list[float]) -> float | None:
-    return _median_sorted(sorted(values)) if values else None
 
 
 @dataclass(frozen=True, slots=True)

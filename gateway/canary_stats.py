@@ -3,8 +3,9 @@
 This module owns the numbers, not the decisions' plumbing: the anytime-valid count test of Lindon & Malek (the one
 an unattended kill switch may use), the mSPRT for two proportions of Johari, Pekelis & Walsh, Evan Miller's
 P(p_B > p_A) for people's dashboards (never for an unattended kill), and a ratio guardrail for latency per output
-token and cost per request. It is pure: standard library ``math`` only, no I/O, no clock, no randomness. Arm A is
-the baseline and arm B the candidate (canary) throughout; "worse" means a higher rate of invalid events.
+token and cost per request. It is pure: standard library ``math`` and the shared `stats` (the median) only, no
+I/O, no clock, no randomness. Arm A is the baseline and arm B the candidate (canary) throughout; "worse" means a
+higher rate of invalid events.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+
+from gateway.stats import median
 
 __all__ = [
     "DEFAULT_GRID",
@@ -295,14 +298,6 @@ class RatioVerdict:
     n_baseline: int
 
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return float(ordered[middle])
-    return (ordered[middle - 1] + ordered[middle]) / 2.0
-
-
 def _ratio(candidate: float, baseline: float) -> float:
     if baseline > 0.0:
         return candidate / baseline
@@ -327,7 +322,7 @@ def ratio_within(
     n_b, n_a = len(candidate), len(baseline)
     if min(n_a, n_b) < min_n:
         return RatioVerdict(Verdict.INCONCLUSIVE, math.nan, math.nan, math.nan, max_ratio, n_b, n_a)
-    med_b, med_a = _median(candidate), _median(baseline)
+    med_b, med_a = median(candidate), median(baseline)
     ratio = _ratio(med_b, med_a)
     verdict = Verdict.PASS if ratio <= max_ratio else Verdict.FAIL
     return RatioVerdict(verdict, med_b, med_a, ratio, max_ratio, n_b, n_a)

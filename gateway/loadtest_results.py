@@ -11,7 +11,7 @@ Definitions match `gateway report` (`report.summarize`), so the two agree on the
   per 1,000 requests is that × 1,000.
 Task success is the runner's own: the answer's one call equals the golden set's, argument by argument, over every
 request whose item has an expected call (an error is a failed task). Rates carry 95 % Wilson intervals; latency
-percentiles are `report.percentile`'s (type 7), and each latency also keeps 101 quantiles for the report's plots.
+percentiles are `stats.percentile`'s (type 7), and each latency also keeps 101 quantiles for the report's plots.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from typing import Any, Final
 
 from gateway.loadtest_answer import VERDICTS, Sample
 from gateway.loadtest_scenario import Band, Loaded
-from gateway.loadtest_stats import Paired, mcnemar, paired_difference_ci
 from gateway.records import Price, cost
-from gateway.report import percentile, wilson
+from gateway.stats import Paired, mcnemar, paired_difference_ci, percentile, wilson
 
 FORMAT: Final = "gateway-loadtest/1"
 NO_VARIANT: Final = "-"

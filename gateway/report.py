@@ -1,9 +1,9 @@
 """Per-variant summaries of the request log, for `gateway report` and load-test comparisons.
 
 Owns the arithmetic that turns records into a comparison of variants: request and error counts, the
-invalid-tool-call rate with its 95 % Wilson score interval, latency percentiles, tokens and cost, and the two
-renderings (a fixed-width table for people, JSON for scripts). Everything here is pure: the caller reads the
-records (`records.read_records`) and writes the output.
+invalid-tool-call rate with its 95 % Wilson score interval, latency percentiles (both formulas from `stats`),
+tokens and cost, and the two renderings (a fixed-width table for people, JSON for scripts). Everything here is
+pure: the caller reads the records (`records.read_records`) and writes the output.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Final
 import orjson
 
 from gateway.records import Record
+from gateway.stats import percentile, wilson
 
 # Outcomes that count against the variant. client_error (the caller's fault), client_disconnected (the caller
 # left) and server_shutdown (cut at the drain deadline of a gateway shutting down) are counted separately: they
@@ -61,40 +62,6 @@ class VariantSummary:
     # Requests first sent to this variant that another variant answered: it failed before its first byte, or
     # (enforce mode) its tool call was invalid. They are counted in the answering variant's `requests`.
     fallbacks: int = 0
-
-
-def wilson(x: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for x successes in n trials (Wilson 1927; Newcombe 1998, method 3).
-
-    Preferred over the normal approximation because invalid-call rates are small proportions, where the
-    Wald interval collapses to zero width or crosses 0. With n = 0 nothing is known: (0, 1).
-    """
-    if n <= 0:
-        return 0.0, 1.0
-    p = x / n
-    z2 = z * z
-    denominator = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
-    # At x = 0 and x = n the bounds are exactly 0 and 1; rounding would otherwise leave 1e-16 gaps.
-    low = 0.0 if x <= 0 else max(0.0, center - half)
-    high = 1.0 if x >= n else min(1.0, center + half)
-    return low, high
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks.
-
-    This is the usual "type 7" definition (numpy's default `linear`, Excel's PERCENTILE.INC), chosen so the
-    figures match what a reader gets from numpy or a spreadsheet. None for no values.
-    """
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(slots=True)

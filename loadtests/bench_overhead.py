@@ -49,6 +49,8 @@ from typing import Any
 
 import aiohttp
 
+from gateway.stats import percentile_nearest_rank
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "loadtests" / "bench"
 ENGINE_BEHAVIOUR = ROOT / "loadtests" / "sim" / "engine.toml"
@@ -88,8 +90,8 @@ class Tally:
         return {
             "requests": len(self.latencies),
             "seconds": self.seconds,
-            "p50_ms": 1000 * _percentile(self.latencies, 0.50),
-            "p99_ms": 1000 * _percentile(self.latencies, 0.99),
+            "p50_ms": _ms(percentile_nearest_rank(self.latencies, 50)),
+            "p99_ms": _ms(percentile_nearest_rank(self.latencies, 99)),
             "errors": self.errors,
             "verdicts": dict(self.verdicts),
         }
@@ -154,9 +156,8 @@ class LoadClient:
         tally.seconds += time.perf_counter() - t0
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] if ordered else float("nan")
+def _ms(seconds: float | None) -> float:
+    return float("nan") if seconds is None else 1000 * seconds
 
 
 async def _client(spec: ClientSpec) -> None:

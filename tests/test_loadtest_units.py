@@ -1,10 +1,9 @@
 """The load test's pure core: scenarios and their errors, the job order and arrival times, reading answers,
-task success, the paired statistics, the per-variant figures, and the renderings."""
+task success, the per-variant figures, and the renderings (the paired statistics: tests/test_stats.py)."""
 
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -12,8 +11,6 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from gateway.errors import ConfigError
 from gateway.loadtest_answer import Sample, StreamReader, judge, read_unary, same
@@ -28,7 +25,6 @@ from gateway.loadtest_scenario import (
     planned_requests,
     with_overrides,
 )
-from gateway.loadtest_stats import Paired, mcnemar, paired_difference_ci
 from gateway.loadtest_svg import nice_ticks
 from gateway.loadtest_text import compare, format_result
 from gateway.records import Price
@@ -351,47 +347,6 @@ def test_a_wrong_tool_two_calls_or_an_error_fail_the_task() -> None:
 def test_json_equality_keeps_booleans_apart_from_numbers() -> None:
     assert same(1, 1.0) and same([1, {"a": 2}], [1.0, {"a": 2}])
     assert not same(True, 1) and not same(0, False) and not same("1", 1) and not same([1], [1, 1])
-
-
-# --- paired statistics ----------------------------------------------------------------------------------------
-
-
-def test_mcnemar_exact_and_asymptotic_values() -> None:
-    assert mcnemar(0, 5).p_value == pytest.approx(2 / 32) and mcnemar(0, 5).method == "exact"
-    assert mcnemar(2, 8).p_value == pytest.approx(2 * (1 + 10 + 45) / 1024)
-    assert mcnemar(3, 3).p_value == 1.0 and mcnemar(0, 0).method == "none"
-    big = mcnemar(10, 25)  # chi2 = (15 - 1)^2 / 35 = 5.6
-    assert big.method == "chi2-cc" and big.statistic == pytest.approx(5.6)
-    assert big.p_value == pytest.approx(0.017961, abs=1e-5)
-
-
-def test_paired_interval_is_close_to_wald_for_large_counts() -> None:
-    t = Paired(n11=4000, n10=600, n01=900, n00=4500)
-    diff = (t.n01 - t.n10) / t.n
-    se = math.sqrt((t.n10 + t.n01) / t.n**2 - (t.n01 - t.n10) ** 2 / t.n**3)
-    low, high = paired_difference_ci(t)
-    assert t.difference == pytest.approx(diff)
-    assert (low, high) == pytest.approx((diff - 1.96 * se, diff + 1.96 * se), abs=1e-3)
-
-
-tables = st.tuples(*[st.integers(0, 60)] * 4).filter(lambda c: sum(c) > 0)
-
-
-@given(tables)
-def test_paired_interval_contains_the_difference_and_is_antisymmetric(
-    counts: tuple[int, int, int, int],
-) -> None:
-    t = Paired(*counts)
-    low, high = paired_difference_ci(t)
-    assert t.difference is not None
-    assert -1.0 <= low <= t.difference <= high <= 1.0
-    swapped = paired_difference_ci(Paired(t.n11, t.n01, t.n10, t.n00))
-    assert swapped == pytest.approx((-high, -low), abs=1e-12)
-
-
-def test_no_discordant_pairs_still_leave_an_honest_interval() -> None:
-    low, high = paired_difference_ci(Paired(10, 0, 0, 10))
-    assert low < 0 < high  # 20 pairs cannot rule out a difference of a few points
 
 
 # --- figures and renderings ----------------------------------------------------------------------------------

@@ -1,66 +1,15 @@
-"""Per-variant summaries: the Wilson interval, percentiles, grouping and the two renderings."""
+"""Per-variant summaries: grouping, the figures and the two renderings (the formulas: tests/test_stats.py)."""
 
 from __future__ import annotations
 
 import re
-import statistics
 
 import orjson
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from gateway.records import Record
-from gateway.report import amount, format_table, percentile, summarize, to_json, wilson
-
-# --- Wilson interval ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("x", "n", "low", "high"),
-    [
-        # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3.
-        (81, 263, 0.2553, 0.3662),
-        (15, 148, 0.0624, 0.1605),
-        (0, 20, 0.0, 0.1611),
-        (1, 29, 0.0061, 0.1718),
-        (29, 29, 0.8830, 1.0),
-        # 5 % invalid over 900 checked requests: p ± ~1.4 points, pulled towards 0.5.
-        (45, 900, 0.0376, 0.0663),
-    ],
-)
-def test_wilson_matches_published_values(x: int, n: int, low: float, high: float) -> None:
-    assert wilson(x, n) == pytest.approx((low, high), abs=1e-4)
-
-
-def test_wilson_with_no_trials_knows_nothing() -> None:
-    assert wilson(0, 0) == (0.0, 1.0)
-
-
-@given(st.integers(1, 100_000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
-def test_wilson_contains_the_point_estimate(xn: tuple[int, int]) -> None:
-    x, n = xn
-    low, high = wilson(x, n)
-    assert 0.0 <= low <= x / n <= high <= 1.0
-
-
-# --- percentiles --------------------------------------------------------------------------------------------
-
-
-def test_percentile_interpolates_linearly_between_ranks() -> None:
-    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
-    assert percentile([float(v) for v in range(1, 101)], 95) == pytest.approx(95.05)
-    assert percentile([7.0], 95) == 7.0
-    assert percentile([1.0, 2.0], 0) == 1.0
-    assert percentile([1.0, 2.0], 100) == 2.0
-    assert percentile([], 50) is None
-
-
-@given(st.lists(st.floats(0, 1e4), min_size=2, max_size=200), st.integers(1, 99))
-def test_percentile_agrees_with_statistics_inclusive_quantiles(values: list[float], q: int) -> None:
-    expected = statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-    assert percentile(values, q) == pytest.approx(expected, rel=1e-9, abs=1e-9)
-
+from gateway.report import amount, format_table, summarize, to_json
+from gateway.stats import wilson
 
 # --- summarize ----------------------------------------------------------------------------------------------
 
