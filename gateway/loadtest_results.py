@@ -7,7 +7,7 @@ Definitions match `gateway report` (`report.summarize`), so the two agree on the
   client errors, counted apart;
 - invalid rate = invalid / (valid + invalid) over verdicts the gateway gave; `none` and `truncated` are counted
   apart (a tool route's `none` often hides broken JSON: look at it);
-- cost per request = cost of the priced requests / their number, usage × the variant's price (`records.cost`);
+- cost per request = cost of the priced requests / their number, usage × the variant's price (`pricing.cost`);
   per 1,000 requests is that × 1,000.
 Task success is the runner's own: the answer's one call equals the golden set's, argument by argument, over every
 request whose item has an expected call (an error is a failed task). Rates carry 95 % Wilson intervals; latency
@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from gateway.loadtest_answer import VERDICTS, Sample
 from gateway.loadtest_scenario import Band, Loaded
-from gateway.records import Price, cost
+from gateway.pricing import Price, cost
 from gateway.stats import Paired, mcnemar, paired_difference_ci, percentile, wilson
 
 FORMAT: Final = "gateway-loadtest/1"

@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from gateway.canary_spec import CanarySpec
 from gateway.errors import NoLiveVariant, NotFound
-from gateway.records import Price
+from gateway.pricing import Price
 
 ToolMode = Literal["observe", "annotate", "enforce"]
 _TWO_64 = float(2**64)

@@ -34,7 +34,7 @@ from gateway.policy import (
     build_view,
     with_pins,
 )
-from gateway.records import Price
+from gateway.pricing import Price
 from gateway.retrieval import Index, Retrieval
 from gateway.rewrite import CONTEXT
 from gateway.settings import Settings

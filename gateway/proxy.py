@@ -42,7 +42,8 @@ from gateway.keys import ANONYMOUS, ApiKey, KeyRing, route_not_found
 from gateway.openai_types import ChatRequest, parse_chat_request
 from gateway.policy import Decision, Plan, Route, Variant, bucket
 from gateway.policy_store import LiveView
-from gateway.records import Record, RecordWriter, cost
+from gateway.pricing import cost
+from gateway.records import Record, RecordWriter
 from gateway.rewrite import engine_body
 from gateway.telemetry import Telemetry
 from gateway.toolcalls import (

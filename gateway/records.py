@@ -1,11 +1,11 @@
-"""The per-request record, its cost arithmetic, and the batched SQLite request log.
+"""The per-request record and the batched SQLite request log.
 
-Owns `Record` (the one row written per request, plain data filled in along the request path), `Price` and
-`cost()`, the request-log schema (table `records`, versioned with `PRAGMA user_version`), `RecordWriter`
-(which keeps SQLite off the request path: `submit()` only appends to a queue, and a dedicated thread with its
-own connection writes batches) and `read_records()` for reports and tests. Several gateway processes may share
-one log file: it is opened in WAL mode with a busy timeout, and each write transaction takes the write lock
-up front.
+Owns `Record` (the one row written per request, plain data filled in along the request path; its cost comes
+from `pricing.cost`), the request-log schema (table `records`, versioned with `PRAGMA user_version`),
+`RecordWriter` (which keeps SQLite off the request path: `submit()` only appends to a queue, and a dedicated
+thread with its own connection writes batches) and `read_records()` for reports and tests. Several gateway
+processes may share one log file: it is opened in WAL mode with a busy timeout, and each write transaction
+takes the write lock up front.
 """
 
 from __future__ import annotations
@@ -72,26 +72,6 @@ class Record:
     # identifies a user for a per-user analysis without storing the key.
     forced: bool = False
     bucket: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """A variant's price table, per million tokens."""
-
-    input_per_mtok: float
-    output_per_mtok: float
-    currency: str
-
-
-def cost(price: Price | None, input_tokens: int | None, output_tokens: int | None) -> float | None:
-    """Cost of one request, or None when it cannot be known.
-
-    A missing price or a missing token count gives None rather than a partial figure: a cost that silently
-    leaves out one side would make a variant look cheaper than it is.
-    """
-    if price is None or input_tokens is None or output_tokens is None:
-        return None
-    return (input_tokens * price.input_per_mtok + output_tokens * price.output_per_mtok) / 1_000_000
 
 
 # --- schema -------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from gateway.loadtest_scenario import (
 )
 from gateway.loadtest_svg import nice_ticks
 from gateway.loadtest_text import compare, format_result
-from gateway.records import Price
+from gateway.pricing import Price
 from gateway.toolcalls import Completion, ToolCall
 from tests.conftest import ROOT
 

@@ -1,4 +1,4 @@
-"""The request log: cost arithmetic, schema, and the batched writer against real SQLite files."""
+"""The request log: schema, and the batched writer against real SQLite files."""
 
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ import pytest
 from gateway.records import (
     FIELDS,
     SCHEMA_VERSION,
-    Price,
     Record,
     RecordWriter,
     connect,
-    cost,
     read_records,
 )
 
@@ -48,25 +46,6 @@ def writer(db: Path) -> Iterator[RecordWriter]:
     w.start()
     yield w
     w.close()
-
-
-# --- cost ---------------------------------------------------------------------------------------------------
-
-
-def test_cost_is_tokens_times_price_per_million() -> None:
-    price = Price(input_per_mtok=3.0, output_per_mtok=15.0, currency="USD")
-    assert cost(price, 1_000, 2_000) == pytest.approx((1_000 * 3.0 + 2_000 * 15.0) / 1e6)
-    assert cost(price, 1_000_000, 0) == pytest.approx(3.0)
-    assert cost(price, 0, 0) == 0.0
-
-
-@pytest.mark.parametrize(("input_tokens", "output_tokens"), [(None, 10), (10, None), (None, None)])
-def test_cost_is_unknown_without_usage(input_tokens: int | None, output_tokens: int | None) -> None:
-    assert cost(Price(1.0, 2.0, "USD"), input_tokens, output_tokens) is None
-
-
-def test_cost_is_unknown_without_price() -> None:
-    assert cost(None, 10, 10) is None
 
 
 # --- schema -------------------------------------------------------------------------------------------------

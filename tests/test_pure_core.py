@@ -1,0 +1,51 @@
+"""The pure core imports nothing that does I/O: each module, imported alone in a fresh interpreter, must not
+bring in the request log, the engine client, the servers or a database driver."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+PURE = [
+    "errors",
+    "openai_types",
+    "policy",
+    "rewrite",
+    "toolcalls",
+    "sse",
+    "relay",
+    "pricing",
+    "stats",
+    "canary_spec",
+    "canary_stats",
+]
+# Top-level modules that mean I/O: SQLite, threads and queues (the request log's writer), event loops, HTTP
+# clients and servers, OTel exporters; and the gateway's own I/O modules.
+IO = ("sqlite3", "threading", "queue", "asyncio", "aiohttp", "httpx", "starlette", "uvicorn", "opentelemetry")
+IO_GATEWAY = ("records", "engine", "state", "telemetry", "proxy", "app", "policy_store", "retrieval")
+
+PROBE = """
+import importlib, sys
+importlib.import_module(sys.argv[1])
+print("\\n".join(sorted(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_a_pure_module_imports_nothing_that_does_io(module: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, f"gateway.{module}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    loaded = set(out)
+    forbidden = {m for m in IO if m in loaded} | {
+        f"gateway.{m}" for m in IO_GATEWAY if f"gateway.{m}" in loaded
+    }
+    assert not forbidden, f"gateway.{module} imports {sorted(forbidden)}"
