@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.cli import GOLDEN_SET, actor_name, audit_line, audit_target, demo_curl, golden_tools
+from gateway.cli import GOLDEN_SET, audit_line, audit_target, demo_curl, golden_tools, main
+from gateway.cli_client import actor_name
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGateway
@@ -175,6 +176,25 @@ def test_the_demos_curl_gets_a_checked_tool_call(make_gateway: GatewayFactory) -
 def test_golden_tools_without_the_golden_set_is_none(tmp_path: Path) -> None:
     assert golden_tools(tmp_path / "missing.jsonl") is None
     assert "tools" not in curl_body(demo_curl("http://h:1", None))[1]
+
+
+# -- one error type, printed once by main ----------------------------------------------------------------------
+
+
+def test_each_command_group_fails_with_its_name_and_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["loadtest", "compare", str(tmp_path / "a.json")]) == 1
+    assert capsys.readouterr().err == (
+        "gateway loadtest: compare takes two result files: gateway loadtest compare A.json B.json\n"
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[models.a]\nerror_rate = 2")
+    assert main(["sim-engine", "--port", "0", "--behaviour", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gateway sim-engine: ") and "models.a.error_rate" in err
+    unset = gateway_cmd("canary", "status", "--url", "http://127.0.0.1:9")
+    assert (unset.returncode, unset.stderr) == (1, "gateway: GATEWAY_ADMIN_TOKEN is not set\n")
 
 
 # -- who the audit log names ------------------------------------------------------------------------------
