@@ -19,7 +19,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.admin_http import AdminContext, authorize, guard, json_response, read_body, reason_actor
+from gateway.admin_http import (
+    AdminContext,
+    Endpoint,
+    authorize,
+    guard,
+    json_response,
+    read_body,
+    reason_actor,
+)
 from gateway.canary import Operation
 from gateway.canary_control import CanaryController
 from gateway.errors import NotFound
@@ -38,7 +46,7 @@ def canary_routes(ctx: AdminContext, controller: CanaryController) -> list[Route
         found = await asyncio.to_thread(controller.status, name)
         return json_response({"route": name, **found[name]})
 
-    def operation(op: Operation) -> Any:
+    def operation(op: Operation) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             authorize(ctx, request)
             return await _operate(ctx, controller, request, op)

@@ -14,15 +14,16 @@ import asyncio
 import hmac
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from gateway.adapters import Catalog
 from gateway.errors import (
     AuthenticationError,
     BadRequest,
@@ -31,6 +32,7 @@ from gateway.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
+from gateway.policy import PolicySnapshot
 from gateway.policy_store import LiveView
 from gateway.state import StateStore
 
@@ -41,28 +43,38 @@ MAX_AUDIT_LIMIT = 10_000  # audit entries in one answer
 MAX_TIMESTAMP = 1e11  # Unix seconds (year 5138): a bound that catches milliseconds sent as seconds, not dates
 
 
+class Prepare(Protocol):
+    """Loads the adapters a policy references on the engines before it goes live (`LoraManager.ensure`);
+    returns the versions it loaded, raises `AdapterRejected` or `EngineError`."""
+
+    async def __call__(self, policy: PolicySnapshot, *, actor: str = ...) -> list[str]: ...
+
+
 @dataclass(slots=True)
 class AdminContext:
     token: str | None
     live: LiveView
     state: StateStore
     counters: Counter[tuple[str, str, str, str]]
-    reload: Any  # () -> PolicySnapshot, raises ConfigError (blocking; run in a thread)
-    prepare: Any  # async (PolicySnapshot) -> loads its adapters; raises AdapterRejected / EngineError
-    catalog: Any  # () -> Catalog
+    reload: Callable[[], PolicySnapshot]  # rescan, load policies/; raises ConfigError (blocking: in a thread)
+    prepare: Prepare
+    catalog: Callable[[], Catalog]
     records_db: Path
     lock: asyncio.Lock
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[AdminContext, Request], Awaitable[Response]]
 
 
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def guard(ctx: AdminContext, handler: Any) -> Any:
+def guard(ctx: AdminContext, handler: Handler) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         authorize(ctx, request)
-        result: Response = await handler(ctx, request)
-        return result
+        return await handler(ctx, request)
 
     return endpoint
 

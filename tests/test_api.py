@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import (
@@ -254,6 +255,36 @@ def test_unknown_paths_and_methods_answer_in_the_envelope(make_gateway: GatewayF
     assert envelope(httpx.get(gw.url + "/v1/nothing-here"))["code"] == "not_found"
     r = httpx.get(gw.url + "/v1/chat/completions")
     assert r.status_code == 405 and envelope(r)
+
+
+def test_router_and_admin_errors_are_the_same_compact_envelope(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()
+    cases = [
+        (
+            httpx.get(gw.url + "/v1/chat/completions"),
+            405,
+            ("Method Not Allowed", "invalid_request_error", "method_not_allowed"),
+        ),
+        (
+            httpx.get(gw.url + "/v1/nothing-here"),
+            404,
+            ("No such endpoint: GET /v1/nothing-here", "invalid_request_error", "not_found"),
+        ),
+        (
+            httpx.get(gw.url + "/admin/status"),
+            401,
+            (
+                "The admin API needs 'Authorization: Bearer <admin token>'.",
+                "authentication_error",
+                "invalid_api_key",
+            ),
+        ),
+    ]
+    for response, status, (message, kind, code) in cases:
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/json"
+        error = {"message": message, "type": kind, "param": None, "code": code}
+        assert response.content == orjson.dumps({"error": error})
 
 
 def test_an_unreachable_engine_is_502(make_gateway: GatewayFactory) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,11 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.cli import GOLDEN_SET, actor_name, audit_line, audit_target, demo_curl, golden_tools
+from gateway.cli import GOLDEN_SET, audit_line, audit_target, demo_curl, demo_settings, golden_tools, main
+from gateway.cli_client import actor_name
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGateway
+from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGateway, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,6 +177,75 @@ def test_the_demos_curl_gets_a_checked_tool_call(make_gateway: GatewayFactory) -
 def test_golden_tools_without_the_golden_set_is_none(tmp_path: Path) -> None:
     assert golden_tools(tmp_path / "missing.jsonl") is None
     assert "tools" not in curl_body(demo_curl("http://h:1", None))[1]
+
+
+def test_the_demo_takes_the_environments_settings_and_fills_in_the_rest() -> None:
+    before = dict(os.environ)
+    keys = ROOT / "keys.toml"
+    env = Settings(keys_file=keys, max_lora_rank=32)  # as GATEWAY_KEYS_FILE and GATEWAY_MAX_LORA_RANK would
+    settings = demo_settings(env, engines={"default": "http://127.0.0.1:9"}, max_lora_rank=8)
+    assert (settings.auth, settings.keys_file, settings.max_lora_rank) == ("on", keys, 32)
+    assert settings.engines == {"default": "http://127.0.0.1:9"}
+    assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "demo-admin-token"
+    bare = demo_settings(Settings(admin_token="mine"))
+    assert (
+        bare.auth == "off" and bare.admin_token is not None and bare.admin_token.get_secret_value() == "mine"
+    )
+    assert dict(os.environ) == before  # nothing written to the process's environment
+
+
+def test_the_sim_demo_serves_without_keys_and_prints_its_admin_token(tmp_path: Path) -> None:
+    engine_port, port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(GATEWAY_PORT=str(port), GATEWAY_DATA_DIR=str(tmp_path), GATEWAY_DRAIN_S="1")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "demo", "--sim", "--engine-port", str(engine_port)],
+        env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(url + "/readyz"), timeout=30.0)
+        models = httpx.get(url + "/v1/models", timeout=5.0)  # no client key: the demo runs without them
+        assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == ["crm-assistant"]
+        status = httpx.get(
+            url + "/admin/status", headers={"Authorization": "Bearer demo-admin-token"}, timeout=5.0
+        )
+        assert status.status_code == 200
+    finally:
+        demo.send_signal(signal.SIGINT)  # as Ctrl-C: the gateway drains, then the demo stops its engine
+        _, stderr = demo.communicate(timeout=30)
+    where = (
+        f"demo: engine http://127.0.0.1:{engine_port}; gateway on {url} (policies: loadtests/sim/policies)"
+    )
+    assert where in stderr
+    assert "admin token: demo-admin-token  (gateway status / kill / revive / audit)" in stderr
+    assert demo.returncode == 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# -- one error type, printed once by main ----------------------------------------------------------------------
+
+
+def test_each_command_group_fails_with_its_name_and_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["loadtest", "compare", str(tmp_path / "a.json")]) == 1
+    assert capsys.readouterr().err == (
+        "gateway loadtest: compare takes two result files: gateway loadtest compare A.json B.json\n"
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[models.a]\nerror_rate = 2")
+    assert main(["sim-engine", "--port", "0", "--behaviour", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gateway sim-engine: ") and "models.a.error_rate" in err
+    unset = gateway_cmd("canary", "status", "--url", "http://127.0.0.1:9")
+    assert (unset.returncode, unset.stderr) == (1, "gateway: GATEWAY_ADMIN_TOKEN is not set\n")
 
 
 # -- who the audit log names ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import sse
+from gateway.errors import EngineError
 from gateway.sse import DONE, SSEDecoder, StreamAccumulator, comment, data_event, error_event, event_data
 from gateway.toolcalls import Completion, SchemaCache, ToolCall, check, expectation_from_request
 
@@ -229,7 +230,7 @@ def test_encoders() -> None:
             "code": "engine_error",
         }
     }
-    ev = error_event(env)
+    ev = error_event(EngineError("engine went away\nmid-stream"))
     assert ev.startswith(b"data: ") and ev.endswith(b"\n\n") and ev.count(b"\n") == 2
     assert orjson.loads(event_data(ev) or b"") == env
     assert SSEDecoder().feed(ev) == [ev]
