@@ -46,6 +46,7 @@ from gateway.records import Record, RecordWriter, cost
 from gateway.rewrite import engine_body
 from gateway.telemetry import Telemetry
 from gateway.toolcalls import (
+    NO_VERDICT,
     Completion,
     Expectation,
     SchemaCache,
@@ -62,7 +63,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
 
-NO_VERDICT = Verdict(status="none", reason=None, path=None, detail=None, calls=0)
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
