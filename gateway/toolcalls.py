@@ -113,7 +113,8 @@ class Verdict:
 
     @property
     def header(self) -> str:
-        # x-gateway-tool-calls has three values only (DESIGN.md); a truncation is not a verdict on a call.
+        # x-gateway-tool-calls has three values only (README, "Tool-call modes"); a truncation is not a verdict on
+        # a call.
         return NONE if self.status == TRUNCATED else self.status
 
 
