@@ -104,13 +104,6 @@ class AdapterVersion:
         }
 
 
-def parse_ref(ref: str) -> tuple[str, str]:
-    name, sep, version = ref.partition("@")
-    if not sep or not name or not version or "/" in ref or ".." in ref:
-        raise ValueError(f"adapter {ref!r} is not of the form name@version")
-    return name, version
-
-
 class Catalog:
     def __init__(self, versions: Mapping[str, AdapterVersion]) -> None:
         self.versions = dict(versions)

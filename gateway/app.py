@@ -49,7 +49,7 @@ from gateway.proxy import ChatEndpoint, Deps
 from gateway.records import RecordWriter
 from gateway.settings import Settings
 from gateway.state import StateStore
-from gateway.telemetry import Telemetry
+from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
 from gateway.toolcalls import SchemaCache
 
 log = logging.getLogger("gateway")
@@ -333,7 +333,7 @@ def _routes(c: Components) -> list[Route]:
 
     async def metrics(request: Request) -> Response:
         _authorize_metrics(c.settings, request)
-        return Response(c.telemetry.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(c.telemetry.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     return [
         Route("/healthz", healthz, methods=["GET"]),

@@ -24,7 +24,6 @@ from gateway.policy import PolicySnapshot, Route
 Status = Literal["running", "paused", "held", "killed", "aborted", "promoted"]
 Operation = Literal["pause", "resume", "promote", "abort"]
 ACTIVE: Final = frozenset({"running", "paused"})  # looked at every tick
-FINAL: Final = frozenset({"killed", "aborted", "promoted"})
 
 
 @dataclass(frozen=True, slots=True)

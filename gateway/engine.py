@@ -1,8 +1,8 @@
 """The hot-path HTTP client to the engines (vLLM's OpenAI-compatible server), and its error translation.
 
 aiohttp, not httpx, on this path: on this 2-core machine a bare passthrough cost about 277 µs of CPU per request
-with aiohttp's client against about 2,000 µs with httpx 0.28 (DESIGN.md, "Dependencies"). One `ClientSession` per
-engine, created in the app's lifespan and closed there.
+with aiohttp's client against about 2,000 µs with httpx 0.28 (README, "Dependency choices"). One `ClientSession`
+per engine, created in the app's lifespan and closed there.
 
 Every aiohttp/asyncio failure is translated here into the gateway's error tree: before the response headers
 arrive, a failure may fall back to another variant (`fallback_ok`); once the body is being read it may not. Closing

@@ -126,7 +126,6 @@ class Client:
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
-        self.authority = parts.netloc
         self.timeout_s = timeout_s
         self.clock = clock
         self._idle: list[_Connection] = []

@@ -1,8 +1,8 @@
 """The request path, in one place: read, authenticate, parse, decide, rewrite, send, check, record.
 
 `ChatEndpoint` is a plain ASGI callable (mounted in the Starlette app for `POST /v1/chat/completions`): on this
-path Starlette's Request/Response layers are a measurable share of the CPU per request (DESIGN.md), and a plain
-callable also lets a stream be relayed event by event as it arrives.
+path Starlette's Request/Response layers are a measurable share of the CPU per request (README, "Dependency
+choices"), and a plain callable also lets a stream be relayed event by event as it arrives.
 
 Every request gets exactly one `Record`, written in `finally`, whatever the exit: success, a client error, an engine
 failure, a client that hung up, a stream that broke mid-way, or a bug (which answers a clean 500 envelope and logs
@@ -47,6 +47,7 @@ from gateway.records import Record, RecordWriter
 from gateway.rewrite import engine_body
 from gateway.telemetry import Telemetry
 from gateway.toolcalls import (
+    NO_VERDICT,
     Completion,
     Expectation,
     SchemaCache,
@@ -63,7 +64,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
 
-NO_VERDICT = Verdict(status="none", reason=None, path=None, detail=None, calls=0)
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 

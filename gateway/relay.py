@@ -105,9 +105,6 @@ class StreamRelay:
         self.held.clear()
         return kept
 
-    def tail(self) -> bytes:
-        return self._decoder.flush()
-
 
 def _is_tool_event(event: bytes) -> bool:
     payload = sse.event_data(event)

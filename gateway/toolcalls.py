@@ -113,12 +113,13 @@ class Verdict:
 
     @property
     def header(self) -> str:
-        # x-gateway-tool-calls has three values only (DESIGN.md); a truncation is not a verdict on a call.
+        # x-gateway-tool-calls has three values only (README, "Tool-call modes"); a truncation is not a verdict on
+        # a call.
         return NONE if self.status == TRUNCATED else self.status
 
 
 _VALID = Verdict(VALID, None, None, None, 0)
-_NONE = Verdict(NONE, None, None, None, 0)
+NO_VERDICT = Verdict(NONE, None, None, None, 0)  # nothing was expected or checked; the proxy returns it too
 _TRUNCATED = Verdict(TRUNCATED, TRUNCATED, None, None, 0)
 _UNKNOWN = Verdict(INVALID, UNKNOWN_TOOL, None, None, 0)
 _MALFORMED = Verdict(INVALID, MALFORMED_JSON, None, None, 0)
@@ -348,10 +349,10 @@ def _problem(exc: Exception) -> str:
 def check(completions: Sequence[Completion], exp: Expectation, cache: SchemaCache) -> Verdict:
     """The verdict on all choices: the first invalid one, else truncated, else valid, else none."""
     if not exp.active:
-        return _NONE
+        return NO_VERDICT
     results = [_check_choice(c, exp, cache) for c in completions]
     if not results:
-        return _NONE
+        return NO_VERDICT
     found = min(results, key=_rank)  # min() keeps the first of equals: the first invalid choice wins
     calls = sum(len(c.tool_calls) for c in completions)
     bad = any(r.bad_schema for r in results)
@@ -383,7 +384,7 @@ def _check_choice(choice: Completion, exp: Expectation, cache: SchemaCache) -> V
             exp.content_validator if exp.validators is not None else cache.validator(exp.content_schema)
         )
         return _check_json(choice.content or "", validator)
-    return _NONE
+    return NO_VERDICT
 
 
 def _has_markup(content: str) -> bool:

@@ -225,9 +225,12 @@ def make_gateway(tmp_path: Path, sim_engine_url: str) -> Iterator[GatewayFactory
             "admin_token": ADMIN_TOKEN,
             "keys_file": write_keys(tmp_path / "keys.toml"),
         }
+        # Settings ignores unknown names: a misspelt one here would silently test the default instead.
+        unknown = sorted(set(overrides) - set(Settings.model_fields))
+        if unknown:
+            raise TypeError(f"make_gateway: not settings: {unknown}")
         values.update(overrides)
-        app_kwargs = {k: values.pop(k) for k in ("engines_pool", "draw") if k in values}
-        gateway = start_gateway(Settings(**values), **app_kwargs)
+        gateway = start_gateway(Settings(**values))
         started.append(gateway)
         return gateway
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.adapters import AdapterRejected, EngineFacts, parse_ref, scan, verify
+from gateway.adapters import AdapterRejected, EngineFacts, scan, verify
 from tests.adapter_factory import BASE_SHA, make_adapter
 
 ENGINE = EngineFacts(base_model="crm-base", max_lora_rank=16, base_sha256=BASE_SHA)
@@ -94,10 +94,3 @@ def test_missing_weights_and_a_truncated_file(tmp_path: Path) -> None:
     path = make_adapter(tmp_path)
     (path / "adapter_model.safetensors").unlink()
     assert rejected(tmp_path, "crm-formatter@1") == "files"
-
-
-def test_refs() -> None:
-    assert parse_ref("crm-formatter@2") == ("crm-formatter", "2")
-    for bad in ("crm-formatter", "@2", "x@", "../x@1", "a/b@1"):
-        with pytest.raises(ValueError):
-            parse_ref(bad)
