@@ -39,6 +39,7 @@ from gateway.admin_canary import canary_routes
 from gateway.admin_http import AdminContext, check_bearer, error_response, json_response
 from gateway.canary_control import CanaryController
 from gateway.canary_store import CanaryStore
+from gateway.drain import Drain
 from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied, RouterRefused
 from gateway.keys import KeyRing
@@ -67,7 +68,6 @@ class GatewayASGI:
 
     def begin_drain(self) -> None:
         """Shutdown has begun: see `Drain`. At the deadline, the chat requests still running are ended."""
-        self.chat.draining = True
         self._drain.begin(self.chat.cut_off)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -89,33 +89,6 @@ def _closing(send: Callable[[Any], Awaitable[None]], drain: Drain) -> Callable[[
         await send(message)
 
     return closing
-
-
-class Drain:
-    """The gateway's side of a graceful shutdown. `begin()` marks the process as draining (responses carry
-    `Connection: close`, `/readyz` answers 503) and arms the deadline, `seconds` later, at which `at_deadline`
-    ends the requests still running. Idempotent; `close()` disarms it."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.draining = False
-        self._timer: asyncio.TimerHandle | None = None
-
-    @property
-    def keep_alive_grace_s(self) -> float:
-        """How long idle keep-alive connections stay open once draining, for a request already on its way."""
-        return min(1.0, self.seconds / 2)
-
-    def begin(self, at_deadline: Callable[[], None]) -> None:
-        if self.draining:
-            return
-        self.draining = True
-        log.warning("draining: requests in flight have %g s to finish", self.seconds)
-        self._timer = asyncio.get_running_loop().call_later(self.seconds, at_deadline)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
 
 
 class DrainingServer(uvicorn.Server):
@@ -223,6 +196,7 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         unsupported_fields=frozenset(settings.unsupported_fields),
         log_engine_errors=settings.log_engine_errors,
+        drain=c.drain,
         counters=c.counters,
         engine_inflight=c.engine_inflight,
         **({"draw": draw} if draw is not None else {}),

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from gateway import relay, sse
+from gateway.drain import Drain
 from gateway.engine import EnginePool, EngineResponse
 from gateway.errors import (
     BadRequest,
@@ -109,6 +110,7 @@ class Deps:
     # Engine error text may echo the prompt: it reaches logs only when the operator asks (GATEWAY_LOG_ENGINE_ERRORS),
     # and the request log never (it keeps the gateway's own classification).
     log_engine_errors: bool = False
+    drain: Drain = field(default_factory=lambda: Drain(30.0))  # shutdown: responses carry `Connection: close`
     counters: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)  # live, for /admin/status
     # Requests in flight per engine model: an adapter version is unloaded only once its count is back to zero.
     engine_inflight: Counter[str] = field(default_factory=Counter)
@@ -131,7 +133,6 @@ class ChatEndpoint:
         self.d = deps
         # Requests between arrival and their record's submission (`inflight`), for the drain deadline (`cut_off`).
         self._running: dict[int, Exchange] = {}
-        self.draining = False  # shutdown has begun: responses carry `Connection: close`
         # Request ids: a random prefix per endpoint and a counter, unique without a syscall per request.
         self._id_prefix = os.urandom(7).hex()
         self._ids = itertools.count()
@@ -457,7 +458,7 @@ class ChatEndpoint:
     async def _start(self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         x.started = True
         x.rec.status = status
-        if self.draining:  # the client must not reuse a connection that closes once the drain is over
+        if self.d.drain.draining:  # the client must not reuse a connection that closes once the drain is over
             headers = [*headers, (b"connection", b"close")]
         await x.send({"type": "http.response.start", "status": status, "headers": headers})
 

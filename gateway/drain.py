@@ -1,0 +1,39 @@
+"""A gateway process's graceful shutdown, as state: whether it is draining, and the deadline at which the
+requests still running are ended. The chat endpoint, the rest of the app (`Connection: close`, `/readyz`) and the
+server (`app.DrainingServer`) all read this one flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("gateway.drain")
+
+
+class Drain:
+    """The gateway's side of a graceful shutdown. `begin()` marks the process as draining (responses carry
+    `Connection: close`, `/readyz` answers 503) and arms the deadline, `seconds` later, at which `at_deadline`
+    ends the requests still running. Idempotent; `close()` disarms it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.draining = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def keep_alive_grace_s(self) -> float:
+        """How long idle keep-alive connections stay open once draining, for a request already on its way."""
+        return min(1.0, self.seconds / 2)
+
+    def begin(self, at_deadline: Callable[[], None]) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.warning("draining: requests in flight have %g s to finish", self.seconds)
+        self._timer = asyncio.get_running_loop().call_later(self.seconds, at_deadline)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
