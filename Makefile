@@ -39,7 +39,7 @@ check: lint typecheck unit
 # builds; each step is skipped when already done and unchanged. The build must reproduce the recorded hashes
 # (adapters/recipe/weights.json): a file that differs fails here, named, with what to look at.
 engine-model: install
-	$(BIN)/python -c "from gateway.engine_runner import ensure_demo_model, ensure_engine_env; ensure_demo_model(ensure_engine_env(), check=True)"
+	$(BIN)/python -c "from gateway.devtools.engine_runner import ensure_demo_model, ensure_engine_env; ensure_demo_model(ensure_engine_env(), check=True)"
 
 # The tests that start a real vLLM on the demo model.
 test-engine: engine-model

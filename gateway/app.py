@@ -33,23 +33,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.adapters import scan
-from gateway.admin import admin_routes
-from gateway.admin_canary import canary_routes
-from gateway.admin_http import AdminContext, check_bearer, error_response, json_response
-from gateway.canary_control import CanaryController
-from gateway.canary_store import CanaryStore
+from gateway.admin.canary import canary_routes
+from gateway.admin.http import AdminContext, check_bearer, error_response, json_response
+from gateway.admin.routes import admin_routes
+from gateway.canary.controller import CanaryController
+from gateway.control.adapters import scan
+from gateway.control.lora import LoraManager
+from gateway.control.policies import LiveView, load_configured
 from gateway.drain import Drain
 from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied, RouterRefused
 from gateway.keys import KeyRing
-from gateway.lora import LoraManager
 from gateway.policy import PolicySnapshot, served_adapters
-from gateway.policy_store import LiveView, load_configured
 from gateway.proxy import ChatEndpoint, Deps
-from gateway.records import RecordWriter
 from gateway.settings import Settings
-from gateway.state import StateStore
+from gateway.store.canaries import CanaryStore
+from gateway.store.request_log import RecordWriter
+from gateway.store.state import StateStore
 from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
 from gateway.toolcalls import SchemaCache
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
-from gateway.canary_spec import CanarySpec
+from gateway.canary.spec import CanarySpec
 from gateway.errors import NoLiveVariant, NotFound
 from gateway.pricing import Price
 

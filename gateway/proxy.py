@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from gateway import relay, sse
+from gateway.control.policies import LiveView
 from gateway.drain import Drain
 from gateway.engine import EnginePool, EngineResponse
 from gateway.errors import (
@@ -42,10 +43,10 @@ from gateway.errors import (
 from gateway.keys import ANONYMOUS, ApiKey, KeyRing, route_not_found
 from gateway.openai_types import ChatRequest, parse_chat_request
 from gateway.policy import Decision, Plan, Route, Variant, bucket
-from gateway.policy_store import LiveView
 from gateway.pricing import cost
-from gateway.records import Record, RecordWriter
+from gateway.records import Record
 from gateway.rewrite import engine_body
+from gateway.store.request_log import RecordWriter
 from gateway.telemetry import Telemetry
 from gateway.toolcalls import (
     NO_VERDICT,

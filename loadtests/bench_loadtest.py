@@ -1,7 +1,7 @@
 """Load-runner reach: how many requests per second `gateway loadtest` sustains, and what each costs it in CPU.
 
-What it measures. The runner (`gateway.loadtest_client`, the code `gateway loadtest` runs, in this process) is
-pointed straight at one simulated engine (`gateway.sim_engine`, model `bench`: zero latency, one valid tool call
+What it measures. The runner (`gateway.loadtest.client`, the code `gateway loadtest` runs, in this process) is
+pointed straight at one simulated engine (`gateway.devtools.sim_engine`, model `bench`: zero latency, one valid tool call
 per answer), started here on a free loopback port; with `--gateway`, also through a real `gateway serve` process
 (the `bench` route, authentication off) in front of that engine. Per case it reports the measured requests, the
 achieved rate, the open loop's late starts, errors, end-to-end p50/p99 as the client saw them, and CPU per request
@@ -33,9 +33,9 @@ from typing import Any
 
 import httpx
 
-from gateway.loadtest_client import run
-from gateway.loadtest_results import summarize
-from gateway.loadtest_scenario import load_scenario
+from gateway.loadtest.client import run
+from gateway.loadtest.results import summarize
+from gateway.loadtest.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -153,7 +153,7 @@ def main() -> None:
     sim = [
         sys.executable,
         "-m",
-        "gateway.sim_engine",
+        "gateway.devtools.sim_engine",
         "--port",
         str(engine_port),
         "--behaviour",
@@ -170,7 +170,7 @@ def main() -> None:
                 "GATEWAY_DATA_DIR": tmp,
                 "GATEWAY_PORT": str(port),
             }
-            gateway_cmd = [sys.executable, "-m", "gateway.cli", "serve"]
+            gateway_cmd = [sys.executable, "-m", "gateway.cli.main", "serve"]
             with process(gateway_cmd, f"http://127.0.0.1:{port}/healthz", env) as gw:
                 url = f"http://127.0.0.1:{port}"
                 report(

@@ -7,7 +7,7 @@ warm-up) is sent, one target at a time, through
       in `annotate` mode, the SQLite request log and the OTel metrics;
   (b) the bare passthrough (`loadtests/bench/passthrough.py`: Starlette + one aiohttp session, uvicorn with uvloop
       and httptools), which only forwards the body and relays the answer;
-both in front of one simulated engine (`gateway.sim_engine`, model `bench`: zero latency, a valid tool call).
+both in front of one simulated engine (`gateway.devtools.sim_engine`, model `bench`: zero latency, a valid tool call).
 
 How. Every process is started here, on free loopback ports, and stopped at the end (terminate, then kill after a
 timeout), also on Ctrl-C or an error. The load comes from separate processes (this script with `--client`, one
@@ -285,7 +285,7 @@ def start_servers(procs: Processes, tmp: Path) -> Servers:
     engine_port, pass_port, gw_port = _free_port(), _free_port(), _free_port()
     engine_argv = [
         "-m",
-        "gateway.sim_engine",
+        "gateway.devtools.sim_engine",
         "--port",
         str(engine_port),
         "--behaviour",

@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gateway.canary import CanaryState, after_look, initial
-from gateway.canary_analysis import Evidence, look
-from gateway.canary_spec import CanarySpec, Guardrails, RateGuardrail
+from gateway.canary.analysis import Evidence, look
+from gateway.canary.machine import CanaryState, after_look, initial
+from gateway.canary.spec import CanarySpec, Guardrails, RateGuardrail
 
 ISSUE_SPEC = CanarySpec(
     candidate="candidate",

@@ -21,7 +21,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from gateway.canary_stats import CountTest
+from gateway.canary.stats import CountTest
 
 STEPS: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50, 1.00)
 

@@ -25,8 +25,8 @@ import uvicorn
 from hypothesis import settings as hypothesis_settings
 
 from gateway.app import GatewayASGI, create_app
-from gateway.records import read_records
 from gateway.settings import Settings
+from gateway.store.request_log import read_records
 
 # No per-example deadline: CI shares two cores with engine processes, and a slow example is not a failure.
 hypothesis_settings.register_profile("gateway", deadline=None)
@@ -111,7 +111,15 @@ def running_sim_engine(behaviour: Path) -> Iterator[str]:
     """A real simulated-engine process with `behaviour`, for as long as the block runs; yields its URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.sim_engine", "--port", str(port), "--behaviour", str(behaviour)]
+        [
+            sys.executable,
+            "-m",
+            "gateway.devtools.sim_engine",
+            "--port",
+            str(port),
+            "--behaviour",
+            str(behaviour),
+        ]
     )
     url = f"http://127.0.0.1:{port}"
     try:

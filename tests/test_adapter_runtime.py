@@ -60,7 +60,7 @@ class OwnEngine:
         self.cmd = [
             sys.executable,
             "-m",
-            "gateway.sim_engine",
+            "gateway.devtools.sim_engine",
             "--port",
             str(port),
             "--behaviour",

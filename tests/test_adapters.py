@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.adapters import AdapterRejected, EngineFacts, scan, verify
+from gateway.control.adapters import AdapterRejected, EngineFacts, scan, verify
 from tests.adapter_factory import BASE_SHA, make_adapter
 
 ENGINE = EngineFacts(base_model="crm-base", max_lora_rank=16, base_sha256=BASE_SHA)

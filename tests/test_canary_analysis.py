@@ -12,13 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.canary import CanaryState, after_look, initial, operate, weights
-from gateway.canary_analysis import Evidence, Observation, describe, look, observation, ratio_check
-from gateway.canary_spec import CanarySpec, Guardrails, RateGuardrail, RatioGuardrail
-from gateway.canary_stats import CountTest, Verdict
-from gateway.canary_store import CanaryStore
-from gateway.records import FIELDS, Record, RecordWriter, connect, read_records
-from gateway.state import StateStore
+from gateway.canary.analysis import Evidence, Observation, describe, look, observation, ratio_check
+from gateway.canary.machine import CanaryState, after_look, initial, operate, weights
+from gateway.canary.spec import CanarySpec, Guardrails, RateGuardrail, RatioGuardrail
+from gateway.canary.stats import CountTest, Verdict
+from gateway.records import FIELDS, Record
+from gateway.store.canaries import CanaryStore
+from gateway.store.request_log import RecordWriter, connect, read_records
+from gateway.store.state import StateStore
 
 SPEC = CanarySpec(
     candidate="new",

@@ -120,7 +120,7 @@ def gateway_cmd(*args: str, gw: RunningGateway) -> subprocess.CompletedProcess[s
         GATEWAY_POLICIES_DIR=str(gw.settings.policies_dir),
     )
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli.main", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -272,7 +272,7 @@ def _serve_subprocess(gw: RunningGateway, port: int) -> subprocess.Popen[bytes]:
         GATEWAY_PORT=str(port),
         GATEWAY_CANARY_INTERVAL_S="0.1",
     )
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], env=env, cwd=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "serve"], env=env, cwd=ROOT)
 
 
 @pytest.mark.parametrize(

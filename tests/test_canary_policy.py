@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.adapters import scan
-from gateway.canary import CanaryState, canary_key, with_canaries
-from gateway.canary_spec import Guardrails, RateGuardrail, RatioGuardrail
+from gateway.canary.machine import CanaryState, canary_key, with_canaries
+from gateway.canary.spec import Guardrails, RateGuardrail, RatioGuardrail
+from gateway.control.adapters import scan
+from gateway.control.policies import LiveView, load_policies
 from gateway.errors import ConfigError
 from gateway.policy import PolicySnapshot, Switches, Timeouts, bucket, plan
-from gateway.policy_store import LiveView, load_policies
 from tests.adapter_factory import adapter_policy, make_adapter
 from tests.conftest import CRM_POLICY
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.canary_stats import (
+from gateway.canary.stats import (
     CountTest,
     Verdict,
     count_test_m,

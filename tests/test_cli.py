@@ -16,8 +16,16 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.cli import GOLDEN_SET, audit_line, audit_target, demo_curl, demo_settings, golden_tools, main
-from gateway.cli_client import actor_name
+from gateway.cli.client import actor_name
+from gateway.cli.main import (
+    GOLDEN_SET,
+    audit_line,
+    audit_target,
+    demo_curl,
+    demo_settings,
+    golden_tools,
+    main,
+)
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGateway, free_port, wait_for
@@ -36,7 +44,7 @@ def gateway_cmd(
         admin = ("kill", "revive", "status", "audit", "reload", "adapters", "lineage")
         args = (*args, "--url", gw.url) if args[0] in admin else args
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli.main", *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -199,7 +207,7 @@ def test_the_sim_demo_serves_without_keys_and_prints_its_admin_token(tmp_path: P
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(GATEWAY_PORT=str(port), GATEWAY_DATA_DIR=str(tmp_path), GATEWAY_DRAIN_S="1")
     demo = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "demo", "--sim", "--engine-port", str(engine_port)],
+        [sys.executable, "-m", "gateway.cli.main", "demo", "--sim", "--engine-port", str(engine_port)],
         env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

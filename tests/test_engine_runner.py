@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.engine_runner import (
+from gateway.devtools.engine_runner import (
     CPU_REMOVALS,
     EngineProcess,
     EngineSpec,
@@ -75,7 +75,7 @@ def test_the_cpu_lora_fix_is_installed_as_a_vllm_plugin_entry_point(tmp_path: Pa
     (entry,) = [e for e in dist.entry_points if e.group == "vllm.general_plugins"]
     assert entry.value == "gateway_vllm_cpu_lora:register"
     assert (tmp_path / "gateway_vllm_cpu_lora.py").read_bytes() == (
-        ROOT / "gateway" / "vllm_cpu_lora.py"
+        ROOT / "gateway" / "devtools" / "vllm_cpu_lora.py"
     ).read_bytes()
     written = lambda: {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
     listed = {line.split(",")[0] for line in (dist.read_text("RECORD") or "").splitlines()}
@@ -267,7 +267,7 @@ def test_wait_healthy_times_out_and_stop_kills_an_engine_that_ignores_sigterm(tm
 ORPHANING_OWNER = """
 import os, sys
 from pathlib import Path
-from gateway.engine_runner import EngineProcess, EngineSpec
+from gateway.devtools.engine_runner import EngineProcess, EngineSpec
 spec = EngineSpec(model=Path("m"), served_model_name="tiny", port=int(sys.argv[1]))
 engine = EngineProcess(spec, Path(sys.executable), Path(sys.argv[2]))
 engine.start()
@@ -305,7 +305,7 @@ def test_real_engine_serves_the_tiny_model_and_loads_and_unloads_an_adapter(tmp_
     python = venv_python(ENGINE_VENV)
     if not python.exists():
         pytest.skip(
-            f"no engine venv at {ENGINE_VENV}: build it with gateway.engine_runner.ensure_engine_env()"
+            f"no engine venv at {ENGINE_VENV}: build it with gateway.devtools.engine_runner.ensure_engine_env()"
         )
     script = ROOT / "scripts" / "engine" / "tiny_model.py"
     model, lora = tmp_path / "model", tmp_path / "lora"

@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import sim_engine
 from gateway.app import GatewayASGI, create_app
+from gateway.devtools import sim_engine
 from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, CRM_POLICY, FORCER_TOKEN, UPDATE_CRM, write_keys
 

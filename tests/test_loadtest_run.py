@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.cli import main
+from gateway.cli.main import main
 from tests.adapter_factory import make_adapter
 from tests.conftest import FORCER_TOKEN, ROOT, GatewayFactory, RunningGateway, running_sim_engine
 

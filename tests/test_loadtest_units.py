@@ -13,11 +13,11 @@ import orjson
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.loadtest_answer import Sample, StreamReader, judge, read_unary, same
-from gateway.loadtest_html import render
-from gateway.loadtest_plan import Jobs, arrivals, prepare, request_id
-from gateway.loadtest_results import RunData, summarize
-from gateway.loadtest_scenario import (
+from gateway.loadtest.answer import Sample, StreamReader, judge, read_unary, same
+from gateway.loadtest.html import render
+from gateway.loadtest.plan import Jobs, arrivals, prepare, request_id
+from gateway.loadtest.results import RunData, summarize
+from gateway.loadtest.scenario import (
     GoldenItem,
     Loaded,
     load_scenario,
@@ -25,8 +25,8 @@ from gateway.loadtest_scenario import (
     planned_requests,
     with_overrides,
 )
-from gateway.loadtest_svg import nice_ticks
-from gateway.loadtest_text import compare, format_result
+from gateway.loadtest.svg import nice_ticks
+from gateway.loadtest.text import compare, format_result
 from gateway.pricing import Price
 from gateway.toolcalls import Completion, ToolCall
 from tests.conftest import ROOT

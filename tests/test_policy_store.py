@@ -7,11 +7,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.adapters import Catalog, scan
+from gateway.control.adapters import Catalog, scan
+from gateway.control.policies import LiveView, load_policies
 from gateway.errors import ConfigError
 from gateway.keys import KeyRing, digest_of
 from gateway.policy import Sticky, Switches, Timeouts
-from gateway.policy_store import LiveView, load_policies
 from tests.adapter_factory import adapter_policy, make_adapter
 from tests.conftest import CRM_POLICY
 

@@ -26,8 +26,7 @@ from typing import Any
 import openai
 import pytest
 
-from gateway.digests import sha256_file
-from gateway.engine_runner import (
+from gateway.devtools.engine_runner import (
     EngineProcess,
     demo_spec,
     ensure_demo_model,
@@ -36,6 +35,7 @@ from gateway.engine_runner import (
     site_packages,
     venv_python,
 )
+from gateway.digests import sha256_file
 from gateway.records import Record
 from gateway.settings import Settings
 from tests.conftest import (

@@ -263,7 +263,7 @@ def test_the_pins_make_torch_run_avx2_kernels_in_a_fresh_process() -> None:
 def test_the_gateway_accepts_every_built_adapter_for_the_built_base() -> None:
     """The recipe's output is what the gateway serves: its catalog reads each version and every check passes
     against the engine facts the demo runs with (base crm-base, --max-lora-rank 8, the base's weights hash)."""
-    from gateway.adapters import EngineFacts, scan, verify
+    from gateway.control.adapters import EngineFacts, scan, verify
 
     base_sha = sha256_file(model_dir("base") / "model.safetensors")
     catalog = scan(model_dir("adapter", "1").parent.parent)

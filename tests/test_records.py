@@ -11,14 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.records import (
-    FIELDS,
-    SCHEMA_VERSION,
-    Record,
-    RecordWriter,
-    connect,
-    read_records,
-)
+from gateway.records import FIELDS, Record
+from gateway.store.request_log import SCHEMA_VERSION, RecordWriter, connect, read_records
 
 
 def make(i: int, **fields: object) -> Record:
@@ -217,7 +211,7 @@ def test_a_locked_database_is_retried_and_keeps_the_rows(db: Path, caplog: pytes
     writer.start()
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    with caplog.at_level(logging.ERROR, logger="gateway.records"):
+    with caplog.at_level(logging.ERROR, logger="gateway.store.request_log"):
         for i in range(5):
             writer.submit(make(i))
         assert writer.flush(timeout=0.5) is False
@@ -234,7 +228,7 @@ def test_a_locked_database_is_retried_and_keeps_the_rows(db: Path, caplog: pytes
 def test_a_row_sqlite_rejects_is_logged_and_the_others_written(
     writer: RecordWriter, db: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="gateway.records"):
+    with caplog.at_level(logging.ERROR, logger="gateway.store.request_log"):
         writer.submit(make(1))
         writer.submit(make(2, tenant=object()))  # not a value SQLite can bind
         writer.submit(make(3))

@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.records import read_records
+from gateway.store.request_log import read_records
 from tests.conftest import ROOT, free_port, running_sim_engine, wait_for
 
 DRAIN_S = 2.0
@@ -61,7 +61,7 @@ def serve(tmp_path: Path, engine_url: str, port: int) -> subprocess.Popen[bytes]
         GATEWAY_PORT=str(port),
         GATEWAY_DRAIN_S=str(DRAIN_S),
     )
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], env=env, cwd=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "serve"], env=env, cwd=ROOT)
 
 
 def up(url: str) -> bool:

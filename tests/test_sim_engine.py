@@ -23,8 +23,8 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway import sim_engine
-from gateway.sim_engine import Behaviour, load_behaviour, parse_behaviour
+from gateway.devtools import sim_engine
+from gateway.devtools.sim_engine import Behaviour, load_behaviour, parse_behaviour
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -558,7 +558,15 @@ def _free_port() -> int:
 def test_module_entry_point_serves_and_rejects_bad_files(tmp_path: Path) -> None:
     port, env = _free_port(), {**os.environ, "PYTHONPATH": str(ROOT)}
     example = ROOT / "loadtests" / "sim" / "engine.toml"
-    command = [sys.executable, "-m", "gateway.sim_engine", "--port", str(port), "--behaviour", str(example)]
+    command = [
+        sys.executable,
+        "-m",
+        "gateway.devtools.sim_engine",
+        "--port",
+        str(port),
+        "--behaviour",
+        str(example),
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, status = time.monotonic() + 10, None

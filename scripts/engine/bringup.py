@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from gateway.engine_runner import EngineProcess, EngineSpec, ensure_engine_env
+from gateway.devtools.engine_runner import EngineProcess, EngineSpec, ensure_engine_env
 
 HERE = Path(__file__).resolve().parent
 BASE = "tiny-base"

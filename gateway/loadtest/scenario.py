@@ -259,7 +259,7 @@ def _item(path: Path, line_no: int, line: bytes) -> GoldenItem:
 
 def read_prices(path: Path, route: str) -> dict[str, Price]:
     """Variant → price from the route's policy file (only its TOML and price tables are read here)."""
-    from gateway.policy_store import PolicyModel
+    from gateway.control.policies import PolicyModel
 
     try:
         policy = PolicyModel.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))

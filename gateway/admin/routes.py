@@ -19,9 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.adapters import AdapterRejected
-from gateway.admin_adapters import adapter_routes
-from gateway.admin_http import (
+from gateway.admin.adapters import adapter_routes
+from gateway.admin.http import (
     MAX_AUDIT_LIMIT,
     MAX_REASON_CHARS,
     MAX_TIMESTAMP,
@@ -34,6 +33,7 @@ from gateway.admin_http import (
     read_body,
     reason_actor,
 )
+from gateway.control.adapters import AdapterRejected
 from gateway.errors import (
     ConfigError,
     Conflict,
@@ -42,7 +42,7 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.policy import PolicySnapshot, View, build_view, newly_dark, served_adapters, with_pins
-from gateway.state import Flip, StateStore, apply_flip
+from gateway.store.state import Flip, StateStore, apply_flip
 
 
 def admin_routes(ctx: AdminContext) -> list[Route]:

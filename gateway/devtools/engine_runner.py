@@ -34,7 +34,7 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOCK_DIR = ROOT / "scripts" / "engine"
 DEFAULT_ENV_PATH = Path(".venv-engine")
 MARKER_NAME = ".engine-installed.json"
@@ -208,7 +208,7 @@ def _write_lock(python: Path, plan: EnvPlan) -> None:
         [str(python), "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
     ).stdout
     header = (
-        f"# Engine venv ({plan.flavour}) pinned by gateway.engine_runner.ensure_engine_env from `pip freeze`.\n"
+        f"# Engine venv ({plan.flavour}) pinned by gateway.devtools.engine_runner.ensure_engine_env from `pip freeze`.\n"
         f"# Used as pip constraints; {', '.join(plan.removals) or 'nothing'} removed after install.\n"
         "# Delete this file to re-resolve. Without a local torch wheel, point PIP_EXTRA_INDEX_URL at an index\n"
         "# that serves the +cpu torch build.\n"

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from gateway.loadtest_scenario import GoldenItem, Scenario
+from gateway.loadtest.scenario import GoldenItem, Scenario
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.adapters import Catalog, release_gate
-from gateway.canary import CanaryState, with_canaries
-from gateway.canary_policy import CanaryModel, canary_spec, check_canary
+from gateway.canary.config import CanaryModel, canary_spec, check_canary
+from gateway.canary.machine import CanaryState, with_canaries
+from gateway.control.adapters import Catalog, release_gate
 from gateway.errors import ConfigError
 from gateway.policy import (
     PolicySnapshot,

@@ -1,5 +1,5 @@
 """What every `gateway` command shares: the CLI's one error type, `CommandError`, which commands raise and
-`gateway.cli.main` prints once (`gateway: message`, exit status 1 unless the error says otherwise), and the one
+`gateway.cli.main.main` prints once (`gateway: message`, exit status 1 unless the error says otherwise), and the one
 client of the admin API (`admin`), which turns an unreachable gateway or an error answer into a `CommandError`
 carrying the answer's message. Command modules (`cli`, `canary_cli`, `loadtest_cli`) import this module and
 never each other.

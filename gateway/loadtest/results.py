@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from gateway.loadtest_answer import VERDICTS, Sample
-from gateway.loadtest_scenario import Band, Loaded
+from gateway.loadtest.answer import VERDICTS, Sample
+from gateway.loadtest.scenario import Band, Loaded
 from gateway.pricing import Price, cost
 from gateway.stats import Paired, mcnemar, paired_difference_ci, percentile, wilson
 

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.admin_http import (
+from gateway.admin.http import (
     AdminContext,
     Endpoint,
     authorize,
@@ -28,8 +28,8 @@ from gateway.admin_http import (
     read_body,
     reason_actor,
 )
-from gateway.canary import Operation
-from gateway.canary_control import CanaryController
+from gateway.canary.controller import CanaryController
+from gateway.canary.machine import Operation
 from gateway.errors import NotFound
 
 OPERATIONS: tuple[Operation, ...] = ("pause", "resume", "promote", "abort")

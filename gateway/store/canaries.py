@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Final
 
-from gateway.canary import CanaryState, Transition
-from gateway.state import Flip, StateStore, Transaction
+from gateway.canary.machine import CanaryState, Transition
+from gateway.store.state import Flip, StateStore, Transaction
 
 COLUMNS: Final = "route, key, status, step, step_started_at, epoch, started_at, revision"
 ACTOR: Final = "canary"  # the actor of automatic decisions in the audit log

@@ -16,8 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.adapters import Catalog, release_gate
-from gateway.admin_http import (
+from gateway.admin.http import (
     MAX_TIMESTAMP,
     AdminContext,
     guard,
@@ -26,9 +25,10 @@ from gateway.admin_http import (
     read_body,
     reason_actor,
 )
+from gateway.control.adapters import Catalog, release_gate
 from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.policy import PolicySnapshot, served_adapters
-from gateway.records import read_records
+from gateway.store.request_log import read_records
 
 
 def adapter_routes(ctx: AdminContext) -> list[Route]:

@@ -25,13 +25,13 @@ from typing import Any
 
 import httpx
 
-from gateway.adapters import AdapterRejected, Catalog, EngineFacts, verify
+from gateway.control.adapters import AdapterRejected, Catalog, EngineFacts, verify
 from gateway.digests import sha256_file
 from gateway.errors import EngineError
 from gateway.policy import PolicySnapshot
-from gateway.state import StateStore
+from gateway.store.state import StateStore
 
-log = logging.getLogger("gateway.lora")
+log = logging.getLogger("gateway.control.lora")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from gateway.cli_client import CommandError, admin, print_json
+from gateway.cli.client import CommandError, admin, print_json
 from gateway.settings import Settings
 
 OPERATIONS = ("pause", "resume", "promote", "abort")

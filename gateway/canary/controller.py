@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from gateway.canary import ACTIVE, CanaryState, Operation, after_look, canary_key, initial, operate
-from gateway.canary_analysis import Evidence, describe, look, observation
-from gateway.canary_spec import CanarySpec
-from gateway.canary_store import ACTOR, CanaryStore
+from gateway.canary.analysis import Evidence, describe, look, observation
+from gateway.canary.machine import ACTIVE, CanaryState, Operation, after_look, canary_key, initial, operate
+from gateway.canary.spec import CanarySpec
+from gateway.control.policies import LiveView
 from gateway.errors import Conflict, NotFound
 from gateway.policy import Route, Switches
-from gateway.policy_store import LiveView
 from gateway.records import Record
-from gateway.state import StateStore
+from gateway.store.canaries import ACTOR, CanaryStore
+from gateway.store.state import StateStore
 
 _FIELDS: Final = [
     "ts",

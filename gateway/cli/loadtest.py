@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from gateway.cli_client import CommandError
+from gateway.cli.client import CommandError
 
 
 def _failed(message: str) -> CommandError:
@@ -56,7 +56,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _compare(paths: list[Path]) -> int:
-    from gateway.loadtest_text import compare
+    from gateway.loadtest.text import compare
 
     if len(paths) != 2:
         raise _failed("compare takes two result files: gateway loadtest compare A.json B.json")
@@ -66,7 +66,7 @@ def _compare(paths: list[Path]) -> int:
 
 
 def _read_result(path: Path) -> dict[str, Any]:
-    from gateway.loadtest_results import FORMAT
+    from gateway.loadtest.results import FORMAT
 
     try:
         doc = orjson.loads(path.read_bytes())
@@ -78,10 +78,10 @@ def _read_result(path: Path) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gateway.loadtest_client import LoadTestError, run
-    from gateway.loadtest_results import summarize
-    from gateway.loadtest_scenario import load_scenario
-    from gateway.loadtest_text import format_result
+    from gateway.loadtest.client import LoadTestError, run
+    from gateway.loadtest.results import summarize
+    from gateway.loadtest.scenario import load_scenario
+    from gateway.loadtest.text import format_result
 
     loaded = load_scenario(
         Path(args.scenario),
@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def write_outputs(out: Path, doc: dict[str, Any], samples: list[Any]) -> None:
-    from gateway.loadtest_html import render
+    from gateway.loadtest.html import render
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")

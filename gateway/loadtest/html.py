@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from gateway.loadtest_svg import Bar, Interval, Series, bar_chart, cdf_chart, esc, interval_chart
-from gateway.loadtest_text import latency, money, ms, pct, rate_ci
+from gateway.loadtest.svg import Bar, Interval, Series, bar_chart, cdf_chart, esc, interval_chart
+from gateway.loadtest.text import latency, money, ms, pct, rate_ci
 
 COLOURS: Final = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 _CSS: Final = """

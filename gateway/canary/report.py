@@ -17,10 +17,10 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.canary import ACTIVE, CanaryState, canary_key
-from gateway.canary_control import current_look
-from gateway.canary_store import COLUMNS
+from gateway.canary.controller import current_look
+from gateway.canary.machine import ACTIVE, CanaryState, canary_key
 from gateway.policy import Route
+from gateway.store.canaries import COLUMNS
 
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
 RUNNING: Final = "canary_running"  # not an audit action: the step in progress, computed when the report runs

@@ -795,7 +795,7 @@ def serve(host: str, port: int, behaviour_path: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.sim_engine", description="Run the simulated engine."
+        prog="python -m gateway.devtools.sim_engine", description="Run the simulated engine."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)

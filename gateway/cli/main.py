@@ -25,13 +25,13 @@ import httpx
 import orjson
 from pydantic import SecretStr
 
-from gateway.canary_cli import add_commands as add_canary_commands
-from gateway.cli_client import CommandError, admin, print_json
+from gateway.cli.canary import add_commands as add_canary_commands
+from gateway.cli.client import CommandError, admin, print_json
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
-    from gateway.engine_runner import EngineProcess, EngineSpec
+    from gateway.devtools.engine_runner import EngineProcess, EngineSpec
     from gateway.policy import Route
 
 
@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     _admin_args(lineage)
     lineage.set_defaults(func=cmd_lineage)
 
-    from gateway.loadtest_cli import add_parser as add_loadtest_parser
+    from gateway.cli.loadtest import add_parser as add_loadtest_parser
 
     add_loadtest_parser(sub)
 
@@ -214,7 +214,7 @@ def _serve(settings: Settings) -> int:
 
 
 def cmd_sim_engine(args: argparse.Namespace) -> int:
-    from gateway.sim_engine import serve
+    from gateway.devtools.sim_engine import serve
 
     try:
         serve(args.host, args.port, args.behaviour)
@@ -225,7 +225,7 @@ def cmd_sim_engine(args: argparse.Namespace) -> int:
 
 def cmd_engine(args: argparse.Namespace) -> int:
     """Runs until interrupted; stops the engine's whole process group on the way out."""
-    from gateway.engine_runner import EngineSpec, demo_spec, ensure_demo_model, ensure_engine_env
+    from gateway.devtools.engine_runner import EngineSpec, demo_spec, ensure_demo_model, ensure_engine_env
 
     if args.model is not None and args.served_name is None:
         raise CommandError("--served-name is needed with a MODEL directory")
@@ -257,7 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The real demo: the engine venv and the demo model are made when missing (minutes, once), vLLM starts on
     the engine port, the gateway serves policies/ in front of it. With GATEWAY_ENGINES set, no engine is started:
     the gateway uses those. `--sim` runs the simulated engine and the policies in loadtests/sim/policies."""
-    from gateway.engine_runner import has_gpu
+    from gateway.devtools.engine_runner import has_gpu
 
     env = Settings()
     engine_url = f"http://127.0.0.1:{args.engine_port}"
@@ -298,7 +298,7 @@ def demo_settings(env: Settings, **defaults: Any) -> Settings:
 
 
 DEMO_ADMIN_TOKEN = "demo-admin-token"
-GOLDEN_SET = Path(__file__).resolve().parent.parent / "loadtests" / "golden" / "crm.jsonl"
+GOLDEN_SET = Path(__file__).resolve().parents[2] / "loadtests" / "golden" / "crm.jsonl"
 DEMO_MESSAGE = "Update ACC-04821: stage won, amount 18500, closing 2026-03-31."
 
 
@@ -328,7 +328,15 @@ def _nothing() -> None:
 
 
 def _start_sim_engine(port: int, behaviour: Path, url: str) -> Callable[[], object]:
-    argv = [sys.executable, "-m", "gateway.sim_engine", "--port", str(port), "--behaviour", str(behaviour)]
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway.devtools.sim_engine",
+        "--port",
+        str(port),
+        "--behaviour",
+        str(behaviour),
+    ]
     engine = subprocess.Popen(argv)
     try:
         _wait_healthy(url + "/health", engine)
@@ -344,7 +352,7 @@ def _start_sim_engine(port: int, behaviour: Path, url: str) -> Callable[[], obje
 
 
 def _start_demo_engine(port: int) -> Callable[[], object]:
-    from gateway.engine_runner import demo_spec, ensure_demo_model, ensure_engine_env
+    from gateway.devtools.engine_runner import demo_spec, ensure_demo_model, ensure_engine_env
 
     print("demo: preparing the engine venv and the demo model (minutes the first time)", file=sys.stderr)
     python = ensure_engine_env()
@@ -357,7 +365,7 @@ def _start_demo_engine(port: int) -> Callable[[], object]:
 
 def _start_engine(spec: EngineSpec, python: Path, log_path: Path) -> EngineProcess:
     """vLLM started and healthy; one that exits or never answers is a `CommandError` ending with its log's tail."""
-    from gateway.engine_runner import EngineStartError, serve
+    from gateway.devtools.engine_runner import EngineStartError, serve
 
     try:
         return serve(spec, python, log_path)
@@ -543,7 +551,7 @@ def _when(ts: float) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from gateway import report
-    from gateway.records import read_records
+    from gateway.store.request_log import read_records
 
     db = args.db or Settings().records_db
     if not db.exists():
@@ -562,8 +570,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_canaries(records_db: Path, state_db: Path, route: str | None, since: float | None) -> None:
-    from gateway import canary_report
-    from gateway.canary import ACTIVE
+    from gateway.canary import report as canary_report
+    from gateway.canary.machine import ACTIVE
 
     entries = canary_report.read_entries(state_db, route, since)
     states = canary_report.read_states(state_db)
@@ -581,8 +589,8 @@ def _print_canaries(records_db: Path, state_db: Path, route: str | None, since: 
 
 
 def _policy_routes() -> dict[str, Route]:
-    from gateway.adapters import scan
-    from gateway.policy_store import load_configured
+    from gateway.control.adapters import scan
+    from gateway.control.policies import load_configured
 
     settings = Settings()
     return dict(load_configured(settings, scan(settings.adapters_dir)).routes)

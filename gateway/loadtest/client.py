@@ -28,11 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from gateway.loadtest_answer import Sample, StreamReader, judge, read_unary
-from gateway.loadtest_http import Answer, Client
-from gateway.loadtest_plan import Job, Jobs, Prepared, arrivals, prepare, request_id
-from gateway.loadtest_results import RunData
-from gateway.loadtest_scenario import Loaded, planned_requests
+from gateway.loadtest.answer import Sample, StreamReader, judge, read_unary
+from gateway.loadtest.http import Answer, Client
+from gateway.loadtest.plan import Job, Jobs, Prepared, arrivals, prepare, request_id
+from gateway.loadtest.results import RunData
+from gateway.loadtest.scenario import Loaded, planned_requests
 from gateway.toolcalls import Completion
 
 

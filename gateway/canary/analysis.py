@@ -28,8 +28,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from gateway.canary_spec import CanarySpec, RateGuardrail, RatioGuardrail
-from gateway.canary_stats import CountTest, Verdict, prob_b_worse
+from gateway.canary.spec import CanarySpec, RateGuardrail, RatioGuardrail
+from gateway.canary.stats import CountTest, Verdict, prob_b_worse
 from gateway.records import Record
 from gateway.stats import median, median_interval, wilson
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.canary_spec import CanarySpec, Guardrails, RateGuardrail, RatioGuardrail
+from gateway.canary.spec import CanarySpec, Guardrails, RateGuardrail, RatioGuardrail
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 

@@ -23,7 +23,8 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from gateway.adapters import Catalog
+from gateway.control.adapters import Catalog
+from gateway.control.policies import LiveView
 from gateway.errors import (
     AuthenticationError,
     BadRequest,
@@ -33,8 +34,7 @@ from gateway.errors import (
     PermissionDenied,
 )
 from gateway.policy import PolicySnapshot
-from gateway.policy_store import LiveView
-from gateway.state import StateStore
+from gateway.store.state import StateStore
 
 MAX_BODY_BYTES = 64 * 1024  # an admin body is a few short fields
 MAX_REASON_CHARS = 1000  # a sentence or two for the audit log

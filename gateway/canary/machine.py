@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final, Literal
 
-from gateway.canary_analysis import Look
-from gateway.canary_spec import CanarySpec
+from gateway.canary.analysis import Look
+from gateway.canary.spec import CanarySpec
 from gateway.policy import PolicySnapshot, Route
 
 Status = Literal["running", "paused", "held", "killed", "aborted", "promoted"]
