@@ -38,8 +38,10 @@ from gateway.admin.http import AdminContext, check_bearer, error_response, json_
 from gateway.admin.routes import admin_routes
 from gateway.canary.controller import CanaryController
 from gateway.control.adapters import scan
+from gateway.control.live import LiveView
 from gateway.control.lora import LoraManager
-from gateway.control.policies import LiveView, load_configured
+from gateway.control.operations import Operations
+from gateway.control.policies import load_configured
 from gateway.drain import Drain
 from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied, RouterRefused
@@ -47,9 +49,8 @@ from gateway.keys import KeyRing
 from gateway.policy import PolicySnapshot, served_adapters
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.settings import Settings
-from gateway.store.canaries import CanaryStore
 from gateway.store.request_log import RecordWriter
-from gateway.store.state import StateStore
+from gateway.store.state import SqliteStateStore
 from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
 from gateway.toolcalls import SchemaCache
 
@@ -123,10 +124,8 @@ class Components:
         self.settings = settings
         self.keys = _load_keys(settings)
         policy = self.load_policy()
-        self.state = StateStore(settings.state_db)
-        self.live = LiveView(
-            policy, self.state.switches(), self.state.pins(), CanaryStore(self.state).states()
-        )
+        self.state = SqliteStateStore(settings.state_db)
+        self.live = LiveView(policy, self.state.switches(), self.state.pins(), self.state.canary_states())
         self.canary = CanaryController(self.state, self.live, settings.records_db)
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
         self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
@@ -135,15 +134,20 @@ class Components:
         self.drain = Drain(settings.drain_s)
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
         self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
-        # Serialises this process's changes to what is served (reload, swap, rollback, canary operations) with the
-        # adapter reconciler: a version loaded for a change not yet live must not look unreferenced and be unloaded.
-        self.changes = asyncio.Lock()
         self.lora = LoraManager(
             settings.engines,
             catalog=lambda: self.catalog,
             state=self.state,
             inflight=self.engine_inflight,
             max_lora_rank=settings.max_lora_rank,
+        )
+        self.ops = Operations(
+            self.live,
+            self.state,
+            self.canary,
+            reload=self.load_policy,
+            prepare=self.lora.ensure,
+            catalog=lambda: self.catalog,
         )
 
     def load_policy(self) -> PolicySnapshot:
@@ -203,14 +207,10 @@ def create_app(
     )
     admin = AdminContext(
         token=settings.admin_token.get_secret_value() if settings.admin_token else None,
-        live=c.live,
-        state=c.state,
+        ops=c.ops,
         counters=c.counters,
-        reload=c.load_policy,
-        prepare=c.lora.ensure,
         catalog=lambda: c.catalog,
         records_db=settings.records_db,
-        lock=c.changes,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(
@@ -219,7 +219,7 @@ def create_app(
             Route(CHAT_PATH, chat, methods=["POST"]),
             *_routes(c),
             *admin_routes(admin),
-            *canary_routes(admin, c.canary),
+            *canary_routes(admin),
         ],
         exception_handlers={
             GatewayError: _on_gateway_error,
@@ -263,8 +263,7 @@ async def _watch_switches(c: Components) -> None:
             version = c.state.data_version()
             if version != seen:
                 seen = version
-                c.live.set_switches(await asyncio.to_thread(c.state.switches))
-                c.live.set_canaries(await asyncio.to_thread(c.canary.store.states))
+                await c.ops.sync()
         except Exception:  # a locked or unreadable file must not stop the watcher
             log.exception("reading kill switches failed; retrying")
 
@@ -275,10 +274,7 @@ async def _run_canaries(c: Components) -> None:
     while True:
         await asyncio.sleep(c.settings.canary_interval_s)
         try:
-            update = await asyncio.to_thread(c.canary.tick)
-            if update.switches is not None:
-                c.live.set_switches(update.switches)
-            c.live.set_canaries(update.states)
+            await c.ops.canary_tick()
         except Exception:  # a locked or unreadable file must not stop the canaries
             log.exception("canary look failed; retrying")
 
@@ -288,7 +284,7 @@ async def _reconcile_adapters(c: Components) -> None:
     until then requests for an adapter fall back), reload what an engine lost, unload what nothing uses."""
     while True:
         try:
-            async with c.changes:
+            async with c.ops.lock:
                 await c.lora.reconcile(c.live.view.policy)
         except Exception:
             log.exception("adapter reconcile failed; retrying")

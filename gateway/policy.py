@@ -109,6 +109,36 @@ class Switches:
         return (route, variant) in self.variants
 
 
+Scope = Literal["global", "route", "variant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Flip:
+    """One kill switch turned on (`killed`) or off: every route (global), one route, or one variant of a route."""
+
+    scope: Scope
+    killed: bool
+    route: str = ""
+    variant: str = ""
+
+    @property
+    def action(self) -> str:
+        verb = "kill" if self.killed else "revive"
+        return {"global": f"{verb}_all", "route": f"{verb}_route", "variant": f"{verb}_variant"}[self.scope]
+
+
+def apply_flip(switches: Switches, flip: Flip) -> Switches:
+    """The switches after `flip` (used to check a flip before it is written)."""
+    if flip.scope == "global":
+        return Switches(flip.killed, switches.routes, switches.variants)
+    if flip.scope == "route":
+        routes = switches.routes | {flip.route} if flip.killed else switches.routes - {flip.route}
+        return Switches(switches.global_kill, routes, switches.variants)
+    key = (flip.route, flip.variant)
+    variants = switches.variants | {key} if flip.killed else switches.variants - {key}
+    return Switches(switches.global_kill, switches.routes, variants)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     variant: Variant

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from gateway import relay, sse
-from gateway.control.policies import LiveView
+from gateway.control.live import LiveView
 from gateway.drain import Drain
 from gateway.engine import EnginePool, EngineResponse
 from gateway.errors import (
@@ -46,7 +46,7 @@ from gateway.policy import Decision, Plan, Route, Variant, bucket
 from gateway.pricing import cost
 from gateway.records import Record
 from gateway.rewrite import engine_body
-from gateway.store.request_log import RecordWriter
+from gateway.store.api import RequestLog
 from gateway.telemetry import Telemetry
 from gateway.toolcalls import (
     NO_VERDICT,
@@ -103,7 +103,7 @@ class Deps:
     keys: KeyRing | None  # None: authentication is off
     engines: EnginePool
     schemas: SchemaCache
-    records: RecordWriter
+    records: RequestLog
     telemetry: Telemetry
     max_body_bytes: int
     # Request fields refused with a 400 before any engine sees them (GATEWAY_UNSUPPORTED_FIELDS).

@@ -17,9 +17,9 @@ from gateway.canary.machine import CanaryState, after_look, initial, operate, we
 from gateway.canary.spec import CanarySpec, Guardrails, RateGuardrail, RatioGuardrail
 from gateway.canary.stats import CountTest, Verdict
 from gateway.records import FIELDS, Record
-from gateway.store.canaries import CanaryStore
+from gateway.store.audit import Entry
 from gateway.store.request_log import RecordWriter, connect, read_records
-from gateway.store.state import StateStore
+from gateway.store.state import SqliteStateStore
 
 SPEC = CanarySpec(
     candidate="new",
@@ -221,20 +221,18 @@ def test_weights_always_give_the_route_whole(step: int, status: str) -> None:
 
 
 def test_of_two_processes_moving_a_canary_only_one_writes(tmp_path: Path) -> None:
-    one, two = StateStore(tmp_path / "state.db"), StateStore(tmp_path / "state.db")
-    store_one, store_two = CanaryStore(one), CanaryStore(two)
+    one, two = SqliteStateStore(tmp_path / "state.db"), SqliteStateStore(tmp_path / "state.db")
     start = initial("crm", "k", 0.0)
-    assert store_one.start(start, None, detail={"candidate": "new"}, policy_version="v")
-    assert not store_two.start(start, None, detail={"candidate": "new"}, policy_version="v")
+    started = Entry("canary_start", "canary", route="crm", variant="new", detail={"candidate": "new"})
+    assert one.start_canary(start, None, started)
+    assert not two.start_canary(start, None, started)
     killed = after_look(SPEC, start, look(SPEC, _evidence(25, 25), 0, 1.0), 1.0)
     assert killed is not None
-    won = [
-        s.apply(start, killed, candidate="new", actor="canary", detail={}, policy_version="v")
-        for s in (store_one, store_two)
-    ]
+    entry = Entry(killed.action, "canary", route="crm", variant="new", reason=killed.reason)
+    won = [s.move_canary(start, killed, "new", entry) for s in (one, two)]
     assert won == [True, False]
     assert [e.action for e in two.audit()] == ["canary_kill", "canary_start"]
-    assert two.switches().variant_killed("crm", "new") and store_two.states()["crm"].status == "killed"
+    assert two.switches().variant_killed("crm", "new") and two.canary_states()["crm"].status == "killed"
     one.close()
     two.close()
 

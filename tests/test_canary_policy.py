@@ -10,7 +10,8 @@ import pytest
 from gateway.canary.machine import CanaryState, canary_key, with_canaries
 from gateway.canary.spec import Guardrails, RateGuardrail, RatioGuardrail
 from gateway.control.adapters import scan
-from gateway.control.policies import LiveView, load_policies
+from gateway.control.live import LiveView
+from gateway.control.policies import load_policies
 from gateway.errors import ConfigError
 from gateway.policy import PolicySnapshot, Switches, Timeouts, bucket, plan
 from tests.adapter_factory import adapter_policy, make_adapter

@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from gateway.control.adapters import Catalog, scan
-from gateway.control.policies import LiveView, load_policies
+from gateway.control.live import LiveView
+from gateway.control.policies import load_policies
 from gateway.errors import ConfigError
 from gateway.keys import KeyRing, digest_of
 from gateway.policy import Sticky, Switches, Timeouts

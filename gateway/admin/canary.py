@@ -28,16 +28,16 @@ from gateway.admin.http import (
     read_body,
     reason_actor,
 )
-from gateway.canary.controller import CanaryController
 from gateway.canary.machine import Operation
-from gateway.errors import NotFound
 
 OPERATIONS: tuple[Operation, ...] = ("pause", "resume", "promote", "abort")
 DRILL_FIELDS = ("variant", "time_to_baseline_ms", "probes", "fallback")
 MAX_DRILL_MS = 86_400_000.0  # a day: a drill times a switch that acts on the next request
 
 
-def canary_routes(ctx: AdminContext, controller: CanaryController) -> list[Route]:
+def canary_routes(ctx: AdminContext) -> list[Route]:
+    controller = ctx.ops.canaries
+
     async def all_canaries(ctx: AdminContext, request: Request) -> Response:
         return json_response({"canaries": await asyncio.to_thread(controller.status)})
 
@@ -49,7 +49,7 @@ def canary_routes(ctx: AdminContext, controller: CanaryController) -> list[Route
     def operation(op: Operation) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             authorize(ctx, request)
-            return await _operate(ctx, controller, request, op)
+            return await _operate(ctx, request, op)
 
         return endpoint
 
@@ -67,16 +67,12 @@ def canary_routes(ctx: AdminContext, controller: CanaryController) -> list[Route
     ]
 
 
-async def _operate(
-    ctx: AdminContext, controller: CanaryController, request: Request, op: Operation
-) -> Response:
+async def _operate(ctx: AdminContext, request: Request, op: Operation) -> Response:
     body = await read_body(request)
     reason, actor = reason_actor(request, body)
     name = request.path_params["route"]
-    async with ctx.lock:
-        update = await asyncio.to_thread(controller.operate, name, op, actor=actor, reason=reason)
-        ctx.live.set_canaries(update.states)
-    found = await asyncio.to_thread(controller.status, name)
+    await ctx.ops.canary(name, op, actor=actor, reason=reason)
+    found = await asyncio.to_thread(ctx.ops.canaries.status, name)
     return json_response({"route": name, "operation": op, **found[name]})
 
 
@@ -88,19 +84,5 @@ async def _drill(ctx: AdminContext, request: Request) -> Response:
     probes, fallback = body.count("probes"), body.text("fallback")
     detail.update({k: v for k, v in (("probes", probes), ("fallback", fallback)) if v is not None})
     name = request.path_params["route"]
-    route = ctx.live.view.policy.routes.get(name)
-    if route is None:
-        raise NotFound(f"No route {name!r}.")
-    if route.variant(variant) is None:
-        raise NotFound(f"Route {name!r} has no variant {variant!r}.", param="variant")
-    await asyncio.to_thread(
-        ctx.state.record,
-        "drill",
-        actor=actor,
-        reason=reason,
-        route=name,
-        variant=variant,
-        policy_version=ctx.live.view.policy.version,
-        detail=detail,
-    )
+    await ctx.ops.drill(name, variant, detail, actor=actor, reason=reason)
     return json_response({"route": name, "variant": variant, **detail})

@@ -10,21 +10,20 @@ every field before they take the lock, so a bad body never reaches a half-made c
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.control.adapters import Catalog
-from gateway.control.policies import LiveView
+from gateway.control.operations import Operations
 from gateway.errors import (
     AuthenticationError,
     BadRequest,
@@ -33,8 +32,6 @@ from gateway.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from gateway.policy import PolicySnapshot
-from gateway.store.state import StateStore
 
 MAX_BODY_BYTES = 64 * 1024  # an admin body is a few short fields
 MAX_REASON_CHARS = 1000  # a sentence or two for the audit log
@@ -43,24 +40,15 @@ MAX_AUDIT_LIMIT = 10_000  # audit entries in one answer
 MAX_TIMESTAMP = 1e11  # Unix seconds (year 5138): a bound that catches milliseconds sent as seconds, not dates
 
 
-class Prepare(Protocol):
-    """Loads the adapters a policy references on the engines before it goes live (`LoraManager.ensure`);
-    returns the versions it loaded, raises `AdapterRejected` or `EngineError`."""
-
-    async def __call__(self, policy: PolicySnapshot, *, actor: str = ...) -> list[str]: ...
-
-
 @dataclass(slots=True)
 class AdminContext:
+    """What the admin routes act on: every change goes through `ops`; the rest is read."""
+
     token: str | None
-    live: LiveView
-    state: StateStore
+    ops: Operations
     counters: Counter[tuple[str, str, str, str]]
-    reload: Callable[[], PolicySnapshot]  # rescan, load policies/; raises ConfigError (blocking: in a thread)
-    prepare: Prepare
     catalog: Callable[[], Catalog]
     records_db: Path
-    lock: asyncio.Lock
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

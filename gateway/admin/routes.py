@@ -1,17 +1,16 @@
-"""The operators' API under `/admin/`: kill switches, policy reload, status and the audit trail.
+"""The operators' API under `/admin/`: kill switches, policy reload, status and the audit trail; the table of
+every admin route (`admin_routes`).
 
 Every route needs `Authorization: Bearer $GATEWAY_ADMIN_TOKEN` (compared in constant time); with no token
-configured the admin API is disabled and answers 403. A flip is checked against the live policy first (unknown
-route or variant → 404; a flip that would leave a route with no live variant → 409 unless `"force": true`), then
-written with its audit entry in one SQLite transaction, and only then published to the live view, so the next
-request sees it. A reload goes live only once its audit entry is committed. Every body is read and checked whole
-(`admin_http.read_body`) before anything changes. Writes are serialised by one lock per process.
+configured the admin API is disabled and answers 403. Handlers only parse and render: every body is read and
+checked whole (`admin.http.read_body`) before anything changes, and the change itself is `control.operations`'
+(unknown route or variant → 404; a flip that would leave a route with no live variant → 409 unless
+`"force": true`; written with its audit entry before it goes live).
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections import Counter
 from typing import Any
 
@@ -33,16 +32,7 @@ from gateway.admin.http import (
     read_body,
     reason_actor,
 )
-from gateway.control.adapters import AdapterRejected
-from gateway.errors import (
-    ConfigError,
-    Conflict,
-    EngineError,
-    GatewayError,
-    NotFound,
-)
-from gateway.policy import PolicySnapshot, View, build_view, newly_dark, served_adapters, with_pins
-from gateway.store.state import Flip, StateStore, apply_flip
+from gateway.policy import Flip, View
 
 
 def admin_routes(ctx: AdminContext) -> list[Route]:
@@ -77,23 +67,9 @@ async def _flip(ctx: AdminContext, request: Request, scope: str, killed: bool) -
     authorize(ctx, request)
     body = await read_body(request, "force")
     reason, who = reason_actor(request, body)
-    force = body.flag("force")
-    flip = Flip(scope, killed, request.path_params.get("route", ""), request.path_params.get("variant", ""))  # type: ignore[arg-type]
-    async with ctx.lock:
-        view = ctx.live.view
-        _check_target(view, flip)
-        proposed = build_view(view.policy, apply_flip(view.switches, flip))
-        dark = newly_dark(view, proposed)
-        if dark and not force:
-            raise Conflict(
-                f"This would leave {', '.join(repr(r) for r in dark)} with no live variant; "
-                'send "force": true to do it anyway (their requests then get 503).',
-                code="last_live_variant",
-            )
-        switches = await asyncio.to_thread(
-            ctx.state.apply, flip, actor=who, reason=reason, policy_version=view.policy.version
-        )
-        now = ctx.live.set_switches(switches)
+    params = request.path_params
+    flip = Flip(scope, killed, params.get("route", ""), params.get("variant", ""))  # type: ignore[arg-type]
+    now = await ctx.ops.flip(flip, actor=who, reason=reason, force=body.flag("force"))
     return json_response(
         {
             "action": flip.action,
@@ -105,35 +81,10 @@ async def _flip(ctx: AdminContext, request: Request, scope: str, killed: bool) -
     )
 
 
-def _check_target(view: View, flip: Flip) -> None:
-    if flip.scope == "global":
-        return
-    route = view.policy.routes.get(flip.route)
-    if route is None:
-        raise NotFound(f"No route {flip.route!r}.")
-    if flip.scope == "variant" and route.variant(flip.variant) is None:
-        raise NotFound(f"Route {flip.route!r} has no variant {flip.variant!r}.")
-
-
 async def _reload(ctx: AdminContext, request: Request) -> Response:
     body = await read_body(request)
     reason = body.text("reason", max_chars=MAX_REASON_CHARS) or None
-    who = actor_of(request, body)
-    async with ctx.lock:
-        before = ctx.live.view.policy.version
-        try:
-            policy = await asyncio.to_thread(ctx.reload)
-            # New adapter versions are loaded before traffic moves to them (pinned versions stay pinned).
-            await ctx.prepare(with_pins(policy, ctx.live.pins), actor=who)
-        except (ConfigError, AdapterRejected, EngineError) as err:
-            await asyncio.to_thread(
-                ctx.state.record, "reload_rejected", actor=who, reason=err.message, policy_version=before
-            )
-            raise
-        # The audit entry is committed before the new policy goes live: if it cannot be written, nothing changed.
-        served = served_adapters(with_pins(policy, ctx.live.pins))
-        await asyncio.to_thread(_audit_reload, ctx.state, policy, served, who, reason, before)
-        view = ctx.live.set_policy(policy)
+    before, view = await ctx.ops.reload(actor=actor_of(request, body), reason=reason)
     return json_response(
         {
             "policy_version": view.policy.version,
@@ -143,34 +94,8 @@ async def _reload(ctx: AdminContext, request: Request) -> Response:
     )
 
 
-def _audit_reload(
-    state: StateStore,
-    policy: PolicySnapshot,
-    served: dict[tuple[str, str], str],
-    actor: str,
-    reason: str | None,
-    before: str,
-) -> None:
-    """The reload's audit entry and the adapter versions it serves, in one transaction."""
-    try:
-        with state.transaction() as tx:
-            tx.note_served(served, actor=actor, action="reload")
-            tx.audit(
-                "reload",
-                actor=actor,
-                reason=reason,
-                policy_version=policy.version,
-                detail={"previous_version": before, "routes": sorted(policy.routes)},
-            )
-    except sqlite3.Error as err:
-        raise GatewayError(
-            f"The reload's audit entry could not be written ({err}); the policy in force did not change.",
-            code="audit_failed",
-        ) from None
-
-
 async def _status(ctx: AdminContext, request: Request) -> Response:
-    view = ctx.live.view
+    view = ctx.ops.live.view
     return json_response(
         {
             "policy_version": view.policy.version,
@@ -183,7 +108,7 @@ async def _status(ctx: AdminContext, request: Request) -> Response:
 async def _audit(ctx: AdminContext, request: Request) -> Response:
     limit = query_number(request, "limit", low=1, high=MAX_AUDIT_LIMIT, integer=True)
     entries = await asyncio.to_thread(
-        ctx.state.audit,
+        ctx.ops.store.audit,
         limit=int(limit or 100),
         route=request.query_params.get("route"),
         since=query_number(request, "since", low=0, high=MAX_TIMESTAMP),
@@ -194,7 +119,7 @@ async def _audit(ctx: AdminContext, request: Request) -> Response:
 async def _adapters(ctx: AdminContext, request: Request) -> Response:
     """Every version in the catalog with its lineage, and which live variants reference it."""
     used: dict[str, list[str]] = {}
-    for name, route in ctx.live.view.policy.routes.items():
+    for name, route in ctx.ops.live.view.policy.routes.items():
         for v in route.variants:
             if v.adapter:
                 used.setdefault(v.adapter, []).append(f"{name}/{v.name}")

@@ -1,10 +1,10 @@
 """The canary controller: inside every gateway process (a lifespan task, every `canary_interval_s`) it reads each
 declared canary's records from the shared request log, looks at them (`canary_analysis.look`) and writes what the
-look decides (`canary.after_look`) through `CanaryStore`, whose compare-and-set lets exactly one process make
+look decides (`canary.after_look`) through the state store, whose compare-and-set lets exactly one process make
 each decision. It also carries out the operators' actions and answers their status requests.
 
-Reading: one `_Feed` per canary holds its `Evidence` and the last rowid read, so a tick reads only new rows.
-SQLite assigns rowids in commit order, so `rowid > last` skips nothing whichever process wrote the rows. When the
+Reading: one `_Feed` per canary holds its `Evidence` and the last rowid read, so a tick reads only new rows
+(`request_log.Tail`: rowids follow commit order, so nothing is skipped whichever process wrote them). When the
 canary's key, epoch or step changes (here or in another process), the feed is rebuilt from the log: every process
 decides on all the records of the step, whoever wrote them. The blocking work runs in a thread; the caller
 publishes the returned `Update` to the live view on the event loop (the kill then applies to the next request).
@@ -12,24 +12,31 @@ publishes the returned `Update` to the live view on the event loop (the kill the
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from gateway.canary.analysis import Evidence, describe, look, observation
-from gateway.canary.machine import ACTIVE, CanaryState, Operation, after_look, canary_key, initial, operate
+from gateway.canary.machine import (
+    ACTIVE,
+    CanaryState,
+    Operation,
+    Transition,
+    after_look,
+    canary_key,
+    initial,
+    operate,
+)
 from gateway.canary.spec import CanarySpec
-from gateway.control.policies import LiveView
+from gateway.control.live import LiveView
 from gateway.errors import Conflict, NotFound
 from gateway.policy import Route, Switches
-from gateway.records import Record
-from gateway.store.canaries import ACTOR, CanaryStore
-from gateway.store.state import StateStore
+from gateway.store.api import StateStore
+from gateway.store.audit import Entry
+from gateway.store.request_log import Tail
 
 _FIELDS: Final = [
     "ts",
@@ -45,7 +52,7 @@ _FIELDS: Final = [
     "forced",
     "bucket",
 ]
-_SELECT: Final = f"SELECT rowid, {', '.join(_FIELDS)} FROM records WHERE route = ? AND ts >= ? AND rowid > ? ORDER BY rowid"
+ACTOR: Final = "canary"  # the actor of automatic decisions in the audit log
 
 
 @dataclass(slots=True)
@@ -75,32 +82,28 @@ class CanaryController:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = CanaryStore(state)
-        self._state = state
+        self._store = state
         self._live = live
-        self._records_db = records_db
         self._clock = clock
         self._feeds: dict[str, _Feed] = {}
-        self._db: sqlite3.Connection | None = None
+        self._tail = Tail(records_db, _FIELDS)
         self._lock = threading.Lock()  # ticks and operators' calls run in worker threads
 
     def close(self) -> None:
         with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self._tail.close()
 
     def tick(self) -> Update:
         """One look at every canary of the live policy (blocking: run it in a thread)."""
         with self._lock:
             now = self._clock()
             policy = self._live.view.policy
-            states = self.store.states()
+            states = self._store.canary_states()
             killed = False
             for name, route in policy.routes.items():
                 if route.canary is not None:
                     killed |= self._look(route, route.canary, states.get(name), now, policy.version)
-            return Update(self.store.states(), self._state.switches() if killed else None)
+            return Update(self._store.canary_states(), self._store.switches() if killed else None)
 
     def _look(
         self, route: Route, spec: CanarySpec, state: CanaryState | None, now: float, version: str
@@ -119,10 +122,8 @@ class CanaryController:
         if move is None:
             return False
         detail = {**describe(spec, feed.evidence, seen), "from": _brief(state), "to": _brief(move.state)}
-        won = self.store.apply(
-            state, move, candidate=spec.candidate, actor=ACTOR, detail=detail, policy_version=version
-        )
-        return won and move.kill
+        entry = _entry(move, route.name, spec.candidate, ACTOR, detail, version)
+        return self._store.move_canary(state, move, spec.candidate, entry) and move.kill
 
     def _start(
         self, route: Route, spec: CanarySpec, key: str, previous: CanaryState | None, now: float, version: str
@@ -138,7 +139,16 @@ class CanaryController:
             "on_fail": spec.on_fail,
             "replaces": previous.key if previous is not None else None,
         }
-        self.store.start(new, previous, detail=detail, policy_version=version)
+        entry = Entry(
+            "canary_start",
+            ACTOR,
+            route=route.name,
+            variant=spec.candidate,
+            reason=f"canary {key} started",
+            policy_version=version,
+            detail=detail,
+        )
+        self._store.start_canary(new, previous, entry)
 
     def _feed(self, route: str, spec: CanarySpec, state: CanaryState) -> _Feed:
         feed = self._feeds.get(route)
@@ -147,21 +157,8 @@ class CanaryController:
             evidence = Evidence(spec, step_start=state.step_started_at)
             feed = _Feed(state.key, state.epoch, state.step_started_at, spec, evidence)
             self._feeds[route] = feed
-        self._read(route, feed)
+        _read_into(self._tail, route, feed)
         return feed
-
-    def _read(self, route: str, feed: _Feed) -> None:
-        db = self._connection()
-        if db is not None:
-            _read_into(db, route, feed)
-
-    def _connection(self) -> sqlite3.Connection | None:
-        if self._db is None:
-            if not self._records_db.exists():
-                return None  # no request yet
-            uri = self._records_db.resolve().as_uri() + "?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        return self._db
 
     # -- operators ----------------------------------------------------------------------------------------------
 
@@ -178,10 +175,9 @@ class CanaryController:
                 except ValueError as err:
                     raise Conflict(f"Route {route_name!r}: {err}.", code="canary_state") from None
                 detail = {"operation": op, "from": _brief(state), "to": _brief(move.state)}
-                if self.store.apply(
-                    state, move, candidate=spec.candidate, actor=actor, detail=detail, policy_version=version
-                ):
-                    return Update(self.store.states(), None)
+                entry = _entry(move, route_name, spec.candidate, actor, detail, version)
+                if self._store.move_canary(state, move, spec.candidate, entry):
+                    return Update(self._store.canary_states(), None)
             raise Conflict(f"Route {route_name!r}: the canary kept changing; try again.", code="canary_busy")
 
     def _declared(self, route_name: str) -> tuple[Route, CanarySpec]:
@@ -193,10 +189,10 @@ class CanaryController:
         return route, route.canary
 
     def _current(self, route: Route, spec: CanarySpec, now: float, version: str) -> CanaryState:
-        state = self.store.states().get(route.name)
+        state = self._store.canary_states().get(route.name)
         if state is None or state.key != canary_key(route):
             self._start(route, spec, canary_key(route), state, now, version)
-            state = self.store.states()[route.name]
+            state = self._store.canary_states()[route.name]
         return state
 
     def status(self, route_name: str | None = None) -> dict[str, Any]:
@@ -215,7 +211,7 @@ class CanaryController:
 
     def _describe(self, route: Route, spec: CanarySpec) -> dict[str, Any]:
         now = self._clock()
-        state = self.store.states().get(route.name)
+        state = self._store.canary_states().get(route.name)
         if state is not None and state.key != canary_key(route):
             state = None  # an older canary's row: this one starts at the next tick
         body: dict[str, Any] = {
@@ -234,13 +230,26 @@ class CanaryController:
         return body
 
 
-def _read_into(db: sqlite3.Connection, route: str, feed: _Feed) -> None:
-    for rowid, *values in db.execute(_SELECT, (route, feed.epoch, feed.last_rowid)):
+def _read_into(tail: Tail, route: str, feed: _Feed) -> None:
+    for rowid, record in tail.after(route, feed.epoch, feed.last_rowid):
         feed.last_rowid = rowid
-        fields = dict(zip(_FIELDS, values, strict=True))
-        obs = observation(feed.spec, Record(request_id="", route=route, **fields))
+        obs = observation(feed.spec, record)
         if obs is not None:
             feed.evidence.add(obs)
+
+
+def _entry(
+    move: Transition, route: str, candidate: str, actor: str, detail: dict[str, Any], version: str
+) -> Entry:
+    return Entry(
+        move.action,
+        actor,
+        route=route,
+        variant=candidate,
+        reason=move.reason,
+        policy_version=version,
+        detail=detail,
+    )
 
 
 def current_look(
@@ -251,9 +260,11 @@ def current_look(
     feed = _Feed(
         state.key, state.epoch, state.step_started_at, spec, Evidence(spec, step_start=state.step_started_at)
     )
-    if records_db.exists():
-        with closing(sqlite3.connect(records_db.resolve().as_uri() + "?mode=ro", uri=True)) as db:
-            _read_into(db, route, feed)
+    tail = Tail(records_db, _FIELDS)
+    try:
+        _read_into(tail, route, feed)
+    finally:
+        tail.close()
     return describe(spec, feed.evidence, look(spec, feed.evidence, state.step, now))
 
 

@@ -3,24 +3,21 @@ then each active canary's step in progress, looked at from the request log as a 
 
 Each automatic decision's audit entry holds the step's counts, its rates with 95 % Wilson intervals, each
 guardrail's statistic and bound (`canary_analysis.describe`), so the report needs nothing but the state database,
-read-only (it works while the gateway is down). `rows` is pure; `read_entries` is the only I/O.
+read-only (it works while the gateway is down). `rows` is pure; `read_entries`, `read_states` and `running_entries` read the two databases.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
-from collections.abc import Mapping
-from contextlib import closing
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
-
-import orjson
 
 from gateway.canary.controller import current_look
 from gateway.canary.machine import ACTIVE, CanaryState, canary_key
 from gateway.policy import Route
-from gateway.store.canaries import COLUMNS
+from gateway.store.state import SqliteStateStore
 
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
 RUNNING: Final = "canary_running"  # not an audit action: the step in progress, computed when the report runs
@@ -47,29 +44,29 @@ def read_entries(
     """Canary and drill audit entries, oldest first ([] when there is no state database)."""
     if not state_db.exists():
         return []
-    uri = state_db.resolve().as_uri() + "?mode=ro"
-    sql = "SELECT at, actor, action, route, variant, reason, detail FROM audit"
-    sql += " WHERE (action LIKE 'canary_%' OR action = 'drill') AND (? IS NULL OR route = ?) AND at >= ? ORDER BY id"
-    with closing(sqlite3.connect(uri, uri=True)) as db:
-        found = db.execute(sql, (route, route, since or 0.0)).fetchall()
-    keys = ("at", "actor", "action", "route", "variant", "reason", "detail")
-    entries = [dict(zip(keys, row, strict=True)) for row in found]
-    for e in entries:
-        e["detail"] = orjson.loads(e["detail"]) if e["detail"] else {}
-    return entries
+    with _reading(state_db) as store:
+        found = store.audit(
+            limit=None, route=route, since=since or 0.0, actions=("canary_%", "drill"), oldest_first=True
+        )
+    keys = ("at", "actor", "action", "route", "variant", "reason")
+    return [{**{k: getattr(e, k) for k in keys}, "detail": e.detail or {}} for e in found]
 
 
 def read_states(state_db: Path) -> dict[str, CanaryState]:
     """The canaries' state rows, read-only ({} without a state database or before any canary started)."""
     if not state_db.exists():
         return {}
-    uri = state_db.resolve().as_uri() + "?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True)) as db:
-        try:
-            found = db.execute(f"SELECT {COLUMNS} FROM canaries").fetchall()
-        except sqlite3.OperationalError:  # no canaries table yet
-            return {}
-    return {row[0]: CanaryState(*row) for row in found}
+    with _reading(state_db) as store:
+        return store.canary_states()
+
+
+@contextmanager
+def _reading(state_db: Path) -> Iterator[SqliteStateStore]:
+    store = SqliteStateStore(state_db, readonly=True)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def running_entries(

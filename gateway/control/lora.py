@@ -29,7 +29,8 @@ from gateway.control.adapters import AdapterRejected, Catalog, EngineFacts, veri
 from gateway.digests import sha256_file
 from gateway.errors import EngineError
 from gateway.policy import PolicySnapshot
-from gateway.store.state import StateStore
+from gateway.store.api import StateStore
+from gateway.store.audit import Entry
 
 log = logging.getLogger("gateway.control.lora")
 
@@ -170,14 +171,14 @@ class LoraManager:
     async def _audit(
         self, action: str, actor: str, ref: str, engine: str, reason: str | None, policy_version: str
     ) -> None:
-        await asyncio.to_thread(
-            self._state.record,
+        entry = Entry(
             action,
-            actor=actor,
+            actor,
             reason=reason,
             policy_version=policy_version,
             detail={"adapter": ref, "engine": engine},
         )
+        await asyncio.to_thread(self._state.record, entry)
 
 
 def _message(response: httpx.Response) -> str:

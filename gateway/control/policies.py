@@ -1,4 +1,4 @@
-"""Loads `policies/*.toml` into one validated `PolicySnapshot`, and holds the live `View` that requests read.
+"""Loads `policies/*.toml` into one validated `PolicySnapshot` (`control.live` holds the view requests read).
 
 Loading is all-or-nothing: every file is parsed into strict pydantic models (unknown keys are errors, so a typo
 never silently changes routing), cross-checked (engines exist, fallbacks name variants of the route, no two files
@@ -19,7 +19,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.canary.config import CanaryModel, canary_spec, check_canary
-from gateway.canary.machine import CanaryState, with_canaries
 from gateway.control.adapters import Catalog, release_gate
 from gateway.errors import ConfigError
 from gateway.policy import (
@@ -27,12 +26,8 @@ from gateway.policy import (
     ReleaseGate,
     Route,
     Sticky,
-    Switches,
     Timeouts,
     Variant,
-    View,
-    build_view,
-    with_pins,
 )
 from gateway.pricing import Price
 from gateway.retrieval import Index, Retrieval
@@ -257,48 +252,3 @@ def _route(model: PolicyModel, defaults: Timeouts, indexes: Mapping[str, Retriev
         release=_gate(model.release),
         canary=canary_spec(model.canary) if model.canary is not None else None,
     )
-
-
-class LiveView:
-    """The one holder of what requests read. Each change builds a whole new `View` and swaps one reference, so a
-    request that read `.view` once sees one policy and one set of switches, never a mix."""
-
-    def __init__(
-        self,
-        policy: PolicySnapshot,
-        switches: Switches,
-        pins: Mapping[tuple[str, str], str] | None = None,
-        canaries: Mapping[str, CanaryState] | None = None,
-    ) -> None:
-        self.files = policy  # as loaded from the policy files; `view.policy` has pins and canaries applied
-        self.pins: Mapping[tuple[str, str], str] = dict(pins or {})
-        self.canaries: Mapping[str, CanaryState] = dict(canaries or {})
-        self.view: View = build_view(self._compose(), switches)
-
-    def _compose(self) -> PolicySnapshot:
-        return with_canaries(with_pins(self.files, self.pins), self.canaries)
-
-    def set_policy(self, policy: PolicySnapshot) -> View:
-        self.files = policy
-        self.view = build_view(self._compose(), self.view.switches)
-        return self.view
-
-    def set_pins(self, pins: Mapping[tuple[str, str], str]) -> View:
-        self.pins = dict(pins)
-        self.view = build_view(self._compose(), self.view.switches)
-        return self.view
-
-    def set_canaries(self, canaries: Mapping[str, CanaryState]) -> View:
-        """The canaries' states (steps, promotions, aborts) as the state database says now."""
-        if dict(canaries) != self.canaries:
-            self.canaries = dict(canaries)
-            self.view = build_view(self._compose(), self.view.switches)
-        return self.view
-
-    def preview_pins(self, pins: Mapping[tuple[str, str], str]) -> PolicySnapshot:
-        return with_pins(self.files, pins)
-
-    def set_switches(self, switches: Switches) -> View:
-        if switches != self.view.switches:
-            self.view = build_view(self.view.policy, switches)
-        return self.view

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from gateway.records import FIELDS, Record
-from gateway.store.sqlite import open_db, reading, transaction
+from gateway.store.sqlite import open_db, open_readonly, reading, transaction
 
 _log = logging.getLogger(__name__)
 
@@ -336,3 +336,38 @@ def _record(names: Sequence[str], row: Sequence[Any]) -> Record:
         if flag in values:
             values[flag] = bool(values[flag])
     return Record(**values)
+
+
+class Tail:
+    """A route's records in commit order, from a rowid on: the canary controller's incremental reads.
+
+    SQLite assigns rowids in commit order, so `rowid > last` skips nothing whichever process wrote the rows.
+    Reads only `fields` (the others keep their defaults). The file is opened read-only on the first read that
+    finds it (before the first request there is none).
+    """
+
+    def __init__(self, path: Path, fields: Sequence[str]) -> None:
+        self._path = path
+        self._fields = tuple(fields)
+        self._sql = (
+            f"SELECT rowid, {', '.join(self._fields)} FROM records"
+            " WHERE route = ? AND ts >= ? AND rowid > ? ORDER BY rowid"
+        )
+        self._db: sqlite3.Connection | None = None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def after(self, route: str, since: float, rowid: int) -> list[tuple[int, Record]]:
+        """(rowid, record) of `route` from `since` (epoch seconds) with a rowid above `rowid`."""
+        if self._db is None:
+            if not self._path.exists():
+                return []
+            self._db = open_readonly(self._path)
+        names = ("request_id", "route", *self._fields)
+        return [
+            (row[0], _record(names, ("", route, *row[1:])))
+            for row in self._db.execute(self._sql, (route, since, rowid))
+        ]

@@ -1,0 +1,55 @@
+"""`LiveView`: the one holder of what requests read, the `View` built from the policy files, the operators' adapter
+pins, the canaries' states and the kill switches. Only `control.operations` changes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.canary.machine import CanaryState, with_canaries
+from gateway.policy import PolicySnapshot, Switches, View, build_view, with_pins
+
+
+class LiveView:
+    """The one holder of what requests read. Each change builds a whole new `View` and swaps one reference, so a
+    request that read `.view` once sees one policy and one set of switches, never a mix."""
+
+    def __init__(
+        self,
+        policy: PolicySnapshot,
+        switches: Switches,
+        pins: Mapping[tuple[str, str], str] | None = None,
+        canaries: Mapping[str, CanaryState] | None = None,
+    ) -> None:
+        self.files = policy  # as loaded from the policy files; `view.policy` has pins and canaries applied
+        self.pins: Mapping[tuple[str, str], str] = dict(pins or {})
+        self.canaries: Mapping[str, CanaryState] = dict(canaries or {})
+        self.view: View = build_view(self._compose(), switches)
+
+    def _compose(self) -> PolicySnapshot:
+        return with_canaries(with_pins(self.files, self.pins), self.canaries)
+
+    def set_policy(self, policy: PolicySnapshot) -> View:
+        self.files = policy
+        self.view = build_view(self._compose(), self.view.switches)
+        return self.view
+
+    def set_pins(self, pins: Mapping[tuple[str, str], str]) -> View:
+        self.pins = dict(pins)
+        self.view = build_view(self._compose(), self.view.switches)
+        return self.view
+
+    def set_canaries(self, canaries: Mapping[str, CanaryState]) -> View:
+        """The canaries' states (steps, promotions, aborts) as the state database says now."""
+        if dict(canaries) != self.canaries:
+            self.canaries = dict(canaries)
+            self.view = build_view(self._compose(), self.view.switches)
+        return self.view
+
+    def preview_pins(self, pins: Mapping[tuple[str, str], str]) -> PolicySnapshot:
+        return with_pins(self.files, pins)
+
+    def set_switches(self, switches: Switches) -> View:
+        if switches != self.view.switches:
+            self.view = build_view(self.view.policy, switches)
+        return self.view

@@ -1,0 +1,99 @@
+"""The store's interfaces. `StateStore`: what the gateway reads and writes of operator state that must survive a
+restart (kill switches, adapter pins and history, canary rows, the audit log); `store.state.SqliteStateStore`
+implements it on one SQLite file. `RequestLog`: where requests' records go. A shared database for several hosts
+implements the same methods.
+
+Every write that changes what is served is one transaction with its audit entry: there is never a flip, pin or
+canary decision without its entry, nor an entry for a change that did not happen. Methods are synchronous and
+thread-safe; async callers run them with `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from gateway.canary.machine import CanaryState, Transition
+from gateway.policy import Flip, Switches
+from gateway.records import Record
+from gateway.store.audit import AuditEntry, Entry
+from gateway.store.pins import Pins, Served
+
+
+class RequestLog(Protocol):
+    """Where the request path puts its one record per request (`store.request_log.RecordWriter` on SQLite).
+    `submit` never waits on I/O; `close` writes everything submitted before it."""
+
+    def submit(self, record: Record) -> None: ...
+
+    def start(self) -> None: ...
+
+    def flush(self, timeout: float | None = None) -> bool: ...
+
+    def close(self, timeout: float | None = 30.0) -> None: ...
+
+
+class StoreError(Exception):
+    """A write the store could not make (disk full, database locked too long, refused); nothing was written."""
+
+
+class StateStore(Protocol):
+    def close(self) -> None: ...
+
+    def data_version(self) -> int:
+        """A counter that moves when another connection commits: poll it, reload on a change (cheap, no lock)."""
+        ...
+
+    # -- kill switches -------------------------------------------------------------------------------------
+    def switches(self) -> Switches: ...
+
+    def flip(self, flip: Flip, entry: Entry) -> Switches:
+        """Write the flip and its audit entry; return the switches now in force."""
+        ...
+
+    # -- adapter versions served per variant -----------------------------------------------------------------
+    def pins(self) -> Pins: ...
+
+    def pin(
+        self, route: str, variant: str, ref: str | None, entry: Entry, served: Mapping[tuple[str, str], str]
+    ) -> Pins:
+        """Pin (ref None: unpin) a variant's version, with its audit entry and the versions now served."""
+        ...
+
+    def note_served(self, served: Mapping[tuple[str, str], str], *, actor: str, action: str) -> None:
+        """Append to each variant's history the version it now serves, when that changed."""
+        ...
+
+    def history(self, route: str, variant: str) -> list[Served]:
+        """(at, ref, actor, action) of the versions a variant served, newest first."""
+        ...
+
+    # -- audit log -----------------------------------------------------------------------------------------
+    def record(self, entry: Entry, served: Mapping[tuple[str, str], str] | None = None) -> None:
+        """Append an entry for an action that is not a flip or a pin (reload, drill, ...), with the versions
+        served after it when it changed them."""
+        ...
+
+    def audit(
+        self,
+        *,
+        limit: int | None = 100,
+        route: str | None = None,
+        since: float | None = None,
+        actions: tuple[str, ...] = (),
+        oldest_first: bool = False,
+    ) -> list[AuditEntry]:
+        """Entries, newest first unless `oldest_first`; `actions` are LIKE patterns (`canary_%`)."""
+        ...
+
+    # -- canaries ------------------------------------------------------------------------------------------
+    def canary_states(self) -> dict[str, CanaryState]: ...
+
+    def start_canary(self, new: CanaryState, previous: CanaryState | None, entry: Entry) -> bool:
+        """Start a canary (replacing an older canary's row); False, nothing written, if another process did."""
+        ...
+
+    def move_canary(self, before: CanaryState, move: Transition, candidate: str, entry: Entry) -> bool:
+        """Write `move` (with the candidate's kill switch when it kills) if the row is still `before`; False,
+        nothing written, if another process moved it first."""
+        ...

@@ -1,0 +1,119 @@
+"""Table `audit`: the append-only log of every operator and automatic action (flips, reloads, swaps, canary
+decisions, drills), each with who, why, the policy version in force and the numbers behind it (`detail`, JSON).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    route TEXT,
+    variant TEXT,
+    reason TEXT,
+    policy_version TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE INDEX IF NOT EXISTS audit_route ON audit (route, at);
+"""
+_COLUMNS: Final = "id, at, actor, action, route, variant, reason, policy_version, detail"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: float
+    actor: str
+    action: str
+    route: str | None
+    variant: str | None
+    reason: str | None
+    policy_version: str | None
+    detail: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An entry to append (the row's id and time come from the database and the transaction)."""
+
+    action: str
+    actor: str
+    route: str | None = None
+    variant: str | None = None
+    reason: str | None = None
+    policy_version: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+def insert(db: sqlite3.Connection, entry: Entry, *, at: float) -> None:
+    db.execute(
+        "INSERT INTO audit (at, actor, action, route, variant, reason, policy_version, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            at,
+            entry.actor,
+            entry.action,
+            entry.route or None,
+            entry.variant or None,
+            entry.reason,
+            entry.policy_version,
+            orjson.dumps(entry.detail).decode() if entry.detail is not None else None,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Which entries: all filters optional. `actions` are SQL LIKE patterns (`canary_%`)."""
+
+    limit: int | None = 100
+    route: str | None = None
+    since: float | None = None
+    actions: tuple[str, ...] = ()
+    oldest_first: bool = False
+
+
+def select(db: sqlite3.Connection, query: Query) -> list[AuditEntry]:
+    sql = f"SELECT {_COLUMNS} FROM audit WHERE 1=1"
+    args: list[Any] = []
+    if query.route is not None:
+        sql += " AND route = ?"
+        args.append(query.route)
+    if query.since is not None:
+        sql += " AND at >= ?"
+        args.append(query.since)
+    if query.actions:
+        sql += " AND (" + " OR ".join("action LIKE ?" for _ in query.actions) + ")"
+        args.extend(query.actions)
+    sql += " ORDER BY id" if query.oldest_first else " ORDER BY id DESC"
+    if query.limit is not None:
+        sql += " LIMIT ?"
+        args.append(query.limit)
+    return [_entry(row) for row in db.execute(sql, args).fetchall()]
+
+
+def _entry(row: tuple[Any, ...]) -> AuditEntry:
+    id_, at, actor, action, route, variant, reason, policy_version, detail = row
+    return AuditEntry(
+        id_,
+        at,
+        actor,
+        action,
+        route,
+        variant,
+        reason,
+        policy_version,
+        orjson.loads(detail) if detail else None,
+    )
