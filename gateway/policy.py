@@ -1,7 +1,7 @@
 """Routes, variants and the traffic decision: which variant serves a request. Pure: no I/O, no clock, no RNG.
 
-A `PolicySnapshot` is the immutable, fully validated set of routes (built by `policy_store`). `Switches` is the
-immutable set of kill switches in force (kept by `state`). `build_view` combines both into a `View` holding one
+A `PolicySnapshot` is the immutable, fully validated set of routes (built by `control.policies`). `Switches` is the
+immutable set of kill switches in force (kept by `store`). `build_view` combines both into a `View` holding one
 precomputed `Plan` per route, so the per-request work is a hash and a bisect.
 
 Slices: a route's variants take contiguous slices of [0, 1) in declaration order, each as wide as its share of the

@@ -6,7 +6,7 @@ difference of proportions (load-test comparisons), percentiles (type 7 for repor
 overhead benchmark), the median and a distribution-free interval for it (the canary's ratio guardrails).
 Standard library only: no I/O, no clock, no randomness. Each function names its source; tests/test_stats.py
 holds the published check values. The canary's sequential tests (anytime-valid count test, mSPRT) are the
-canary's own and live in `canary_stats`.
+canary's own and live in `canary.stats`.
 """
 
 from __future__ import annotations

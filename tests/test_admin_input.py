@@ -140,6 +140,21 @@ def test_a_reload_goes_live_only_once_its_audit_entry_is_written(
     assert status["routes"]["crm-assistant"]["variants"]["formatter"]["weight"] == 10
 
 
+def test_a_kill_whose_audit_entry_cannot_be_written_changes_nothing(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()
+    with sqlite3.connect(gw.settings.state_db) as db:
+        db.execute(
+            "CREATE TRIGGER refuse_kill BEFORE INSERT ON audit WHEN NEW.action = 'kill_variant' "
+            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+    r = gw.admin("POST", "/admin/routes/crm-assistant/variants/formatter/kill", json={"reason": "drill"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "audit_failed"
+    assert not gw.app.components.live.view.switches.variant_killed("crm-assistant", "formatter")
+    assert not gw.app.components.state.switches().variant_killed("crm-assistant", "formatter")
+    status = gw.admin("GET", "/admin/status").json()
+    assert status["switches"]["variants"] == []
+
+
 def test_drill_bodies_are_checked_and_recorded(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
     nested: Any = 1

@@ -17,7 +17,7 @@ from gateway.canary.machine import CanaryState, after_look, initial, operate, we
 from gateway.canary.spec import CanarySpec, Guardrails, RateGuardrail, RatioGuardrail
 from gateway.canary.stats import CountTest, Verdict
 from gateway.records import FIELDS, Record
-from gateway.store.audit import Entry
+from gateway.store.api import Entry
 from gateway.store.request_log import RecordWriter, connect, read_records
 from gateway.store.state import SqliteStateStore
 

@@ -26,11 +26,23 @@ PURE = [
     "canary.stats",
     "canary.machine",
     "canary.analysis",
+    "store.api",
 ]
 # Top-level modules that mean I/O: SQLite, threads and queues (the request log's writer), event loops, HTTP
 # clients and servers, OTel exporters; and the gateway's own I/O modules.
 IO = ("sqlite3", "threading", "queue", "asyncio", "aiohttp", "httpx", "starlette", "uvicorn", "opentelemetry")
-IO_GATEWAY = ("engine", "store", "telemetry", "proxy", "app", "control", "retrieval", "admin")
+IO_GATEWAY = (
+    "engine",
+    "store.state",
+    "store.request_log",
+    "store.sqlite",
+    "telemetry",
+    "proxy",
+    "app",
+    "control",
+    "retrieval",
+    "admin",
+)
 
 PROBE = """
 import importlib, sys

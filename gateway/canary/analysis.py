@@ -9,7 +9,7 @@ Units and attribution (docs/canary-statistics.md, "Units and traps"):
   tools per request is not compared per call; errors are the variant's failures (engine error or timeout, broken
   stream, gateway error), not the client's.
 - The candidate's routing share rho is taken from each record: its `share` when the candidate served it, and
-  1 - `share` when the baseline did (a canary route has no other variant with a weight; `canary_policy`).
+  1 - `share` when the baseline did (a canary route has no other variant with a weight; `canary.config`).
 - With `unit = "user"` each user (the sticky key's bucket) counts at most once per event kind over the canary: a
   sticky user's outcomes are correlated, so counting each of their requests would overstate the evidence. For the
   same reason each user is one latency and one cost sample (the mean over their requests in the step).

@@ -1,5 +1,5 @@
 """The `[canary]` table of a route's policy file: strict pydantic models, the checks against the route, and the
-conversion into a frozen `CanarySpec`. Loaded by `policy_store`; everything here is validation, no I/O.
+conversion into a frozen `CanarySpec`. Loaded by `control.policies`; everything here is validation, no I/O.
 
 Checks beyond the field types: steps strictly increase, lie in (0, 100] and end at 100, with at least one step
 below 100; candidate and baseline are two different variants of the route; no other variant has a weight (so the

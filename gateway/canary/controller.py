@@ -1,6 +1,6 @@
 """The canary controller: inside every gateway process (a lifespan task, every `canary_interval_s`) it reads each
-declared canary's records from the shared request log, looks at them (`canary_analysis.look`) and writes what the
-look decides (`canary.after_look`) through the state store, whose compare-and-set lets exactly one process make
+declared canary's records from the shared request log, looks at them (`canary.analysis.look`) and writes what the
+look decides (`canary.machine.after_look`) through the state store, whose compare-and-set lets exactly one process make
 each decision. It also carries out the operators' actions and answers their status requests.
 
 Reading: one `_Feed` per canary holds its `Evidence` and the last rowid read, so a tick reads only new rows
@@ -34,8 +34,7 @@ from gateway.canary.spec import CanarySpec
 from gateway.control.live import LiveView
 from gateway.errors import Conflict, NotFound
 from gateway.policy import Route, Switches
-from gateway.store.api import StateStore
-from gateway.store.audit import Entry
+from gateway.store.api import Entry, StateStore
 from gateway.store.request_log import Tail
 
 _FIELDS: Final = [

@@ -2,7 +2,7 @@
 then each active canary's step in progress, looked at from the request log as a gateway process would now.
 
 Each automatic decision's audit entry holds the step's counts, its rates with 95 % Wilson intervals, each
-guardrail's statistic and bound (`canary_analysis.describe`), so the report needs nothing but the state database,
+guardrail's statistic and bound (`canary.analysis.describe`), so the report needs nothing but the state database,
 read-only (it works while the gateway is down). `rows` is pure; `read_entries`, `read_states` and `running_entries` read the two databases.
 """
 

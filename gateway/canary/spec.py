@@ -1,6 +1,6 @@
 """A route's canary as its policy declares it (`[canary]`, `[canary.guardrails]`), as frozen plain data. Pure.
 
-How a step's share maps onto routing (applied by `canary.with_canaries`): while a canary runs, the candidate's
+How a step's share maps onto routing (applied by `canary.machine.with_canaries`): while a canary runs, the candidate's
 weight is the current step's percentage and the baseline's is the rest (100 - step); every other variant of the
 route must have weight 0 (checked at load), so the candidate's share of the route's traffic is exactly the step.
 Slices stay contiguous in declaration order, so raising the candidate's weight only widens its slice: with

@@ -4,7 +4,7 @@ vLLM loads and unloads adapters at runtime (`/v1/load_lora_adapter`, `/v1/unload
 on success, OpenAI's envelope otherwise) and forgets them when it restarts. So the gateway:
 
 - `ensure(policy)`: before a policy goes live, every adapter version it references is verified
-  (`adapters.verify`) and loaded on its engine; a version that fails never reaches the engine, and the policy is
+  (`control.adapters.verify`) and loaded on its engine; a version that fails never reaches the engine, and the policy is
   refused. This is what makes a hot swap lose nothing: the new version serves before traffic moves to it.
 - `reconcile(policy)`, periodically: reloads what an engine lost (a restart; meanwhile its requests get the
   engine's 404 and fall back), and unloads versions no policy references once their in-flight requests ended.
@@ -29,8 +29,7 @@ from gateway.control.adapters import AdapterRejected, Catalog, EngineFacts, veri
 from gateway.digests import sha256_file
 from gateway.errors import EngineError
 from gateway.policy import PolicySnapshot
-from gateway.store.api import StateStore
-from gateway.store.audit import Entry
+from gateway.store.api import Entry, StateStore
 
 log = logging.getLogger("gateway.control.lora")
 

@@ -33,8 +33,7 @@ from gateway.policy import (
     served_adapters,
     with_pins,
 )
-from gateway.store.api import StateStore, StoreError
-from gateway.store.audit import Entry
+from gateway.store.api import Entry, StateStore, StoreError
 
 P = ParamSpec("P")
 T = TypeVar("T")

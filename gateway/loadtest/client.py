@@ -1,7 +1,7 @@
 """The load generator: one event loop, prepared requests, a lean HTTP client; open or closed loop; a progress line.
 
 Why this shape: the runner must not be the bottleneck on a 2-core machine that also runs the target. Requests are
-serialized before the run (`loadtest_plan.Prepared`) and sent by a lean HTTP/1.1 client (`loadtest_http`), and
+serialized before the run (`loadtest.plan.Prepared`) and sent by a lean HTTP/1.1 client (`loadtest.http`), and
 the only per-answer parsing is one orjson parse (a stream: the SSE decoder the gateway itself uses).
 `loadtests/bench_loadtest.py` measures what it reaches.
 

@@ -1,8 +1,8 @@
 """The load test's HTML report: one self-contained page (inline CSS and SVG, no script, nothing fetched), readable
-offline and fit to hand on. Pure: a result dict (`loadtest_results.summarize`) in, a string out.
+offline and fit to hand on. Pure: a result dict (`loadtest.results.summarize`) in, a string out.
 
 Sections: what was run (target, mode, arrival, window, what was sent and how late), the per-variant table, the
-expected bands, the paired comparisons, then the plots (`loadtest_svg`): latency distributions per variant
+expected bands, the paired comparisons, then the plots (`loadtest.svg`): latency distributions per variant
 (end to end, time to first token, time per output token, from the 101 quantiles the result keeps), invalid-call
 and task-success rates with their 95 % intervals and bands, the paired differences around zero, and cost per
 1,000 requests.

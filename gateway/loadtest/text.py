@@ -1,5 +1,5 @@
 """Load-test results for a terminal: the per-variant table, the paired comparisons, and what changed between two
-runs (`gateway loadtest compare A.json B.json`). Pure: result dicts (`loadtest_results.summarize`) in, text out.
+runs (`gateway loadtest compare A.json B.json`). Pure: result dicts (`loadtest.results.summarize`) in, text out.
 """
 
 from __future__ import annotations

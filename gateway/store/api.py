@@ -11,13 +11,44 @@ thread-safe; async callers run them with `asyncio.to_thread`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from gateway.canary.machine import CanaryState, Transition
 from gateway.policy import Flip, Switches
 from gateway.records import Record
-from gateway.store.audit import AuditEntry, Entry
-from gateway.store.pins import Pins, Served
+
+Pins = dict[tuple[str, str], str]  # (route, variant) → the adapter version an operator pinned
+Served = tuple[float, str, str, str]  # a version a variant served: (at, ref, actor, action)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: float
+    actor: str
+    action: str
+    route: str | None
+    variant: str | None
+    reason: str | None
+    policy_version: str | None
+    detail: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An entry to append (the row's id and time come from the database and the transaction)."""
+
+    action: str
+    actor: str
+    route: str | None = None
+    variant: str | None = None
+    reason: str | None = None
+    policy_version: str | None = None
+    detail: dict[str, Any] | None = None
 
 
 class RequestLog(Protocol):

@@ -10,6 +10,8 @@ from typing import Any, Final
 
 import orjson
 
+from gateway.store.api import AuditEntry, Entry
+
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -26,35 +28,6 @@ CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_route ON audit (route, at);
 """
 _COLUMNS: Final = "id, at, actor, action, route, variant, reason, policy_version, detail"
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    id: int
-    at: float
-    actor: str
-    action: str
-    route: str | None
-    variant: str | None
-    reason: str | None
-    policy_version: str | None
-    detail: dict[str, Any] | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__slots__}
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """An entry to append (the row's id and time come from the database and the transaction)."""
-
-    action: str
-    actor: str
-    route: str | None = None
-    variant: str | None = None
-    reason: str | None = None
-    policy_version: str | None = None
-    detail: dict[str, Any] | None = None
 
 
 def insert(db: sqlite3.Connection, entry: Entry, *, at: float) -> None:

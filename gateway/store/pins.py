@@ -8,6 +8,8 @@ import sqlite3
 from collections.abc import Mapping
 from typing import Final
 
+from gateway.store.api import Pins, Served
+
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS adapter_pins (
     route TEXT NOT NULL,
@@ -25,9 +27,6 @@ CREATE TABLE IF NOT EXISTS adapter_history (
     action TEXT NOT NULL
 );
 """
-
-Pins = dict[tuple[str, str], str]
-Served = tuple[float, str, str, str]  # (at, ref, actor, action)
 
 
 def read(db: sqlite3.Connection) -> Pins:

@@ -1,4 +1,4 @@
-"""`SqliteStateStore`: the state store (`store.api.StateStore`) on one SQLite file, `state.db`.
+"""`SqliteStateStore`: the state store (`store.api.StateStore`) on one SQLite file, `store.db`.
 
 Each table's SQL lives in its own module (`switches`, `pins`, `canaries`, `audit`); this class owns the file: the
 connection, the lock, and the transactions that write a change together with its audit entry. Several gateway
@@ -20,9 +20,7 @@ from typing import TypeVar
 from gateway.canary.machine import CanaryState, Transition
 from gateway.policy import Flip, Switches
 from gateway.store import audit, canaries, pins, switches
-from gateway.store.api import StoreError
-from gateway.store.audit import AuditEntry, Entry
-from gateway.store.pins import Pins, Served
+from gateway.store.api import AuditEntry, Entry, Pins, Served, StoreError
 from gateway.store.sqlite import open_db, open_readonly, transaction
 
 T = TypeVar("T")
