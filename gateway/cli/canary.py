@@ -19,13 +19,13 @@ from typing import Any
 
 import httpx
 
-from gateway.cli.client import CommandError, admin, print_json
+from gateway.cli.client import CommandError, admin, admin_args, print_json
 from gateway.settings import Settings
 
 OPERATIONS = ("pause", "resume", "promote", "abort")
 
 
-def add_commands(sub: Any, admin_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(sub: Any) -> None:
     canary = sub.add_parser("canary", help="a route's canary: status, pause, resume, promote, abort")
     verbs = canary.add_subparsers(required=True, metavar="VERB")
     status = verbs.add_parser("status", help="state, weights and the current look of every canary (or one)")
