@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.cli.client import CommandError, admin, admin_args, parse_since, print_json
+from gateway.cli.client import CommandError, admin, admin_args, parse_since, show
 
 
 def add_commands(sub: Any) -> None:
@@ -85,23 +85,22 @@ def cmd_flip(args: argparse.Namespace) -> int:
     else:
         raise CommandError(f"{verb}: name a ROUTE (and optionally a VARIANT), or pass --all")
     body = admin(args, "POST", path, json={"reason": args.reason, "force": args.force})
-    if args.json:
-        print_json(body)
-    else:
-        print(f"{body['action']}: done")
-        _print_routes(body["routes"])
-    return 0
+    return show(args, body, _print_flipped)
+
+
+def _print_flipped(body: dict[str, Any]) -> None:
+    print(f"{body['action']}: done")
+    _print_routes(body["routes"])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    body = admin(args, "GET", "/admin/status")
-    if args.json:
-        print_json(body)
-        return 0
+    return show(args, admin(args, "GET", "/admin/status"), _print_status)
+
+
+def _print_status(body: dict[str, Any]) -> None:
     switches = body["switches"]
     print(f"policy {body['policy_version']}   kill-all: {'ON' if switches['global_kill'] else 'off'}")
     _print_routes(body["routes"])
-    return 0
 
 
 def _print_routes(routes: dict[str, Any]) -> None:
@@ -124,13 +123,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
         params["route"] = args.route
     if args.since:
         params["since"] = parse_since(args.since)
-    body = admin(args, "GET", "/admin/audit", params=params)
-    if args.json:
-        print_json(body)
-        return 0
+    return show(args, admin(args, "GET", "/admin/audit", params=params), _print_audit)
+
+
+def _print_audit(body: dict[str, Any]) -> None:
     for e in body["entries"]:
         print(audit_line(e))
-    return 0
 
 
 def audit_line(e: Mapping[str, Any]) -> str:
@@ -170,10 +168,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
-    body = admin(args, "GET", "/admin/adapters")
-    if args.json:
-        print_json(body)
-        return 0
+    return show(args, admin(args, "GET", "/admin/adapters"), _print_adapters)
+
+
+def _print_adapters(body: dict[str, Any]) -> None:
     print(f"{'adapter':<24} {'invalid':>8} {'n':>5} {'approved by':<28} {'served by':<28} problem")
     for a in body["adapters"]:
         lineage = a["lineage"] or {}
@@ -184,7 +182,6 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
             f"{','.join(lineage.get('approvers', [])) or '-':<28} {','.join(a['referenced_by']) or '-':<28} "
             f"{a['problem'] or ''}"
         )
-    return 0
 
 
 def cmd_adapters_swap(args: argparse.Namespace) -> int:
@@ -210,10 +207,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if args.until:
         params["until"] = parse_since(args.until)
     body = admin(args, "GET", "/admin/lineage", params=params)
-    if args.json:
-        print_json(body)
-        return 0
-    print(f"served {args.route}:")
+    return show(args, body, lambda b: _print_lineage(args.route, b))
+
+
+def _print_lineage(route: str, body: dict[str, Any]) -> None:
+    print(f"served {route}:")
     for row in body["served"]:
         lineage = row["lineage"] or {}
         trained = (
@@ -226,7 +224,6 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     print("changes:")
     for e in reversed(body["changes"]):
         print(f"  {_when(e['at'])}  {e['actor']:<12} {e['action']:<18} {audit_target(e)} {e['reason'] or ''}")
-    return 0
 
 
 def _when(ts: float) -> str:

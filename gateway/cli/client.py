@@ -1,9 +1,9 @@
-"""What every `gateway` command shares: the CLI's one error type, `CommandError`, which commands raise and
-`gateway.cli.main.main` prints once (`gateway: message`, exit status 1 unless the error says otherwise), the one
+"""What every `gateway` command shares: the one error type, `CommandError`, which commands raise and
+`gateway.cli.main.main` prints once (`gateway: message`, exit status 1 unless the error says otherwise); the one
 client of the admin API (`admin`, with the flags it reads: `admin_args`), which turns an unreachable gateway or an
-error answer into a `CommandError` carrying the answer's message, and the `--since`/`--until` times
-(`parse_since`). Command modules (`run`, `admin`, `report`, `canary`, `loadtest`) import this module and never
-each other.
+error answer into a `CommandError` carrying the answer's message; `show`, which prints an answer as raw JSON with
+`--json`, else as the command's text; and `parse_since` for `--since`/`--until`. Command modules (`run`, `admin`,
+`report`, `canary`, `loadtest`) import this module and never each other.
 """
 
 from __future__ import annotations
@@ -80,8 +80,13 @@ def _login_name() -> str | None:
         return None
 
 
-def print_json(body: Any) -> None:
-    print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+def show(args: argparse.Namespace, body: Any, text: Callable[[Any], None]) -> int:
+    """Print an answer: as indented JSON with `--json`, else `text(body)` for a terminal; the exit status, 0."""
+    if args.json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    else:
+        text(body)
+    return 0
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
