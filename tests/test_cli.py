@@ -16,16 +16,10 @@ import openai
 import pytest
 
 from gateway.app import create_app
+from gateway.cli.admin import audit_line, audit_target
 from gateway.cli.client import actor_name
-from gateway.cli.main import (
-    GOLDEN_SET,
-    audit_line,
-    audit_target,
-    demo_curl,
-    demo_settings,
-    golden_tools,
-    main,
-)
+from gateway.cli.main import main
+from gateway.cli.run import GOLDEN_SET, demo_curl, demo_settings, golden_tools
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, GatewayFactory, RunningGateway, free_port, wait_for

@@ -29,15 +29,14 @@ from hypothesis import strategies as st
 
 from gateway.app import GatewayASGI, create_app
 from gateway.devtools import sim_engine
+from gateway.devtools.sim_behaviour import Behaviour, ModelBehaviour
 from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, CLIENT_TOKEN, CRM_POLICY, FORCER_TOKEN, UPDATE_CRM, write_keys
 
 EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "2000"))
 
 # Every served model answers at once and well: no injected errors, flaws or latency.
-BEHAVIOUR = sim_engine.Behaviour(
-    models={name: sim_engine.ModelBehaviour() for name in ("crm-base", "crm-formatter")}
-)
+BEHAVIOUR = Behaviour(models={name: ModelBehaviour() for name in ("crm-base", "crm-formatter")})
 RAG_POLICY = """
 route = "rag"
 [variants.only]

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from gateway.devtools import sim_engine
-from gateway.devtools.sim_engine import Behaviour, load_behaviour, parse_behaviour
+from gateway.devtools.sim_behaviour import Behaviour, load_behaviour, parse_behaviour
 
 ROOT = Path(__file__).resolve().parents[1]
 

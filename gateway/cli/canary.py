@@ -19,13 +19,13 @@ from typing import Any
 
 import httpx
 
-from gateway.cli.client import CommandError, admin, print_json
+from gateway.cli.client import CommandError, admin, admin_args, show
 from gateway.settings import Settings
 
 OPERATIONS = ("pause", "resume", "promote", "abort")
 
 
-def add_commands(sub: Any, admin_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(sub: Any) -> None:
     canary = sub.add_parser("canary", help="a route's canary: status, pause, resume, promote, abort")
     verbs = canary.add_subparsers(required=True, metavar="VERB")
     status = verbs.add_parser("status", help="state, weights and the current look of every canary (or one)")
@@ -54,16 +54,15 @@ def add_commands(sub: Any, admin_args: Callable[[argparse.ArgumentParser], None]
 
 def cmd_status(args: argparse.Namespace) -> int:
     path = f"/admin/routes/{args.route}/canary" if args.route else "/admin/canaries"
-    body = admin(args, "GET", path)
-    if args.json:
-        print_json(body)
-        return 0
-    canaries = {args.route: body} if args.route else body["canaries"]
+    return show(args, admin(args, "GET", path), lambda body: _print_status(args.route, body))
+
+
+def _print_status(route: str | None, body: dict[str, Any]) -> None:
+    canaries = {route: body} if route else body["canaries"]
     if not canaries:
         print("no route declares a canary")
     for name, c in canaries.items():
         _print_canary(name, c)
-    return 0
 
 
 def _print_canary(name: str, c: dict[str, Any]) -> None:
@@ -92,12 +91,12 @@ def _print_canary(name: str, c: dict[str, Any]) -> None:
 def cmd_operate(args: argparse.Namespace) -> int:
     path = f"/admin/routes/{args.route}/canary/{args.operation}"
     body = admin(args, "POST", path, json={"reason": args.reason})
-    if args.json:
-        print_json(body)
-    else:
-        print(f"{args.operation}: done")
-        _print_canary(args.route, body)
-    return 0
+    return show(args, body, lambda c: _print_operated(args.operation, args.route, c))
+
+
+def _print_operated(operation: str, route: str, c: dict[str, Any]) -> None:
+    print(f"{operation}: done")
+    _print_canary(route, c)
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
@@ -120,13 +119,14 @@ def cmd_drill(args: argparse.Namespace) -> int:
     ms, probes, fallback = result
     record = {"variant": variant, "time_to_baseline_ms": ms, "probes": probes, "fallback": fallback}
     admin(args, "POST", f"/admin/routes/{args.route}/drills", json={**record, "reason": args.reason})
-    if args.json:
-        print_json({"route": args.route, **record})
-    else:
-        print(
-            f"drill {args.route}/{variant}: all traffic on {fallback} {ms:.1f} ms after the kill ({probes} probes)"
-        )
-    return 0
+    return show(args, {"route": args.route, **record}, _print_drill)
+
+
+def _print_drill(r: dict[str, Any]) -> None:
+    print(
+        f"drill {r['route']}/{r['variant']}: all traffic on {r['fallback']} {r['time_to_baseline_ms']:.1f} ms "
+        f"after the kill ({r['probes']} probes)"
+    )
 
 
 def _candidate(args: argparse.Namespace) -> str:

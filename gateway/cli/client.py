@@ -1,14 +1,18 @@
-"""What every `gateway` command shares: the CLI's one error type, `CommandError`, which commands raise and
-`gateway.cli.main.main` prints once (`gateway: message`, exit status 1 unless the error says otherwise), and the one
-client of the admin API (`admin`), which turns an unreachable gateway or an error answer into a `CommandError`
-carrying the answer's message. Command modules (`cli`, `canary_cli`, `loadtest_cli`) import this module and
-never each other.
+"""What every `gateway` command shares: the one error type, `CommandError`, which commands raise and
+`gateway.cli.main.main` prints once (`gateway: message`, exit status 1 unless the error says otherwise); the one
+client of the admin API (`admin`, with the flags it reads: `admin_args`), which turns an unreachable gateway or an
+error answer into a `CommandError` carrying the answer's message; `show`, which prints an answer as raw JSON with
+`--json`, else as the command's text; and `parse_since` for `--since`/`--until`. Command modules (`run`, `admin`,
+`report`, `canary`, `loadtest`) import this module and never each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
+import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +31,12 @@ class CommandError(Exception):
         self.message = message
         self.status = status
         self.command = command
+
+
+def admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="gateway base URL (default: from GATEWAY_HOST/GATEWAY_PORT)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.add_argument("--actor", help="who the audit log names (default: $USER, else the login name)")
 
 
 def admin(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
@@ -70,5 +80,28 @@ def _login_name() -> str | None:
         return None
 
 
-def print_json(body: Any) -> None:
-    print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+def show(args: argparse.Namespace, body: Any, text: Callable[[Any], None]) -> int:
+    """Print an answer: as indented JSON with `--json`, else `text(body)` for a terminal; the exit status, 0."""
+    if args.json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    else:
+        text(body)
+    return 0
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'2h', '30m', '7d', '45s' back from now, or an ISO 8601 time (UTC when it has no offset)."""
+    match = _DURATION.match(text.strip())
+    if match:
+        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return (time.time() if now is None else now) - seconds
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(f"--since: {text!r} is neither a duration (2h, 30m) nor an ISO time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()

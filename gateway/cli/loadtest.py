@@ -1,9 +1,9 @@
 """`gateway loadtest SCENARIO [--out DIR]` and `gateway loadtest compare A.json B.json`: the load test's shell.
 
-Reads the scenario (`loadtest_scenario`), runs it (`loadtest_client`), and writes into the output directory:
-`result.json` (the figures, `loadtest_results`), `report.html` (a self-contained page with inline SVG plots,
-`loadtest_html`) and `requests.jsonl` (one line per measured request, the client's view). It prints the table
-(`loadtest_text`) and the `gateway report` command that covers the same window.
+Reads the scenario (`loadtest.scenario`), runs it (`loadtest.client`), and writes into the output directory:
+`result.json` (the figures, `loadtest.results`), `report.html` (a self-contained page with inline SVG plots,
+`loadtest.html`) and `requests.jsonl` (one line per measured request, the client's view). It prints the table
+(`loadtest.text`) and the `gateway report` command that covers the same window.
 """
 
 from __future__ import annotations
