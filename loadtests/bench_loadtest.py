@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from gateway.devtools import sim_engine
 from gateway.loadtest.client import run
 from gateway.loadtest.results import summarize
 from gateway.loadtest.scenario import load_scenario
@@ -150,15 +151,7 @@ def main() -> None:
     engine_port = free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
     behaviour = ROOT / "loadtests" / "sim" / "engine.toml"
-    sim = [
-        sys.executable,
-        "-m",
-        "gateway.devtools.sim_engine",
-        "--port",
-        str(engine_port),
-        "--behaviour",
-        str(behaviour),
-    ]
+    sim = sim_engine.command(engine_port, behaviour)
     with tempfile.TemporaryDirectory() as tmp, process(sim, engine_url + "/health") as engine:
         report("simulated engine", engine_url, Path(tmp), {"engine": engine.pid}, args)
         if args.gateway:

@@ -49,6 +49,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.devtools import sim_engine
 from gateway.stats import percentile_nearest_rank
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,15 +284,7 @@ class Servers:
 
 def start_servers(procs: Processes, tmp: Path) -> Servers:
     engine_port, pass_port, gw_port = _free_port(), _free_port(), _free_port()
-    engine_argv = [
-        "-m",
-        "gateway.devtools.sim_engine",
-        "--port",
-        str(engine_port),
-        "--behaviour",
-        str(ENGINE_BEHAVIOUR),
-    ]
-    engine = procs.start("engine", [sys.executable, *engine_argv])
+    engine = procs.start("engine", sim_engine.command(engine_port, ENGINE_BEHAVIOUR))
     engine_url = f"http://127.0.0.1:{engine_port}"
     passthrough = procs.start(
         "passthrough",

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import uvicorn
 from hypothesis import settings as hypothesis_settings
 
 from gateway.app import GatewayASGI, create_app
+from gateway.devtools import sim_engine
 from gateway.settings import Settings
 from gateway.store.request_log import read_records
 
@@ -110,17 +110,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 def running_sim_engine(behaviour: Path) -> Iterator[str]:
     """A real simulated-engine process with `behaviour`, for as long as the block runs; yields its URL."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.devtools.sim_engine",
-            "--port",
-            str(port),
-            "--behaviour",
-            str(behaviour),
-        ]
-    )
+    proc = subprocess.Popen(sim_engine.command(port, behaviour))
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(url + "/health")

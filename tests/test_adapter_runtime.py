@@ -4,7 +4,6 @@ the policy references, hot swaps under load, the release gate, refusing broken v
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.devtools import sim_engine
 from tests.adapter_factory import adapter_policy, make_adapter
 from tests.conftest import (
     FORCER_TOKEN,
@@ -57,15 +57,7 @@ class OwnEngine:
     def __init__(self) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "gateway.devtools.sim_engine",
-            "--port",
-            str(port),
-            "--behaviour",
-            str(ROOT / "tests" / "data" / "sim_engine.toml"),
-        ]
+        self.cmd = sim_engine.command(port, ROOT / "tests" / "data" / "sim_engine.toml")
         self.proc = subprocess.Popen(self.cmd)
         _wait_http(self.url + "/health")
 

@@ -141,6 +141,20 @@ def test_adapters_list_swap_rollback_and_lineage_from_the_command_line(
     assert "crm-formatter@1 -> crm-formatter@2" in swap.stdout
     back = gateway_cmd("adapters", "rollback", "crm-assistant", "formatter", "--reason", "regressed", gw=gw)
     assert back.returncode == 0 and "crm-formatter@2 -> crm-formatter@1" in back.stdout
+    again = gateway_cmd(
+        "adapters",
+        "swap",
+        "crm-assistant",
+        "formatter",
+        "crm-formatter@2",
+        "--reason",
+        "retry",
+        "--json",
+        gw=gw,
+    )
+    assert json.loads(again.stdout)["previous"] == "crm-formatter@1"  # --json prints the answer as it came
+    reload = gateway_cmd("reload", "--json", gw=gw)
+    assert json.loads(reload.stdout)["routes"] == ["crm-assistant"]
     lineage = gateway_cmd("lineage", "crm-assistant", "--since", "1h", gw=gw)
     assert (
         lineage.returncode == 0 and "adapter_swap" in lineage.stdout and "adapter_rollback" in lineage.stdout

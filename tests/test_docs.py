@@ -62,3 +62,26 @@ def test_links_in_the_readme_and_docs_lead_somewhere() -> None:
             elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
                 broken.append(f"{markdown.relative_to(ROOT)}: {target} (no such heading)")
     assert broken == []
+
+
+def _module_map() -> dict[str, str]:
+    """The README's module map: each bullet's text by the package it covers ('' for the top level)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Module map", 1)[1].split("\n## ", 1)[0]
+    bullets: dict[str, str] = {}
+    for bullet in re.split(r"\n- ", section)[1:]:
+        package = re.match(r"\*\*`(\w+)/`\*\*", bullet)
+        bullets[package.group(1) if package else ""] = bullet
+    return bullets
+
+
+def test_the_readme_module_map_names_every_module_in_its_package() -> None:
+    bullets = _module_map()
+    missing = []
+    for path in sorted((ROOT / "gateway").rglob("*.py")):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        package = "" if path.parent.name == "gateway" else path.parent.name
+        if f"`{path.stem}`" not in bullets.get(package, ""):
+            missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"modules the README's module map does not name: {missing}"

@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -558,16 +557,9 @@ def _free_port() -> int:
 def test_module_entry_point_serves_and_rejects_bad_files(tmp_path: Path) -> None:
     port, env = _free_port(), {**os.environ, "PYTHONPATH": str(ROOT)}
     example = ROOT / "loadtests" / "sim" / "engine.toml"
-    command = [
-        sys.executable,
-        "-m",
-        "gateway.devtools.sim_engine",
-        "--port",
-        str(port),
-        "--behaviour",
-        str(example),
-    ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        sim_engine.command(port, example), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline, status = time.monotonic() + 10, None
         while status != 200 and time.monotonic() < deadline:
@@ -582,5 +574,7 @@ def test_module_entry_point_serves_and_rejects_bad_files(tmp_path: Path) -> None
         process.wait(5)
     bad = tmp_path / "bad.toml"
     bad.write_text("[models.a]\nerror_rate = 2")
-    failed = subprocess.run([*command[:-1], str(bad)], env=env, capture_output=True, text=True, timeout=20)
+    failed = subprocess.run(
+        sim_engine.command(port, bad), env=env, capture_output=True, text=True, timeout=20
+    )
     assert failed.returncode == 2 and "models.a.error_rate" in failed.stderr

@@ -27,6 +27,7 @@ from gateway.admin.http import (
 )
 from gateway.control.operations import Pinned
 from gateway.errors import BadRequest
+from gateway.store.api import AuditQuery
 from gateway.store.request_log import read_records
 
 
@@ -81,7 +82,7 @@ async def _lineage(ctx: AdminContext, request: Request) -> Response:
     for row in served:
         version = catalog.get(row["adapter"]) if row["adapter"] else None
         row["lineage"] = version.lineage.model_dump() if version and version.lineage else None
-    audit = await asyncio.to_thread(ctx.ops.store.audit, limit=10_000, since=since)
+    audit = await asyncio.to_thread(ctx.ops.store.audit, AuditQuery(limit=10_000, since=since))
     changes = [e.as_dict() for e in audit if e.at <= until and e.route in (route, None)]
     return json_response(
         {"route": route, "since": since, "until": until, "served": served, "changes": changes}

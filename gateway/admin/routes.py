@@ -33,6 +33,7 @@ from gateway.admin.http import (
     reason_actor,
 )
 from gateway.policy import Flip, View
+from gateway.store.api import AuditQuery
 
 
 def admin_routes(ctx: AdminContext) -> list[Route]:
@@ -107,12 +108,9 @@ async def _status(ctx: AdminContext, request: Request) -> Response:
 
 async def _audit(ctx: AdminContext, request: Request) -> Response:
     limit = query_number(request, "limit", low=1, high=MAX_AUDIT_LIMIT, integer=True)
-    entries = await asyncio.to_thread(
-        ctx.ops.store.audit,
-        limit=int(limit or 100),
-        route=request.query_params.get("route"),
-        since=query_number(request, "since", low=0, high=MAX_TIMESTAMP),
-    )
+    since = query_number(request, "since", low=0, high=MAX_TIMESTAMP)
+    query = AuditQuery(int(limit or 100), request.query_params.get("route"), since)
+    entries = await asyncio.to_thread(ctx.ops.store.audit, query)
     return json_response({"entries": [e.as_dict() for e in entries]})
 
 

@@ -17,6 +17,7 @@ from typing import Any, Final
 from gateway.canary.controller import current_look
 from gateway.canary.machine import ACTIVE, CanaryState, canary_key
 from gateway.policy import Route
+from gateway.store.api import AuditQuery
 from gateway.store.state import SqliteStateStore
 
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
@@ -45,9 +46,8 @@ def read_entries(
     if not state_db.exists():
         return []
     with _reading(state_db) as store:
-        found = store.audit(
-            limit=None, route=route, since=since or 0.0, actions=("canary_%", "drill"), oldest_first=True
-        )
+        query = AuditQuery(None, route, since or 0.0, ("canary_%", "drill"), oldest_first=True)
+        found = store.audit(query)
     keys = ("at", "actor", "action", "route", "variant", "reason")
     return [{**{k: getattr(e, k) for k in keys}, "detail": e.detail or {}} for e in found]
 

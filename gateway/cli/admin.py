@@ -161,10 +161,13 @@ def audit_target(e: Mapping[str, Any]) -> str:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     body = admin(args, "POST", "/admin/reload", json={"reason": args.reason} if args.reason else {})
-    print(
-        f"policy {body['previous_version']} -> {body['policy_version']}; routes: {', '.join(body['routes'])}"
+    return show(
+        args,
+        body,
+        lambda b: print(
+            f"policy {b['previous_version']} -> {b['policy_version']}; routes: {', '.join(b['routes'])}"
+        ),
     )
-    return 0
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
@@ -187,17 +190,23 @@ def _print_adapters(body: dict[str, Any]) -> None:
 def cmd_adapters_swap(args: argparse.Namespace) -> int:
     path = f"/admin/routes/{args.route}/variants/{args.variant}/adapter"
     body = admin(args, "POST", path, json={"adapter": args.adapter, "reason": args.reason})
-    print(
-        f"{args.route}/{args.variant}: {body['previous']} -> {body['adapter']} (policy {body['policy_version']})"
+    return show(
+        args,
+        body,
+        lambda b: print(
+            f"{args.route}/{args.variant}: {b['previous']} -> {b['adapter']} (policy {b['policy_version']})"
+        ),
     )
-    return 0
 
 
 def cmd_adapters_rollback(args: argparse.Namespace) -> int:
     path = f"/admin/routes/{args.route}/variants/{args.variant}/adapter/rollback"
     body = admin(args, "POST", path, json={"reason": args.reason})
-    print(f"{args.route}/{args.variant}: rolled back {body['previous']} -> {body['adapter']}")
-    return 0
+    return show(
+        args,
+        body,
+        lambda b: print(f"{args.route}/{args.variant}: rolled back {b['previous']} -> {b['adapter']}"),
+    )
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:

@@ -222,16 +222,9 @@ def _nothing() -> None:
 
 
 def _start_sim_engine(port: int, behaviour: Path, url: str) -> Callable[[], object]:
-    argv = [
-        sys.executable,
-        "-m",
-        "gateway.devtools.sim_engine",
-        "--port",
-        str(port),
-        "--behaviour",
-        str(behaviour),
-    ]
-    engine = subprocess.Popen(argv)
+    from gateway.devtools import sim_engine
+
+    engine = subprocess.Popen(sim_engine.command(port, behaviour))
     try:
         _wait_healthy(url + "/health", engine)
     except BaseException:

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -280,6 +281,19 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
+
+
+def command(port: int, behaviour: Path) -> list[str]:
+    """The argv that runs the simulated engine in a process of its own, on `port`, with a behaviour file."""
+    return [
+        sys.executable,
+        "-m",
+        "gateway.devtools.sim_engine",
+        "--port",
+        str(port),
+        "--behaviour",
+        str(behaviour),
+    ]
 
 
 def serve(host: str, port: int, behaviour_path: Path | None) -> None:

@@ -51,6 +51,18 @@ class Entry:
     detail: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Which audit entries: every filter optional. `actions` are LIKE patterns (`canary_%`); newest first
+    unless `oldest_first`."""
+
+    limit: int | None = 100
+    route: str | None = None
+    since: float | None = None
+    actions: tuple[str, ...] = ()
+    oldest_first: bool = False
+
+
 class RequestLog(Protocol):
     """Where the request path puts its one record per request (`store.request_log.RecordWriter` on SQLite).
     `submit` never waits on I/O; `close` writes everything submitted before it."""
@@ -105,16 +117,8 @@ class StateStore(Protocol):
         served after it when it changed them."""
         ...
 
-    def audit(
-        self,
-        *,
-        limit: int | None = 100,
-        route: str | None = None,
-        since: float | None = None,
-        actions: tuple[str, ...] = (),
-        oldest_first: bool = False,
-    ) -> list[AuditEntry]:
-        """Entries, newest first unless `oldest_first`; `actions` are LIKE patterns (`canary_%`)."""
+    def audit(self, query: AuditQuery | None = None) -> list[AuditEntry]:
+        """The entries `query` selects (by default the 100 newest)."""
         ...
 
     # -- canaries ------------------------------------------------------------------------------------------

@@ -5,12 +5,11 @@ decisions, drills), each with who, why, the policy version in force and the numb
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
-from gateway.store.api import AuditEntry, Entry
+from gateway.store.api import AuditEntry, AuditQuery, Entry
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -47,18 +46,7 @@ def insert(db: sqlite3.Connection, entry: Entry, *, at: float) -> None:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
-    """Which entries: all filters optional. `actions` are SQL LIKE patterns (`canary_%`)."""
-
-    limit: int | None = 100
-    route: str | None = None
-    since: float | None = None
-    actions: tuple[str, ...] = ()
-    oldest_first: bool = False
-
-
-def select(db: sqlite3.Connection, query: Query) -> list[AuditEntry]:
+def select(db: sqlite3.Connection, query: AuditQuery) -> list[AuditEntry]:
     sql = f"SELECT {_COLUMNS} FROM audit WHERE 1=1"
     args: list[Any] = []
     if query.route is not None:

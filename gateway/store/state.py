@@ -20,7 +20,7 @@ from typing import TypeVar
 from gateway.canary.machine import CanaryState, Transition
 from gateway.policy import Flip, Switches
 from gateway.store import audit, canaries, pins, switches
-from gateway.store.api import AuditEntry, Entry, Pins, Served, StoreError
+from gateway.store.api import AuditEntry, AuditQuery, Entry, Pins, Served, StoreError
 from gateway.store.sqlite import open_db, open_readonly, transaction
 
 T = TypeVar("T")
@@ -117,17 +117,9 @@ class SqliteStateStore:
                 pins.note_served(db, served, actor=entry.actor, action=entry.action, at=at)
             audit.insert(db, entry, at=at)
 
-    def audit(
-        self,
-        *,
-        limit: int | None = 100,
-        route: str | None = None,
-        since: float | None = None,
-        actions: tuple[str, ...] = (),
-        oldest_first: bool = False,
-    ) -> list[AuditEntry]:
-        query = audit.Query(limit, route, since, actions, oldest_first)
-        return self._read(lambda db: audit.select(db, query), [])
+    def audit(self, query: AuditQuery | None = None) -> list[AuditEntry]:
+        wanted = query or AuditQuery()
+        return self._read(lambda db: audit.select(db, wanted), [])
 
     # -- canaries ------------------------------------------------------------------------------------------
 
