@@ -49,8 +49,9 @@ from gateway.keys import KeyRing
 from gateway.policy import PolicySnapshot, served_adapters
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.settings import Settings
+from gateway.store.api import StateStore, StoreError
 from gateway.store.request_log import RecordWriter
-from gateway.store.state import SqliteStateStore
+from gateway.store.state import open_postgres, open_sqlite
 from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
 from gateway.toolcalls import SchemaCache
 
@@ -124,7 +125,7 @@ class Components:
         self.settings = settings
         self.keys = _load_keys(settings)
         policy = self.load_policy()
-        self.state = SqliteStateStore(settings.state_db)
+        self.state = _open_state(settings)
         self.live = LiveView(policy, self.state.switches(), self.state.pins(), self.state.canary_states())
         self.canary = CanaryController(self.state, self.live, settings.records_db)
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
@@ -167,6 +168,15 @@ class Components:
         self.records.close()
         self.telemetry.shutdown()
         self.state.close()
+
+
+def _open_state(settings: Settings) -> StateStore:
+    if settings.database_url is None:
+        return open_sqlite(settings.state_db)
+    try:
+        return open_postgres(settings.database_url.get_secret_value(), poll_s=settings.state_poll_s)
+    except (StoreError, OSError, ImportError) as err:
+        raise ConfigError(f"GATEWAY_DATABASE_URL: cannot open the state database: {err}") from None
 
 
 def _load_keys(settings: Settings) -> KeyRing | None:

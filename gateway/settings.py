@@ -21,6 +21,12 @@ class Settings(BaseSettings):
     policies_dir: Path = Path("policies")
     engines: dict[str, str] = Field(default_factory=lambda: {"default": "http://127.0.0.1:8001"})
     data_dir: Path = Path("var")
+    # postgresql://…: operator state (kill switches, audit log, adapter pins, canary state) lives in that database,
+    # shared by every replica on every host; unset, in SQLite files in data_dir (one host).
+    database_url: SecretStr | None = None
+    # Postgres: changes reach every replica by LISTEN/NOTIFY at once; each replica also re-reads this often, so a
+    # notification lost with a cut connection leaves it stale for at most this long.
+    state_poll_s: float = Field(default=1.0, gt=0)
     admin_token: SecretStr | None = None
     # `/metrics` answers only a bearer token: the metrics token (for a scraper, which should not hold the admin
     # token) or the admin token. "off" serves it to anyone who reaches the listener.
@@ -72,6 +78,13 @@ class Settings(BaseSettings):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"engine {name!r}: {url!r} is not an http(s) URL")
         return {name: url.rstrip("/") for name, url in value.items()}
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (unset: SQLite files in GATEWAY_DATA_DIR)")
+        return value
 
     @field_validator("connect_timeout", "first_byte_timeout", "total_timeout")
     @classmethod

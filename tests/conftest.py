@@ -27,6 +27,7 @@ from gateway.app import GatewayASGI, create_app
 from gateway.devtools import sim_engine
 from gateway.settings import Settings
 from gateway.store.request_log import read_records
+from tests.postgres import PostgresServer
 
 # No per-example deadline: CI shares two cores with engine processes, and a slow example is not a failure.
 hypothesis_settings.register_profile("gateway", deadline=None)
@@ -118,6 +119,18 @@ def running_sim_engine(behaviour: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real Postgres server, shared by the session (started on first use); `postgres.new_database()` gives
+    each test a database of its own."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.remove()
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,7 @@ from gateway.canary.machine import CanaryState, after_look, initial, operate, we
 from gateway.canary.spec import CanarySpec, Guardrails, RateGuardrail, RatioGuardrail
 from gateway.canary.stats import CountTest, Verdict
 from gateway.records import FIELDS, Record
-from gateway.store.api import Entry
 from gateway.store.request_log import RecordWriter, connect, read_records
-from gateway.store.state import SqliteStateStore
 
 SPEC = CanarySpec(
     candidate="new",
@@ -218,23 +216,6 @@ def test_operators_transitions() -> None:
 def test_weights_always_give_the_route_whole(step: int, status: str) -> None:
     cand, base = weights(SPEC, CanaryState("crm", "k", status, step, 0, 0, 0))  # type: ignore[arg-type]
     assert cand + base == 100.0 and (status not in ("running", "paused", "held") or cand == SPEC.steps[step])
-
-
-def test_of_two_processes_moving_a_canary_only_one_writes(tmp_path: Path) -> None:
-    one, two = SqliteStateStore(tmp_path / "state.db"), SqliteStateStore(tmp_path / "state.db")
-    start = initial("crm", "k", 0.0)
-    started = Entry("canary_start", "canary", route="crm", variant="new", detail={"candidate": "new"})
-    assert one.start_canary(start, None, started)
-    assert not two.start_canary(start, None, started)
-    killed = after_look(SPEC, start, look(SPEC, _evidence(25, 25), 0, 1.0), 1.0)
-    assert killed is not None
-    entry = Entry(killed.action, "canary", route="crm", variant="new", reason=killed.reason)
-    won = [s.move_canary(start, killed, "new", entry) for s in (one, two)]
-    assert won == [True, False]
-    assert [e.action for e in two.audit()] == ["canary_kill", "canary_start"]
-    assert two.switches().variant_killed("crm", "new") and two.canary_states()["crm"].status == "killed"
-    one.close()
-    two.close()
 
 
 def test_an_older_request_log_gains_the_canary_columns(tmp_path: Path) -> None:

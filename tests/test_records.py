@@ -181,8 +181,13 @@ def test_flush_before_start_is_an_error(db: Path) -> None:
 
 
 def test_start_on_an_unwritable_path_raises_at_start(tmp_path: Path) -> None:
-    with pytest.raises(sqlite3.OperationalError):
-        RecordWriter(tmp_path / "missing-dir" / "requests.db").start()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileExistsError):  # its directory cannot be made: a file stands there
+        RecordWriter(tmp_path / "a-file" / "requests.db").start()
+    writer = RecordWriter(tmp_path / "missing-dir" / "requests.db")  # a directory that can be made is made
+    writer.start()
+    writer.close()
+    assert (tmp_path / "missing-dir" / "requests.db").is_file()
 
 
 def test_a_reopened_file_keeps_its_rows(db: Path) -> None:

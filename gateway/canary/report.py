@@ -18,7 +18,7 @@ from gateway.canary.controller import current_look
 from gateway.canary.machine import ACTIVE, CanaryState, canary_key
 from gateway.policy import Route
 from gateway.store.api import AuditQuery
-from gateway.store.state import SqliteStateStore
+from gateway.store.state import TableStore, open_sqlite
 
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
 RUNNING: Final = "canary_running"  # not an audit action: the step in progress, computed when the report runs
@@ -61,8 +61,8 @@ def read_states(state_db: Path) -> dict[str, CanaryState]:
 
 
 @contextmanager
-def _reading(state_db: Path) -> Iterator[SqliteStateStore]:
-    store = SqliteStateStore(state_db, readonly=True)
+def _reading(state_db: Path) -> Iterator[TableStore]:
+    store = open_sqlite(state_db, readonly=True)
     try:
         yield store
     finally:

@@ -1,7 +1,7 @@
 """The store's interfaces. `StateStore`: what the gateway reads and writes of operator state that must survive a
-restart (kill switches, adapter pins and history, canary rows, the audit log); `store.state.SqliteStateStore`
-implements it on one SQLite file. `RequestLog`: where requests' records go. A shared database for several hosts
-implements the same methods.
+restart (kill switches, adapter pins and history, canary rows, the audit log); `store.state.TableStore`
+implements it on a `Database`: one SQLite file (`store.sqlite`) or a Postgres database shared by every replica
+(`store.postgres`). `RequestLog`: where requests' records go.
 
 Every write that changes what is served is one transaction with its audit entry: there is never a flip, pin or
 canary decision without its entry, nor an entry for a change that did not happen. Methods are synchronous and
@@ -10,7 +10,8 @@ thread-safe; async callers run them with `asyncio.to_thread`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -74,6 +75,47 @@ class RequestLog(Protocol):
     def flush(self, timeout: float | None = None) -> bool: ...
 
     def close(self, timeout: float | None = 30.0) -> None: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """What the table modules run their statements on: SQLite's connection, or Postgres's through an adapter
+    that takes the same `?` placeholders. Statements use the SQL both dialects share."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Cursor: ...
+
+
+class Database(Protocol):
+    """One backend's connections: reads, write transactions, and a change counter other processes move."""
+
+    def reading(self) -> AbstractContextManager[Conn]:
+        """A connection to read from; `MissingTable` when a read-only file predates a table."""
+        ...
+
+    def writing(self) -> AbstractContextManager[Conn]:
+        """One write transaction: committed when the block ends, rolled back when it raises; `StoreError` when
+        the database refuses it."""
+        ...
+
+    def data_version(self) -> int:
+        """A counter that moves when state is committed (by any process): cheap, no I/O, no lock."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MissingTable(Exception):
+    """A read-only database from before a table existed: the table reads as empty."""
 
 
 class StoreError(Exception):

@@ -4,17 +4,15 @@ decisions, drills), each with who, why, the policy version in force and the numb
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, Final
 
 import orjson
 
-from gateway.store.api import AuditEntry, AuditQuery, Entry
+from gateway.store.api import AuditEntry, AuditQuery, Conn, Entry
 
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
+_TABLE: Final = """
+    id {id},
+    at {real} NOT NULL,
     actor TEXT NOT NULL,
     action TEXT NOT NULL,
     route TEXT,
@@ -22,14 +20,23 @@ CREATE TABLE IF NOT EXISTS audit (
     reason TEXT,
     policy_version TEXT,
     detail TEXT
-);
+"""
+_INDEXES: Final = """
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_route ON audit (route, at);
 """
+SQLITE: Final = (
+    f"CREATE TABLE IF NOT EXISTS audit ({_TABLE.format(id='INTEGER PRIMARY KEY AUTOINCREMENT', real='REAL')});"
+    + _INDEXES
+)
+POSTGRES: Final = (
+    f"CREATE TABLE IF NOT EXISTS audit ({_TABLE.format(id='BIGSERIAL PRIMARY KEY', real='DOUBLE PRECISION')});"
+    + _INDEXES
+)
 _COLUMNS: Final = "id, at, actor, action, route, variant, reason, policy_version, detail"
 
 
-def insert(db: sqlite3.Connection, entry: Entry, *, at: float) -> None:
+def insert(db: Conn, entry: Entry, *, at: float) -> None:
     db.execute(
         "INSERT INTO audit (at, actor, action, route, variant, reason, policy_version, detail)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -46,7 +53,7 @@ def insert(db: sqlite3.Connection, entry: Entry, *, at: float) -> None:
     )
 
 
-def select(db: sqlite3.Connection, query: AuditQuery) -> list[AuditEntry]:
+def select(db: Conn, query: AuditQuery) -> list[AuditEntry]:
     sql = f"SELECT {_COLUMNS} FROM audit WHERE 1=1"
     args: list[Any] = []
     if query.route is not None:

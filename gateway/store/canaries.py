@@ -8,41 +8,44 @@ store writes a transition together with its audit entry (and the candidate's kil
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, Final
 
 from gateway.canary.machine import CanaryState
+from gateway.store.api import Conn
 
-SCHEMA: Final = """
+_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS canaries (
     route TEXT PRIMARY KEY,
     key TEXT NOT NULL,
     status TEXT NOT NULL,
     step INTEGER NOT NULL,
-    step_started_at REAL NOT NULL,
-    epoch REAL NOT NULL,
-    started_at REAL NOT NULL,
+    step_started_at {real} NOT NULL,
+    epoch {real} NOT NULL,
+    started_at {real} NOT NULL,
     revision INTEGER NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at {real} NOT NULL
 );
 """
+SQLITE: Final = _TABLE.format(real="REAL")
+POSTGRES: Final = _TABLE.format(real="DOUBLE PRECISION")
 _COLUMNS: Final = "route, key, status, step, step_started_at, epoch, started_at, revision"
 
 
-def read(db: sqlite3.Connection) -> dict[str, CanaryState]:
+def read(db: Conn) -> dict[str, CanaryState]:
     return {row[0]: CanaryState(*row) for row in db.execute(f"SELECT {_COLUMNS} FROM canaries")}
 
 
-def insert(db: sqlite3.Connection, new: CanaryState, *, at: float) -> bool:
+def insert(db: Conn, new: CanaryState, *, at: float) -> bool:
     """A route's first canary row; False (nothing written) when another process wrote one first."""
     cursor = db.execute(
-        f"INSERT OR IGNORE INTO canaries ({_COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO canaries ({_COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (route) DO NOTHING",
         (*_values(new), at),
     )
     return cursor.rowcount == 1
 
 
-def replace(db: sqlite3.Connection, new: CanaryState, previous: CanaryState, *, at: float) -> bool:
+def replace(db: Conn, new: CanaryState, previous: CanaryState, *, at: float) -> bool:
     """Write `new` if the row is still `previous`; False (nothing written) when another process moved it."""
     cursor = db.execute(
         "UPDATE canaries SET key = ?, status = ?, step = ?, step_started_at = ?, epoch = ?, started_at = ?,"

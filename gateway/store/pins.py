@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping
 from typing import Final
 
-from gateway.store.api import Pins, Served
+from gateway.store.api import Conn, Pins, Served
 
-SCHEMA: Final = """
+_TABLES: Final = """
 CREATE TABLE IF NOT EXISTS adapter_pins (
     route TEXT NOT NULL,
     variant TEXT NOT NULL,
@@ -18,8 +17,8 @@ CREATE TABLE IF NOT EXISTS adapter_pins (
     PRIMARY KEY (route, variant)
 );
 CREATE TABLE IF NOT EXISTS adapter_history (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
+    id {id},
+    at {real} NOT NULL,
     route TEXT NOT NULL,
     variant TEXT NOT NULL,
     ref TEXT NOT NULL,
@@ -27,23 +26,29 @@ CREATE TABLE IF NOT EXISTS adapter_history (
     action TEXT NOT NULL
 );
 """
+SQLITE: Final = _TABLES.format(id="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL")
+POSTGRES: Final = _TABLES.format(id="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
 
 
-def read(db: sqlite3.Connection) -> Pins:
+def read(db: Conn) -> Pins:
     rows = db.execute("SELECT route, variant, ref FROM adapter_pins").fetchall()
     return {(r, v): ref for r, v, ref in rows}
 
 
-def write(db: sqlite3.Connection, route: str, variant: str, ref: str | None) -> None:
+def write(db: Conn, route: str, variant: str, ref: str | None) -> None:
     """Pin a version, or with `ref` None remove the pin (the policy file's version applies again)."""
     if ref is None:
         db.execute("DELETE FROM adapter_pins WHERE route = ? AND variant = ?", (route, variant))
     else:
-        db.execute("INSERT OR REPLACE INTO adapter_pins VALUES (?, ?, ?)", (route, variant, ref))
+        db.execute(
+            "INSERT INTO adapter_pins (route, variant, ref) VALUES (?, ?, ?)"
+            " ON CONFLICT (route, variant) DO UPDATE SET ref = excluded.ref",
+            (route, variant, ref),
+        )
 
 
 def note_served(
-    db: sqlite3.Connection, served: Mapping[tuple[str, str], str], *, actor: str, action: str, at: float
+    db: Conn, served: Mapping[tuple[str, str], str], *, actor: str, action: str, at: float
 ) -> None:
     """Append to each variant's history the version it serves now, when that changed."""
     for (route, variant), ref in sorted(served.items()):
@@ -58,7 +63,7 @@ def note_served(
             )
 
 
-def history(db: sqlite3.Connection, route: str, variant: str) -> list[Served]:
+def history(db: Conn, route: str, variant: str) -> list[Served]:
     """Newest first."""
     rows = db.execute(
         "SELECT at, ref, actor, action FROM adapter_history WHERE route = ? AND variant = ? ORDER BY id DESC",

@@ -150,6 +150,7 @@ class RecordWriter:
             self._start_thread()
 
     def _start_thread(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
         # daemon: a writer stuck retrying a broken disk must not hang interpreter exit after close() gave up.
         self._thread = threading.Thread(target=self._run, args=(conn,), name="record-writer", daemon=True)

@@ -1,5 +1,5 @@
-"""What every SQLite table module shares: opening a file with the gateway's pragmas, and the one write
-transaction.
+"""SQLite, the embedded backend: opening a file with the gateway's pragmas, the one write transaction, and
+`SqliteDatabase` (the state store's `Database` on one file).
 
 `transaction` is `BEGIN IMMEDIATE … COMMIT`, rolled back on any exception. IMMEDIATE takes the write lock at
 BEGIN, where `busy_timeout` applies; a deferred transaction that upgrades later can fail at once with
@@ -9,10 +9,13 @@ SQLITE_BUSY under WAL. Several gateway processes may share a file: it is opened 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Literal
+
+from gateway.store.api import MissingTable, StoreError
 
 Sync = Literal["NORMAL", "FULL"]
 
@@ -53,3 +56,52 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+
+
+class SqliteDatabase:
+    """`store.api.Database` on one SQLite file, shared by the processes of one host through its directory.
+
+    One connection behind a lock serves reads and writes (operator state is small and rarely written). A second
+    connection only answers `data_version()`: SQLite's `PRAGMA data_version` moves when any *other* connection
+    (this process's writer included) commits, and it never waits for the lock, so the event loop may poll it.
+    `readonly=True` opens an existing file for reports (they work while no gateway runs).
+    """
+
+    def __init__(self, path: Path, *, schema: str, readonly: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._readonly = readonly
+        if readonly:
+            self._db = open_readonly(path)
+            self._watch = open_readonly(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # FULL: a flip is rare and must survive a power cut.
+            self._db = open_db(path, synchronous="FULL", busy_timeout_ms=10_000)
+            self._db.executescript(schema)
+            self._watch = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            self._watch.close()
+
+    def data_version(self) -> int:
+        return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.OperationalError as err:
+                if self._readonly and "no such table" in str(err):
+                    raise MissingTable(str(err)) from err
+                raise
+
+    @contextmanager
+    def writing(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._lock, transaction(self._db) as db:
+                yield db
+        except sqlite3.Error as err:
+            raise StoreError(str(err)) from err

@@ -1,16 +1,12 @@
-"""`SqliteStateStore`: the state store (`store.api.StateStore`) on one SQLite file, `store.db`.
+"""`TableStore`: the state store (`store.api.StateStore`) on a `Database`, SQLite's file or a shared Postgres.
 
-Each table's SQL lives in its own module (`switches`, `pins`, `canaries`, `audit`); this class owns the file: the
-connection, the lock, and the transactions that write a change together with its audit entry. Several gateway
-processes may share the file: each one polls SQLite's `PRAGMA data_version` (a counter that moves when another
-connection commits) and reloads when it moves. `readonly=True` opens an existing file for reports, which work
-while no gateway runs; a table an older file lacks reads as empty there.
+Each table's SQL lives in its own module (`switches`, `pins`, `canaries`, `audit`), in the dialect both backends
+share; this class composes them: every change is one write transaction with its audit entry. `open_sqlite` and
+`open_postgres` build it on each backend with the schema of every table.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,60 +16,55 @@ from typing import TypeVar
 from gateway.canary.machine import CanaryState, Transition
 from gateway.policy import Flip, Switches
 from gateway.store import audit, canaries, pins, switches
-from gateway.store.api import AuditEntry, AuditQuery, Entry, Pins, Served, StoreError
-from gateway.store.sqlite import open_db, open_readonly, transaction
+from gateway.store.api import AuditEntry, AuditQuery, Conn, Database, Entry, MissingTable, Pins, Served
+from gateway.store.sqlite import SqliteDatabase
 
 T = TypeVar("T")
+SQLITE_SCHEMA = switches.SQLITE + pins.SQLITE + canaries.SQLITE + audit.SQLITE
+# Postgres migrations: step i takes a database from version i to i + 1; append, never edit a released step.
+POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (switches.POSTGRES, pins.POSTGRES, canaries.POSTGRES, audit.POSTGRES),
+)
 
 
 class _Lost(Exception):
     """Another process changed the canary row first: roll the transaction back."""
 
 
-class SqliteStateStore:
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, readonly: bool = False) -> None:
+def open_sqlite(path: Path, *, readonly: bool = False, clock: Callable[[], float] = time.time) -> TableStore:
+    return TableStore(SqliteDatabase(path, schema=SQLITE_SCHEMA, readonly=readonly), clock=clock)
+
+
+def open_postgres(url: str, *, poll_s: float = 1.0, clock: Callable[[], float] = time.time) -> TableStore:
+    """The state tables in a Postgres database shared by every replica (migrated first, by one replica)."""
+    from gateway.store.postgres import PostgresDatabase, migrate  # psycopg only where Postgres is used
+
+    migrate(url, "state", POSTGRES_MIGRATIONS)
+    return TableStore(PostgresDatabase(url, poll_s=poll_s), clock=clock)
+
+
+class TableStore:
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
         self._clock = clock
-        self._lock = threading.Lock()
-        self._readonly = readonly
-        if readonly:
-            self._db = open_readonly(path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # FULL: a flip is rare and must survive a power cut.
-            self._db = open_db(path, synchronous="FULL", busy_timeout_ms=10_000)
-            self._db.executescript(switches.SCHEMA + pins.SCHEMA + canaries.SCHEMA + audit.SCHEMA)
-        # A second connection, only for `data_version()`: its counter moves when any *other* connection (this
-        # process's writer included) commits, and it never waits for `_lock`, so the event loop may poll it.
-        self._watch = (
-            open_readonly(path)
-            if readonly
-            else sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        )
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-            self._watch.close()
+        self._db.close()
 
     def data_version(self) -> int:
-        return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+        return self._db.data_version()
 
-    def _read(self, read: Callable[[sqlite3.Connection], T], empty: T) -> T:
-        with self._lock:
-            try:
-                return read(self._db)
-            except sqlite3.OperationalError:
-                if self._readonly:  # a file from before the table existed
-                    return empty
-                raise
+    def _read(self, read: Callable[[Conn], T], empty: T) -> T:
+        try:
+            with self._db.reading() as db:
+                return read(db)
+        except MissingTable:
+            return empty
 
     @contextmanager
-    def _write(self) -> Iterator[tuple[sqlite3.Connection, float]]:
-        try:
-            with self._lock, transaction(self._db) as db:
-                yield db, self._clock()
-        except sqlite3.Error as err:
-            raise StoreError(str(err)) from err
+    def _write(self) -> Iterator[tuple[Conn, float]]:
+        with self._db.writing() as db:
+            yield db, self._clock()
 
     # -- kill switches -------------------------------------------------------------------------------------
 

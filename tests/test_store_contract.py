@@ -1,0 +1,209 @@
+"""The state store's contract, run against both backends: SQLite's file (one host) and a real Postgres server
+(replicas on several hosts). `two` opens two handles on the same storage, as two gateway processes would."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from gateway.canary.machine import CanaryState, Transition, initial
+from gateway.policy import Flip
+from gateway.store.api import AuditQuery, Entry, StoreError
+from gateway.store.state import TableStore, open_postgres, open_sqlite
+from tests.postgres import PostgresServer
+
+Opener = Callable[[], TableStore]
+
+
+@dataclass
+class Backend:
+    open: Opener  # a new handle on this test's storage
+    where: Path | str  # the SQLite file or the Postgres URL
+
+
+KILL = Flip("variant", True, "crm", "ft")
+
+
+def _kill_entry(reason: str = "drill") -> Entry:
+    return Entry("kill_variant", "ops", route="crm", variant="ft", reason=reason, policy_version="v1")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """One test's storage on each backend; every handle opened on it is closed at the end."""
+    where: Path | str = tmp_path / "state.db"
+    if request.param == "postgres":
+        where = request.getfixturevalue("postgres").new_database()
+    opened: list[TableStore] = []
+
+    def open_one() -> TableStore:
+        opened.append(open_sqlite(where) if isinstance(where, Path) else open_postgres(where, poll_s=0.2))
+        return opened[-1]
+
+    yield Backend(open_one, where)
+    for store in opened:
+        store.close()
+
+
+def _refuse(where: Path | str, action: str) -> None:
+    """Make the database refuse audit entries of `action` (as a full disk would), per backend."""
+    if isinstance(where, Path):
+        import sqlite3
+
+        with sqlite3.connect(where) as db:
+            db.execute(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON audit WHEN NEW.action = '{action}' "
+                "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+        return
+    with psycopg.connect(where, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$ LANGUAGE plpgsql"
+        )
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE INSERT ON audit FOR EACH ROW WHEN (NEW.action = '{action}') "
+            "EXECUTE FUNCTION refuse()"
+        )
+
+
+def test_a_flip_is_written_with_its_entry_and_seen_by_another_handle(backend: Backend) -> None:
+    one, two = backend.open(), backend.open()
+    seen = two.data_version()
+    switches = one.flip(KILL, _kill_entry())
+    assert switches.variant_killed("crm", "ft")
+    deadline = time.monotonic() + 5
+    while two.data_version() == seen and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert two.data_version() != seen, "the other handle was not told of the change"
+    assert two.switches().variant_killed("crm", "ft")
+    (entry,) = two.audit()
+    assert (entry.action, entry.actor, entry.route, entry.variant, entry.reason, entry.policy_version) == (
+        "kill_variant",
+        "ops",
+        "crm",
+        "ft",
+        "drill",
+        "v1",
+    )
+    revived = two.flip(Flip("variant", False, "crm", "ft"), _kill_entry("over"))
+    assert not revived.variant_killed("crm", "ft") and not one.switches().variant_killed("crm", "ft")
+
+
+def test_a_flip_whose_entry_is_refused_writes_nothing(backend: Backend) -> None:
+    store = backend.open()
+    _refuse(backend.where, "kill_variant")
+    with pytest.raises(StoreError, match="disk full"):
+        store.flip(KILL, _kill_entry())
+    assert not store.switches().variant_killed("crm", "ft") and store.audit() == []
+
+
+def test_pins_history_and_audit_queries(backend: Backend) -> None:
+    store = backend.open()
+    store.note_served({("crm", "ft"): "fmt@1"}, actor="gateway", action="start")
+    store.note_served({("crm", "ft"): "fmt@1"}, actor="gateway", action="start")  # unchanged: no new row
+    swap = Entry("adapter_swap", "ops", route="crm", variant="ft", reason="fix", detail={"adapter": "fmt@2"})
+    assert store.pin("crm", "ft", "fmt@2", swap, {("crm", "ft"): "fmt@2"}) == {("crm", "ft"): "fmt@2"}
+    assert [(ref, action) for _, ref, _, action in store.history("crm", "ft")] == [
+        ("fmt@2", "swap"),
+        ("fmt@1", "start"),
+    ]
+    unpin = Entry("adapter_rollback", "ops", route="crm", variant="ft", reason="back")
+    assert store.pin("crm", "ft", None, unpin, {("crm", "ft"): "fmt@1"}) == {}
+    store.record(Entry("reload", "ops", policy_version="v2", detail={"routes": ["crm"]}))
+    store.record(Entry("drill", "ops", route="other", variant="x"))
+    assert [e.action for e in store.audit()] == ["drill", "reload", "adapter_rollback", "adapter_swap"]
+    assert [e.action for e in store.audit(AuditQuery(route="crm"))] == ["adapter_rollback", "adapter_swap"]
+    assert [e.action for e in store.audit(AuditQuery(limit=1))] == ["drill"]
+    oldest = store.audit(AuditQuery(limit=None, actions=("adapter_%", "drill"), oldest_first=True))
+    assert [e.action for e in oldest] == ["adapter_swap", "adapter_rollback", "drill"]
+    assert oldest[0].detail == {"adapter": "fmt@2"}
+    later = store.audit(AuditQuery(since=oldest[-1].at))
+    assert later[0].action == "drill" and all(e.at >= oldest[-1].at for e in later)
+
+
+def test_of_two_handles_moving_a_canary_only_one_writes(backend: Backend) -> None:
+    one, two = backend.open(), backend.open()
+    start = initial("crm", "k", 0.0)
+    started = Entry("canary_start", "canary", route="crm", variant="ft", detail={"candidate": "ft"})
+    assert one.start_canary(start, None, started)
+    assert not two.start_canary(start, None, started)
+    killed = CanaryState("crm", "k", "killed", 0, 0.0, 0.0, 0.0, start.revision + 1)
+    move = Transition(killed, "canary_kill", "invalid_call_rate: 2x", kill=True)
+    entry = Entry("canary_kill", "canary", route="crm", variant="ft", reason=move.reason)
+    assert [s.move_canary(start, move, "ft", entry) for s in (one, two)] == [True, False]
+    assert [e.action for e in two.audit()] == ["canary_kill", "canary_start"]
+    assert two.switches().variant_killed("crm", "ft") and two.canary_states()["crm"].status == "killed"
+    newer = CanaryState("crm", "k2", "running", 0, 5.0, 5.0, 5.0, killed.revision + 1)
+    assert two.start_canary(newer, killed, Entry("canary_start", "canary", route="crm"))
+    assert one.canary_states()["crm"].key == "k2"
+
+
+def test_replicas_starting_together_migrate_once(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    stores: list[TableStore] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores.append(open_postgres(url))
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(stores) == 4
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT version FROM schema_versions WHERE component = 'state'").fetchone() == (
+            1,
+        )
+    for store in stores:
+        store.close()
+
+
+def test_a_cut_listen_connection_is_caught_by_the_poll_and_reopened(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    writer, reader = open_postgres(url), open_postgres(url, poll_s=0.3)
+    try:
+        with psycopg.connect(url, autocommit=True) as admin:
+            cut = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
+            ).fetchall()
+        assert cut, "no LISTEN connection to cut"
+        seen = reader.data_version()
+        writer.flip(KILL, _kill_entry())
+        deadline = time.monotonic() + 3
+        while not reader.switches().variant_killed("crm", "ft") or reader.data_version() == seen:
+            assert time.monotonic() < deadline, "the reader never caught up"
+            time.sleep(0.01)
+        time.sleep(0.5)  # the listener has reconnected: the next change is announced, not polled
+        with psycopg.connect(url, autocommit=True) as admin:
+            listening = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
+            ).fetchone()
+        assert listening == (2,)
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_readonly_sqlite_file_from_before_a_table_reads_it_as_empty(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE switches (scope TEXT, route TEXT, variant TEXT, killed INTEGER)")
+    store = open_sqlite(path, readonly=True)
+    try:
+        assert store.canary_states() == {} and store.audit() == [] and not store.switches().global_kill
+    finally:
+        store.close()
