@@ -25,9 +25,9 @@ from hypothesis import settings as hypothesis_settings
 
 from gateway.app import GatewayASGI, create_app
 from gateway.devtools import sim_engine
+from gateway.devtools.postgres import PostgresServer
 from gateway.settings import Settings
 from gateway.store.request_log import read_records
-from tests.postgres import PostgresServer
 
 # No per-example deadline: CI shares two cores with engine processes, and a slow example is not a failure.
 hypothesis_settings.register_profile("gateway", deadline=None)

@@ -10,10 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.app import create_app
+from gateway.devtools.postgres import PostgresServer
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from tests.conftest import ROOT, GatewayFactory, RunningGateway
-from tests.postgres import PostgresServer
 from tests.test_admin import ask, user_on
 
 KILL = "/admin/routes/crm-assistant/variants/formatter/kill"

@@ -13,10 +13,10 @@ import psycopg
 import pytest
 
 from gateway.canary.machine import CanaryState, Transition, initial
+from gateway.devtools.postgres import PostgresServer
 from gateway.policy import Flip
 from gateway.store.api import AuditQuery, Entry, StoreError
 from gateway.store.state import TableStore, open_postgres, open_sqlite
-from tests.postgres import PostgresServer
 
 Opener = Callable[[], TableStore]
 

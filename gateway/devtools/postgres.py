@@ -1,6 +1,6 @@
-"""A real Postgres server for the tests, started from the Debian package's binaries on a temporary directory and a
-free loopback port (`initdb` + `pg_ctl`; no system service). Postgres refuses to run as root, so under root the
-server runs as the `postgres` user the package creates (`runuser`). Each test gets a database of its own.
+"""A throwaway Postgres server for the tests and benchmarks, started from the Debian package's binaries on a
+temporary directory and a free loopback port (`initdb` + `pg_ctl`; no system service). Postgres refuses to run as root, so under root the
+server runs as the `postgres` user the package creates (`runuser`). `new_database()` gives each test its own.
 """
 
 from __future__ import annotations
