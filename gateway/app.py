@@ -50,7 +50,7 @@ from gateway.policy import PolicySnapshot, served_adapters
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.settings import Settings
 from gateway.store.api import StateStore, StoreError
-from gateway.store.request_log import RecordWriter
+from gateway.store.request_log import RecordWriter, Where
 from gateway.store.state import open_postgres, open_sqlite
 from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
 from gateway.toolcalls import SchemaCache
@@ -127,11 +127,11 @@ class Components:
         policy = self.load_policy()
         self.state = _open_state(settings)
         self.live = LiveView(policy, self.state.switches(), self.state.pins(), self.state.canary_states())
-        self.canary = CanaryController(self.state, self.live, settings.records_db)
+        self.canary = CanaryController(self.state, self.live, _records_where(settings))
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
         self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
-        self.records = RecordWriter(settings.records_db)
+        self.records = RecordWriter(_records_where(settings))
         self.drain = Drain(settings.drain_s)
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
         self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
@@ -179,6 +179,11 @@ def _open_state(settings: Settings) -> StateStore:
         raise ConfigError(f"GATEWAY_DATABASE_URL: cannot open the state database: {err}") from None
 
 
+def _records_where(settings: Settings) -> Where:
+    """The request log: in the shared database when there is one, else in the data directory's `requests.db`."""
+    return settings.database_url.get_secret_value() if settings.database_url else settings.records_db
+
+
 def _load_keys(settings: Settings) -> KeyRing | None:
     if settings.auth == "off":
         log.warning("client authentication is OFF (GATEWAY_AUTH=off): every caller may use every route")
@@ -220,7 +225,7 @@ def create_app(
         ops=c.ops,
         counters=c.counters,
         catalog=lambda: c.catalog,
-        records_db=settings.records_db,
+        records=_records_where(settings),
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(

@@ -159,7 +159,7 @@ class RunningGateway:
         while self.app.chat.inflight and time.monotonic() < deadline:
             time.sleep(0.002)
         self.app.components.records.flush()
-        return read_records(self.settings.records_db, **kwargs)
+        return read_records(self.app.components.records.where, **kwargs)
 
     def stop(self) -> None:
         self.server.should_exit = True

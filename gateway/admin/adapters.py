@@ -10,6 +10,7 @@ never gated. Both are `control.operations`' work; the handlers parse and render.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -28,7 +29,7 @@ from gateway.admin.http import (
 from gateway.control.operations import Pinned
 from gateway.errors import BadRequest
 from gateway.store.api import AuditQuery
-from gateway.store.request_log import read_records
+from gateway.store.request_log import Where, read_records
 
 
 def adapter_routes(ctx: AdminContext) -> list[Route]:
@@ -77,7 +78,7 @@ async def _lineage(ctx: AdminContext, request: Request) -> Response:
     since = query_number(request, "since", low=0, high=MAX_TIMESTAMP) or 0.0
     given_until = query_number(request, "until", low=0, high=MAX_TIMESTAMP)
     until = float("inf") if given_until is None else given_until
-    served = await asyncio.to_thread(_served, ctx.records_db, route, since, until)
+    served = await asyncio.to_thread(_served, ctx.records, route, since, until)
     catalog = ctx.catalog()
     for row in served:
         version = catalog.get(row["adapter"]) if row["adapter"] else None
@@ -89,11 +90,11 @@ async def _lineage(ctx: AdminContext, request: Request) -> Response:
     )
 
 
-def _served(path: Any, route: str, since: float, until: float) -> list[dict[str, Any]]:
+def _served(where: Where, route: str, since: float, until: float) -> list[dict[str, Any]]:
     groups: dict[tuple[str | None, str | None, str | None], dict[str, Any]] = {}
-    if not path.exists():
+    if isinstance(where, Path) and not where.exists():
         return []
-    for rec in read_records(path, route=route, since=since, until=until if until != float("inf") else None):
+    for rec in read_records(where, route=route, since=since, until=until if until != float("inf") else None):
         key = (rec.variant, rec.adapter, rec.policy_version)
         row = groups.setdefault(
             key,

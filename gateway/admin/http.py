@@ -15,7 +15,6 @@ import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,6 +31,7 @@ from gateway.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
+from gateway.store.request_log import Where
 
 MAX_BODY_BYTES = 64 * 1024  # an admin body is a few short fields
 MAX_REASON_CHARS = 1000  # a sentence or two for the audit log
@@ -48,7 +48,7 @@ class AdminContext:
     ops: Operations
     counters: Counter[tuple[str, str, str, str]]
     catalog: Callable[[], Catalog]
-    records_db: Path
+    records: Where  # the request log
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from gateway.canary.analysis import Evidence, describe, look, observation
@@ -35,7 +34,7 @@ from gateway.control.live import LiveView
 from gateway.errors import Conflict, NotFound
 from gateway.policy import Route, Switches
 from gateway.store.api import Entry, StateStore
-from gateway.store.request_log import Tail
+from gateway.store.request_log import Tail, Where
 
 _FIELDS: Final = [
     "ts",
@@ -77,7 +76,7 @@ class CanaryController:
         self,
         state: StateStore,
         live: LiveView,
-        records_db: Path,
+        records: Where,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -85,7 +84,7 @@ class CanaryController:
         self._live = live
         self._clock = clock
         self._feeds: dict[str, _Feed] = {}
-        self._tail = Tail(records_db, _FIELDS)
+        self._tail = Tail(records, _FIELDS)
         self._lock = threading.Lock()  # ticks and operators' calls run in worker threads
 
     def close(self) -> None:
@@ -252,14 +251,14 @@ def _entry(
 
 
 def current_look(
-    records_db: Path, route: str, spec: CanarySpec, state: CanaryState, now: float
+    records: Where, route: str, spec: CanarySpec, state: CanaryState, now: float
 ) -> dict[str, Any]:
     """The look at an active canary's step in progress, from the request log alone (read-only, no gateway needed):
     the same numbers a gateway process would decide on now (`gateway report` shows them)."""
     feed = _Feed(
         state.key, state.epoch, state.step_started_at, spec, Evidence(spec, step_start=state.step_started_at)
     )
-    tail = Tail(records_db, _FIELDS)
+    tail = Tail(records, _FIELDS)
     try:
         _read_into(tail, route, feed)
     finally:

@@ -18,6 +18,7 @@ from gateway.canary.controller import current_look
 from gateway.canary.machine import ACTIVE, CanaryState, canary_key
 from gateway.policy import Route
 from gateway.store.api import AuditQuery
+from gateway.store.request_log import Where
 from gateway.store.state import TableStore, open_sqlite
 
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
@@ -70,7 +71,7 @@ def _reading(state_db: Path) -> Iterator[TableStore]:
 
 
 def running_entries(
-    routes: Mapping[str, Route], states: Mapping[str, CanaryState], records_db: Path, now: float
+    routes: Mapping[str, Route], states: Mapping[str, CanaryState], records: Where, now: float
 ) -> list[dict[str, Any]]:
     """One entry per active canary of `routes` for its step in progress (no decision yet), shaped like a decision's
     audit entry so that it prints as one more row: the numbers a gateway process would decide on now."""
@@ -88,7 +89,7 @@ def running_entries(
                 "route": name,
                 "variant": spec.candidate,
                 "reason": f"{state.status}, step in progress since {since}: no decision yet",
-                "detail": current_look(records_db, name, spec, state, now),
+                "detail": current_look(records, name, spec, state, now),
             }
         )
     return out

@@ -1,10 +1,12 @@
-"""The request log: table `records` in its own SQLite file, one row per request (`records.Record`).
+"""The request log: table `records`, one row per request (`records.Record`), in its own SQLite file (one host) or
+in the Postgres database every replica shares (`GATEWAY_DATABASE_URL`). `Where` names it: a path or a URL.
 
-Owns the table's schema (versioned with `PRAGMA user_version`), `RecordWriter` (which keeps SQLite off the request
-path: `submit()` only appends to a queue, and a dedicated thread with its own connection writes batches) and every
-read of the table: `read_records()` for reports and the lineage answer, `Tail` for the canary controller's
-incremental reads. Several gateway processes may share one log file: it is opened in WAL mode with a busy timeout,
-and each write transaction takes the write lock up front.
+Owns the table's schema on both backends (versioned: SQLite's `PRAGMA user_version`; `schema_versions` in
+Postgres), `RecordWriter` (which keeps the database off the request path: `submit()` only appends to a queue, and
+a dedicated thread with its own connection writes batches, multi-row INSERTs in SQLite and COPY in Postgres) and
+every read of the table: `read_records()` for reports and the lineage answer, `Tail` for the canary controller's
+incremental reads. Several gateway processes may share one SQLite file: it is opened in WAL mode with a busy
+timeout, and each write transaction takes the write lock up front.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ import logging
 import math
 import operator
 import queue
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import closing
 from pathlib import Path
 from typing import Any, Final
 
+import psycopg
+
 from gateway.records import FIELDS, Record
+from gateway.store.api import StoreError
+from gateway.store.postgres import migrate
 from gateway.store.sqlite import open_db, open_readonly, reading, transaction
 
 _log = logging.getLogger(__name__)
+Where = Path | str  # a SQLite file, or a postgresql:// URL
 
 
 # --- schema -------------------------------------------------------------------------------------------------
@@ -62,7 +69,31 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
-_INSERT: Final = f"INSERT INTO records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+
+
+def _pg_type(annotation: object) -> str:
+    text = str(annotation)
+    for python, sql in (("bool", "BOOLEAN"), ("int", "BIGINT"), ("float", "DOUBLE PRECISION")):
+        if text.startswith(python):
+            return sql
+    return "TEXT"
+
+
+# Postgres: fields added after its first version get a step of their own here, as in SQLite. `xid` is the writing
+# transaction's id: `Tail` reads in its order, which (unlike a sequence) says which rows can no longer appear.
+_PG_ADDED_LATER: Final[frozenset[str]] = frozenset()
+_PG_COLUMNS: Final = ",\n  ".join(
+    f"{f.name} {_pg_type(f.type)}" for f in dataclasses.fields(Record) if f.name not in _PG_ADDED_LATER
+)
+PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        f"CREATE TABLE IF NOT EXISTS records (\n  {_PG_COLUMNS},\n  xid xid8 NOT NULL DEFAULT pg_current_xact_id()\n)",
+        "CREATE INDEX IF NOT EXISTS records_route_ts ON records (route, ts)",
+        "CREATE INDEX IF NOT EXISTS records_ts ON records (ts)",
+        "CREATE INDEX IF NOT EXISTS records_route_xid ON records (route, xid)",
+    ),
+)
+_COPY: Final = f"COPY records ({', '.join(FIELDS)}) FROM STDIN"
 # Rows per multi-row INSERT: within SQLite's default limit of 32,766 bound variables.
 _ROWS_PER_STATEMENT: Final = 200
 
@@ -96,33 +127,94 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
+# --- sinks: one write transaction of rows, per backend ---------------------------------------------------------
+
+
+class _SqliteSink:
+    ERRORS: Final = sqlite3.Error
+    # Errors that come from the rows themselves: retrying the same rows cannot help, so they are isolated.
+    DATA_ERRORS: Final = (
+        sqlite3.IntegrityError,
+        sqlite3.ProgrammingError,
+        sqlite3.DataError,
+        sqlite3.InterfaceError,
+        OverflowError,  # an int beyond 64 bits fails in Python's binding, before SQLite sees it
+    )
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = connect(path, busy_timeout_ms=busy_timeout_ms)
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        # One statement per up to 200 rows, not `executemany`: sqlite3 releases and retakes the GIL around
+        # every statement step, and with the event loop busy each retake waits out the interpreter's switch
+        # interval. Per row, that made the writer thread cost the request path ~160 µs (overhead benchmark);
+        # per 200 rows it is noise.
+        with transaction(self._conn):
+            for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+                part = rows[i : i + _ROWS_PER_STATEMENT]
+                self._conn.execute(_insert_many(len(part)), [value for row in part for value in row])
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _PostgresSink:
+    ERRORS: Final = psycopg.Error
+    DATA_ERRORS: Final = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError)
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        migrate(url, "requests", PG_MIGRATIONS)  # StoreError when the database cannot be reached
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """One COPY in one transaction (about 3 µs of CPU a row; `loadtests/bench_record_writes.py`)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._url, connect_timeout=5)
+        try:
+            with self._conn.transaction(), self._conn.cursor().copy(_COPY) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.OperationalError:
+            self.close()  # a broken connection: the retry opens a new one
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+_Sink = _SqliteSink | _PostgresSink
+
+
+def _open_sink(where: Where, busy_timeout_ms: int) -> _Sink:
+    return _PostgresSink(where) if isinstance(where, str) else _SqliteSink(where, busy_timeout_ms)
+
+
 # --- writer -------------------------------------------------------------------------------------------------
 
 _STOP: Final = object()
-# Errors that come from the rows themselves: retrying the same rows cannot help, so they are isolated.
-_DATA_ERRORS: Final = (
-    sqlite3.IntegrityError,
-    sqlite3.ProgrammingError,
-    sqlite3.DataError,
-    sqlite3.InterfaceError,
-)
 _MAX_BACKOFF_S: Final = 5.0
 
 
 class RecordWriter:
-    """Writes records to the SQLite request log from a dedicated thread, in batches.
+    """Writes records to the request log (`where`: a SQLite file or a Postgres URL) from a dedicated thread, in
+    batches.
 
     `submit()` is the only call on the request path: it appends to a `queue.SimpleQueue` (about a
     microsecond) and wakes nobody. The writer thread drains the queue every `interval_s`, `batch` rows at most
     per transaction.
-    A failed write (database locked, disk full) is logged and retried with backoff, keeping the rows; a row
-    that SQLite rejects by itself (a value it cannot bind) is logged with its content and counted in `failed`.
+    A failed write (database locked or unreachable, disk full) is logged and retried with backoff, keeping the
+    rows; a row the database rejects by itself (a value it cannot bind) is logged with its content and counted
+    in `failed`.
     """
 
     def __init__(
-        self, path: Path, *, batch: int = 512, interval_s: float = 0.2, busy_timeout_ms: int = 5000
+        self, where: Where, *, batch: int = 512, interval_s: float = 0.2, busy_timeout_ms: int = 5000
     ) -> None:
-        self.path = Path(path)
+        self.where: Where = where if isinstance(where, str) else Path(where)
         self._batch = max(1, batch)
         self._interval_s = interval_s
         self._busy_timeout_ms = busy_timeout_ms
@@ -143,17 +235,17 @@ class RecordWriter:
         return self._queue.qsize() + self._inflight
 
     def start(self) -> None:
-        """Open the file (creating the schema) and start the writer thread; a bad path raises here."""
+        """Open the log (creating or migrating the schema) and start the writer thread; a bad path or an
+        unreachable database raises here."""
         if self._closed:
             raise RuntimeError("RecordWriter.start() after close()")
         if self._thread is None:
             self._start_thread()
 
     def _start_thread(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
+        sink = _open_sink(self.where, self._busy_timeout_ms)
         # daemon: a writer stuck retrying a broken disk must not hang interpreter exit after close() gave up.
-        self._thread = threading.Thread(target=self._run, args=(conn,), name="record-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(sink,), name="record-writer", daemon=True)
         self._thread.start()
 
     def submit(self, record: Record) -> None:
@@ -201,22 +293,24 @@ class RecordWriter:
         self._thread.join(timeout)
         if self._thread.is_alive():
             _log.error(
-                "record writer: close timed out with %d records not written to %s", self.pending, self.path
+                "record writer: close timed out with %d records not written to %s",
+                self.pending,
+                shown(self.where),
             )
 
     # --- writer thread ------------------------------------------------------------------------------------
 
-    def _run(self, conn: sqlite3.Connection) -> None:
+    def _run(self, sink: _Sink) -> None:
         try:
             while True:
                 rows, marker = self._collect()
-                self._write(conn, rows)
+                self._write(sink, rows)
                 if isinstance(marker, threading.Event):
                     marker.set()
                 elif marker is _STOP:
                     return
         finally:
-            conn.close()
+            sink.close()
 
     def _collect(self) -> tuple[list[tuple[Any, ...]], object]:
         """Take up to a batch of rows, after sleeping up to `interval_s` while less than a batch is queued.
@@ -240,45 +334,37 @@ class RecordWriter:
             self._inflight += 1
         return rows, None
 
-    def _write(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    def _write(self, sink: _Sink, rows: list[tuple[Any, ...]]) -> None:
         attempt = 0
         while rows:
             try:
-                self._insert(conn, rows)
+                sink.insert(rows)
+                self.written += len(rows)
+                self._inflight -= len(rows)
                 return
-            except _DATA_ERRORS:
-                self._isolate(conn, rows)
+            except sink.DATA_ERRORS:
+                self._isolate(sink, rows)
                 return
-            except sqlite3.Error:
+            except sink.ERRORS:
                 delay = min(_MAX_BACKOFF_S, 0.05 * 2**attempt)
                 _log.exception(
                     "record writer: writing %d rows to %s failed; retrying in %.2fs",
                     len(rows),
-                    self.path,
+                    shown(self.where),
                     delay,
                 )
                 attempt += 1
                 time.sleep(delay)
 
-    def _insert(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-        # One statement per up to 200 rows, not `executemany`: sqlite3 releases and retakes the GIL around
-        # every statement step, and with the event loop busy each retake waits out the interpreter's switch
-        # interval. Per row, that made the writer thread cost the request path ~160 µs (overhead benchmark);
-        # per 200 rows it is noise.
-        with transaction(conn):
-            for i in range(0, len(rows), _ROWS_PER_STATEMENT):
-                part = rows[i : i + _ROWS_PER_STATEMENT]
-                conn.execute(_insert_many(len(part)), [value for row in part for value in row])
-        self.written += len(rows)
-        self._inflight -= len(rows)
-
-    def _isolate(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-        # SQLite rejected some row's values: write the rows one by one so the others are still stored.
+    def _isolate(self, sink: _Sink, rows: list[tuple[Any, ...]]) -> None:
+        # The database rejected some row's values: write the rows one by one so the others are still stored.
         if len(rows) > 1:
             for row in rows:
-                self._write(conn, [row])
+                self._write(sink, [row])
             return
-        _log.error("record writer: SQLite rejected a record; it is not stored: %r", rows[0], exc_info=True)
+        _log.error(
+            "record writer: the database rejected a record; it is not stored: %r", rows[0], exc_info=True
+        )
         self.failed += 1
         self._inflight -= 1
 
@@ -288,30 +374,37 @@ class RecordWriter:
         _log.warning("record writer: %s submitted after close; writing it synchronously", record.request_id)
         row = _as_row(record)
         try:
-            with (
-                closing(connect(self.path, busy_timeout_ms=self._busy_timeout_ms)) as conn,
-                transaction(conn),
-            ):
-                conn.execute(_INSERT, row)
-        except sqlite3.Error:
+            sink = _open_sink(self.where, self._busy_timeout_ms)
+            try:
+                sink.insert([row])
+            finally:
+                sink.close()
+        except (sqlite3.Error, psycopg.Error, StoreError, OSError):
             _log.error("record writer: a record submitted after close is not stored: %r", row, exc_info=True)
             self.failed += 1
         else:
             self.written += 1
 
 
+def shown(where: Where) -> str:
+    """`where` for a log line: a URL without its password."""
+    return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", where) if isinstance(where, str) else str(where)
+
+
 # --- reader -------------------------------------------------------------------------------------------------
 
 
 def read_records(
-    path: Path, *, route: str | None = None, since: float | None = None, until: float | None = None
+    where: Where, *, route: str | None = None, since: float | None = None, until: float | None = None
 ) -> list[Record]:
     """Records from a request log, oldest first; `since` is inclusive and `until` exclusive (epoch seconds).
 
-    Opens the file read-only (a mistyped path raises instead of creating an empty log). Columns a newer
+    Opens a file read-only (a mistyped path raises instead of creating an empty log). Columns a newer
     gateway added are ignored; columns an older file lacks take the field's default.
     """
-    with reading(path) as conn:
+    if isinstance(where, str):
+        return _read_postgres(where, route, since, until)
+    with reading(where) as conn:
         present = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
         if not present:  # a file no gateway has written yet
             return []
@@ -319,6 +412,16 @@ def read_records(
         where, params = _filters(route, since, until)
         sql = f"SELECT {', '.join(names)} FROM records{where} ORDER BY ts, rowid"
         return [_record(names, row) for row in conn.execute(sql, params)]
+
+
+def _read_postgres(url: str, route: str | None, since: float | None, until: float | None) -> list[Record]:
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        (table,) = conn.execute("SELECT to_regclass('records')").fetchone() or (None,)
+        if table is None:  # a database no gateway has written to yet
+            return []
+        where, params = _filters(route, since, until)
+        sql = f"SELECT {', '.join(FIELDS)} FROM records{where} ORDER BY ts, xid"
+        return [_record(FIELDS, row) for row in conn.execute(sql.replace("?", "%s"), params)]
 
 
 def _filters(route: str | None, since: float | None, until: float | None) -> tuple[str, list[object]]:
@@ -340,35 +443,57 @@ def _record(names: Sequence[str], row: Sequence[Any]) -> Record:
 
 
 class Tail:
-    """A route's records in commit order, from a rowid on: the canary controller's incremental reads.
+    """A route's records in commit order, from a cursor on: the canary controller's incremental reads. `after`
+    returns (cursor, record) pairs; the next call passes the last cursor it got, and misses nothing.
 
     SQLite assigns rowids in commit order, so `rowid > last` skips nothing whichever process wrote the rows.
-    Reads only `fields` (the others keep their defaults). The file is opened read-only on the first read that
-    finds it (before the first request there is none).
+    Postgres's sequences do not (a transaction may commit after a later one), so there the cursor is a horizon of
+    transaction ids: the rows of every transaction below `pg_snapshot_xmin` (all finished) and at or above the last
+    horizon, whichever replica wrote them. Reads only `fields` (the others keep their defaults). A file is opened
+    read-only on the first read that finds it (before the first request there is none).
     """
 
-    def __init__(self, path: Path, fields: Sequence[str]) -> None:
-        self._path = path
+    def __init__(self, where: Where, fields: Sequence[str]) -> None:
+        self._where = where
         self._fields = tuple(fields)
-        self._sql = (
+        self._sqlite: sqlite3.Connection | None = None
+        self._postgres: psycopg.Connection[Any] | None = None
+
+    def close(self) -> None:
+        for conn in (self._sqlite, self._postgres):
+            if conn is not None:
+                conn.close()
+        self._sqlite = self._postgres = None
+
+    def after(self, route: str, since: float, cursor: int) -> list[tuple[int, Record]]:
+        """(cursor, record) of `route` from `since` (epoch seconds), after `cursor` (0: from the start)."""
+        names = ("request_id", "route", *self._fields)
+        if isinstance(self._where, str):
+            found = self._after_postgres(self._where, route, since, cursor)
+        else:
+            found = self._after_sqlite(self._where, route, since, cursor)
+        return [(row[0], _record(names, ("", route, *row[1:]))) for row in found]
+
+    def _after_sqlite(self, path: Path, route: str, since: float, cursor: int) -> list[tuple[Any, ...]]:
+        if self._sqlite is None:
+            if not path.exists():
+                return []
+            self._sqlite = open_readonly(path)
+        sql = (
             f"SELECT rowid, {', '.join(self._fields)} FROM records"
             " WHERE route = ? AND ts >= ? AND rowid > ? ORDER BY rowid"
         )
-        self._db: sqlite3.Connection | None = None
+        return list(self._sqlite.execute(sql, (route, since, cursor)))
 
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    def after(self, route: str, since: float, rowid: int) -> list[tuple[int, Record]]:
-        """(rowid, record) of `route` from `since` (epoch seconds) with a rowid above `rowid`."""
-        if self._db is None:
-            if not self._path.exists():
-                return []
-            self._db = open_readonly(self._path)
-        names = ("request_id", "route", *self._fields)
-        return [
-            (row[0], _record(names, ("", route, *row[1:])))
-            for row in self._db.execute(self._sql, (route, since, rowid))
-        ]
+    def _after_postgres(self, url: str, route: str, since: float, cursor: int) -> list[tuple[Any, ...]]:
+        if self._postgres is None or self._postgres.closed:
+            self._postgres = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        conn = self._postgres
+        (horizon,) = conn.execute(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+        ).fetchone() or (0,)
+        sql = (
+            f"SELECT %s::bigint, {', '.join(self._fields)} FROM records WHERE route = %s AND ts >= %s"
+            " AND xid >= %s::text::xid8 AND xid < %s::text::xid8 ORDER BY xid"
+        )
+        return list(conn.execute(sql, (horizon, route, since, str(cursor), str(horizon))))

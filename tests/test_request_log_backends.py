@@ -1,0 +1,108 @@
+"""The request log on both backends: what the writer stores is what the readers return, a row the database
+rejects costs only that row, an outage costs nothing, and `Tail` misses no row whatever order transactions commit
+in (on Postgres, where sequences do not follow commit order)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from gateway.devtools.postgres import PostgresServer
+from gateway.records import FIELDS
+from gateway.store.request_log import RecordWriter, Tail, Where, read_records
+from tests.test_records import make
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Where:
+    if request.param == "sqlite":
+        return tmp_path / "requests.db"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()
+
+
+def _write(where: Where, *records: object, batch: int = 512) -> RecordWriter:
+    writer = RecordWriter(where, batch=batch, interval_s=0.01)
+    writer.start()
+    for record in records:
+        writer.submit(record)  # type: ignore[arg-type]
+    assert writer.flush(timeout=20)
+    writer.close()
+    return writer
+
+
+def test_what_is_written_is_read_back_field_for_field(where: Where) -> None:
+    written = [
+        make(
+            i, stream=bool(i % 2), forced=i == 3, bucket=None if i % 3 else i / 10, cost=i * 1e-6, ttft_s=None
+        )
+        for i in range(40)
+    ]
+    writer = _write(where, *written, batch=16)
+    assert (writer.written, writer.failed) == (40, 0)
+    read = read_records(where)
+    assert [tuple(getattr(r, f) for f in FIELDS) for r in read] == [
+        tuple(getattr(r, f) for f in FIELDS) for r in written
+    ]
+    assert [r.request_id for r in read_records(where, since=1_010.0, until=1_012.0)] == ["req-10", "req-11"]
+    assert read_records(where, route="other") == []
+
+
+def test_a_row_the_database_rejects_costs_only_that_row(where: Where) -> None:
+    huge = make(2, input_tokens=2**70)  # fits neither SQLite's nor Postgres's 64-bit integers
+    writer = _write(where, make(0), make(1), huge, make(3))
+    assert (writer.written, writer.failed) == (3, 1)
+    assert [r.request_id for r in read_records(where)] == ["req-0", "req-1", "req-3"]
+
+
+def test_records_written_while_postgres_is_down_are_stored_when_it_is_back(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    writer = RecordWriter(url, interval_s=0.01)
+    writer.start()
+    writer.submit(make(0))
+    assert writer.flush(timeout=20)
+    postgres.stop()
+    try:
+        for i in range(1, 50):
+            writer.submit(make(i))
+        assert not writer.flush(timeout=1.0)  # nothing can be written now; the rows wait in memory
+    finally:
+        postgres.start()
+    assert writer.flush(timeout=30)
+    writer.close()
+    assert [r.request_id for r in read_records(url)] == [f"req-{i}" for i in range(50)]
+
+
+def test_tail_misses_no_row_of_a_transaction_that_commits_late(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    _write(url, make(0))  # the table exists
+    tail = Tail(url, ["ts", "variant"])
+    seen: list[float] = []
+    cursor = 0
+
+    def read() -> None:
+        nonlocal cursor
+        for at, record in tail.after("crm", 0.0, cursor):
+            seen.append(record.ts)
+            cursor = at
+
+    read()
+    assert seen == [1_000.0]
+    with psycopg.connect(url) as slow:  # a writer whose transaction began first and commits last
+        slow.execute(
+            "INSERT INTO records (ts, request_id, route, stream, forced) VALUES (1500, 'slow', 'crm', false, false)"
+        )
+        late = threading.Thread(target=_write, args=(url, make(1), make(2)))
+        late.start()
+        late.join()
+        read()
+        assert seen == [1_000.0], "rows past a transaction still open must wait for it"
+        slow.commit()
+    read()
+    assert sorted(seen) == [1_000.0, 1_001.0, 1_002.0, 1_500.0]
+    read()
+    assert len(seen) == 4  # and nothing twice
+    tail.close()
