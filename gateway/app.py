@@ -21,6 +21,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,10 +49,10 @@ from gateway.drain import Drain
 from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied, RouterRefused
 from gateway.keys import KeyRing
-from gateway.policy import PolicySnapshot, served_adapters
+from gateway.policy import PolicySnapshot, served_adapters, switches_digest
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.settings import Settings
-from gateway.store.api import StateStore, StoreError
+from gateway.store.api import Replica, StateStore, StoreError
 from gateway.store.request_log import RecordWriter, Where
 from gateway.store.state import open_postgres, open_sqlite
 from gateway.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
@@ -133,6 +136,8 @@ class Components:
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
         self.records = RecordWriter(_records_where(settings))
         self.drain = Drain(settings.drain_s)
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.started_at = time.time()
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
         self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
         self.lora = LoraManager(
@@ -226,6 +231,8 @@ def create_app(
         counters=c.counters,
         catalog=lambda: c.catalog,
         records=_records_where(settings),
+        replica_id=c.replica_id,
+        replica_window_s=3 * settings.heartbeat_s,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(
@@ -254,6 +261,7 @@ def _lifespan(c: Components) -> Callable[[Starlette], contextlib.AbstractAsyncCo
             asyncio.create_task(_watch_switches(c)),
             asyncio.create_task(_reconcile_adapters(c)),
             asyncio.create_task(_run_canaries(c)),
+            asyncio.create_task(_heartbeat(c)),
         ]
         try:
             yield
@@ -292,6 +300,30 @@ async def _run_canaries(c: Components) -> None:
             await c.ops.canary_tick()
         except Exception:  # a locked or unreadable file must not stop the canaries
             log.exception("canary look failed; retrying")
+
+
+async def _heartbeat(c: Components) -> None:
+    """Record every `heartbeat_s` that this replica is alive and what it serves; its row goes when it stops."""
+    try:
+        while True:
+            view = c.live.view
+            replica = Replica(
+                c.replica_id,
+                socket.gethostname(),
+                os.getpid(),
+                c.started_at,
+                view.policy.version,
+                switches_digest(view.switches),
+                time.time(),
+            )
+            try:
+                await asyncio.to_thread(c.state.heartbeat, replica)
+            except Exception:  # a store that is away must not stop the heartbeat
+                log.warning("heartbeat failed; retrying", exc_info=True)
+            await asyncio.sleep(c.settings.heartbeat_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(c.state.leave, c.replica_id)
 
 
 async def _reconcile_adapters(c: Components) -> None:

@@ -247,6 +247,12 @@ def served_adapters(policy: PolicySnapshot) -> dict[tuple[str, str], str]:
     }
 
 
+def switches_digest(switches: Switches) -> str:
+    """A short, stable name for a set of kill switches: the same on every replica that has the same switches."""
+    text = repr((switches.global_kill, sorted(switches.routes), sorted(switches.variants)))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def build_view(policy: PolicySnapshot, switches: Switches) -> View:
     plans = {name: plan(route, switches) for name, route in policy.routes.items()}
     return View(policy, switches, MappingProxyType(plans))

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     # Postgres: changes reach every replica by LISTEN/NOTIFY at once; each replica also re-reads this often, so a
     # notification lost with a cut connection leaves it stale for at most this long.
     state_poll_s: float = Field(default=1.0, gt=0)
+    # How often each replica records that it is alive and what it serves; one silent for 3 of these is not listed.
+    heartbeat_s: float = Field(default=2.0, gt=0)
     admin_token: SecretStr | None = None
     # `/metrics` answers only a bearer token: the metrics token (for a scraper, which should not hold the admin
     # token) or the admin token. "off" serves it to anyone who reaches the listener.

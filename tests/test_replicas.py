@@ -4,7 +4,9 @@ what an operator changes through one replica, every replica honours."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -15,6 +17,7 @@ from gateway.errors import ConfigError
 from gateway.settings import Settings
 from tests.conftest import ROOT, GatewayFactory, RunningGateway
 from tests.test_admin import ask, user_on
+from tests.test_admin_input import edit_policy
 
 KILL = "/admin/routes/crm-assistant/variants/formatter/kill"
 REVIVE = "/admin/routes/crm-assistant/variants/formatter/revive"
@@ -25,7 +28,8 @@ def _replicas(
 ) -> list[RunningGateway]:
     url = postgres.new_database()
     return [
-        make_gateway(database_url=url, data_dir=tmp_path / f"replica-{i}", state_poll_s=0.5) for i in range(n)
+        make_gateway(database_url=url, data_dir=tmp_path / f"replica-{i}", state_poll_s=0.5, heartbeat_s=0.2)
+        for i in range(n)
     ]
 
 
@@ -70,3 +74,33 @@ def test_an_unreachable_database_stops_the_gateway_from_starting(tmp_path: Path)
 def test_the_database_url_must_be_postgres() -> None:
     with pytest.raises(ValidationError, match="must be a postgresql:// URL"):
         Settings(database_url="mysql://db/gateway")
+
+
+def _status_when(gw: RunningGateway, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while True:
+        status = gw.admin("GET", "/admin/status").json()
+        if done(status):
+            return status
+        assert time.monotonic() < deadline, f"status never settled: {status['replicas']}"
+        time.sleep(0.05)
+
+
+def test_status_lists_every_replica_and_flags_the_one_that_differs(
+    make_gateway: GatewayFactory, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    one, two, three = _replicas(make_gateway, postgres, tmp_path, 3)
+    status = _status_when(two, lambda s: len(s["replicas"]) == 3)
+    ids = {gw.app.components.replica_id for gw in (one, two, three)}
+    assert {r["id"] for r in status["replicas"]} == ids and status[
+        "answered_by"
+    ] == two.app.components.replica_id
+    assert all(r["in_step"] for r in status["replicas"])
+    edit_policy(tmp_path)  # the policy files change, and only the first replica reloads them
+    assert one.admin("POST", "/admin/reload", json={"reason": "ramp"}).status_code == 200
+    status = _status_when(three, lambda s: not all(r["in_step"] for r in s["replicas"]))
+    (differs,) = [r for r in status["replicas"] if not r["in_step"]]
+    assert differs["id"] == one.app.components.replica_id
+    assert differs["policy_version"] == one.app.components.live.view.policy.version
+    two.stop()  # a replica that stops leaves the list
+    _status_when(three, lambda s: two.app.components.replica_id not in {r["id"] for r in s["replicas"]})

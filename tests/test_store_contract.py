@@ -15,8 +15,8 @@ import pytest
 from gateway.canary.machine import CanaryState, Transition, initial
 from gateway.devtools.postgres import PostgresServer
 from gateway.policy import Flip
-from gateway.store.api import AuditQuery, Entry, StoreError
-from gateway.store.state import TableStore, open_postgres, open_sqlite
+from gateway.store.api import AuditQuery, Entry, Replica, StoreError
+from gateway.store.state import POSTGRES_MIGRATIONS, TableStore, open_postgres, open_sqlite
 
 Opener = Callable[[], TableStore]
 
@@ -160,13 +160,14 @@ def test_replicas_starting_together_migrate_once(postgres: PostgresServer) -> No
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors and len(stores) == 4
-    with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT version FROM schema_versions WHERE component = 'state'").fetchone() == (
-            1,
-        )
-    for store in stores:
-        store.close()
+    try:
+        assert not errors and len(stores) == 4
+        with psycopg.connect(url) as conn:
+            version = conn.execute("SELECT version FROM schema_versions WHERE component = 'state'").fetchone()
+        assert version == (len(POSTGRES_MIGRATIONS),)
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_a_cut_listen_connection_is_caught_by_the_poll_and_reopened(postgres: PostgresServer) -> None:
@@ -207,3 +208,17 @@ def test_a_readonly_sqlite_file_from_before_a_table_reads_it_as_empty(tmp_path: 
         assert store.canary_states() == {} and store.audit() == [] and not store.switches().global_kill
     finally:
         store.close()
+
+
+def test_replicas_heartbeat_are_listed_while_alive_and_leave(backend: Backend) -> None:
+    one, two = backend.open(), backend.open()
+    one.heartbeat(Replica("a", "host-1", 10, 100.0, "v1", "s1", 200.0))
+    two.heartbeat(Replica("b", "host-2", 20, 150.0, "v1", "s1", 190.0))
+    one.heartbeat(Replica("a", "host-1", 10, 100.0, "v2", "s2", 210.0))  # the same replica, later
+    assert [(r.id, r.policy_version, r.last_seen) for r in two.replicas(since=180.0)] == [
+        ("a", "v2", 210.0),
+        ("b", "v1", 190.0),
+    ]
+    assert [r.id for r in two.replicas(since=195.0)] == ["a"]  # b is silent since 190
+    one.leave("a")
+    assert [r.id for r in one.replicas(since=0.0)] == ["b"]

@@ -49,6 +49,8 @@ class AdminContext:
     counters: Counter[tuple[str, str, str, str]]
     catalog: Callable[[], Catalog]
     records: Where  # the request log
+    replica_id: str  # this process, as the replicas table names it
+    replica_window_s: float  # a replica whose last heartbeat is older is not listed
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -11,6 +11,8 @@ checked whole (`admin.http.read_body`) before anything changes, and the change i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections import Counter
 from typing import Any
 
@@ -33,7 +35,7 @@ from gateway.admin.http import (
     reason_actor,
 )
 from gateway.policy import Flip, View
-from gateway.store.api import AuditQuery
+from gateway.store.api import AuditQuery, Replica
 
 
 def admin_routes(ctx: AdminContext) -> list[Route]:
@@ -97,13 +99,23 @@ async def _reload(ctx: AdminContext, request: Request) -> Response:
 
 async def _status(ctx: AdminContext, request: Request) -> Response:
     view = ctx.ops.live.view
+    replicas = await asyncio.to_thread(ctx.ops.store.replicas, time.time() - ctx.replica_window_s)
     return json_response(
         {
             "policy_version": view.policy.version,
             "switches": _switches_json(view),
             "routes": _routes_json(view, ctx.counters),
+            "answered_by": ctx.replica_id,
+            "replicas": _replicas_json(replicas),
         }
     )
+
+
+def _replicas_json(replicas: list[Replica]) -> list[dict[str, Any]]:
+    """Each live replica, flagged `in_step` when it serves what most replicas serve (policy and switches)."""
+    served = Counter((r.policy_version, r.switches) for r in replicas)
+    common = max(served, key=lambda key: (served[key], key)) if served else None
+    return [{**dataclasses.asdict(r), "in_step": (r.policy_version, r.switches) == common} for r in replicas]
 
 
 async def _audit(ctx: AdminContext, request: Request) -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,6 +102,20 @@ def _print_status(body: dict[str, Any]) -> None:
     switches = body["switches"]
     print(f"policy {body['policy_version']}   kill-all: {'ON' if switches['global_kill'] else 'off'}")
     _print_routes(body["routes"])
+    _print_replicas(body.get("replicas", []), body.get("answered_by"))
+
+
+def _print_replicas(replicas: list[dict[str, Any]], answered_by: str | None) -> None:
+    """Every live replica; one that serves another policy or other switches than most is marked."""
+    print(f"\nreplicas ({len(replicas)} live)")
+    print(f"  {'replica':<34} {'policy':<14} {'switches':<13} {'seen':>6}")
+    now = time.time()
+    for r in replicas:
+        mark = "" if r["in_step"] else "  DIFFERS from the others"
+        this = " (answered)" if r["id"] == answered_by else ""
+        print(
+            f"  {r['id']:<34} {r['policy_version']:<14} {r['switches']:<13} {now - r['last_seen']:>5.0f}s{mark}{this}"
+        )
 
 
 def _print_routes(routes: dict[str, Any]) -> None:

@@ -53,6 +53,19 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class Replica:
+    """A running gateway process as its heartbeat last described it (`switches`: `policy.switches_digest`)."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    policy_version: str
+    switches: str
+    last_seen: float
+
+
+@dataclass(frozen=True, slots=True)
 class AuditQuery:
     """Which audit entries: every filter optional. `actions` are LIKE patterns (`canary_%`); newest first
     unless `oldest_first`."""
@@ -102,9 +115,9 @@ class Database(Protocol):
         """A connection to read from; `MissingTable` when a read-only file predates a table."""
         ...
 
-    def writing(self) -> AbstractContextManager[Conn]:
+    def writing(self, *, notify: bool = True) -> AbstractContextManager[Conn]:
         """One write transaction: committed when the block ends, rolled back when it raises; `StoreError` when
-        the database refuses it."""
+        the database refuses it. `notify=False`: other processes need not re-read state for it (heartbeats)."""
         ...
 
     def data_version(self) -> int:
@@ -161,6 +174,19 @@ class StateStore(Protocol):
 
     def audit(self, query: AuditQuery | None = None) -> list[AuditEntry]:
         """The entries `query` selects (by default the 100 newest)."""
+        ...
+
+    # -- replicas ------------------------------------------------------------------------------------------
+    def heartbeat(self, replica: Replica) -> None:
+        """Record that `replica` is alive and what it serves now."""
+        ...
+
+    def replicas(self, since: float) -> list[Replica]:
+        """The replicas whose last heartbeat is at or after `since`."""
+        ...
+
+    def leave(self, replica_id: str) -> None:
+        """A replica shutting down removes its row."""
         ...
 
     # -- canaries ------------------------------------------------------------------------------------------

@@ -109,11 +109,12 @@ class PostgresDatabase:
             raise StoreError(str(err)) from err
 
     @contextmanager
-    def writing(self) -> Iterator[_Conn]:
+    def writing(self, *, notify: bool = True) -> Iterator[_Conn]:
         try:
             with self._pool.connection() as conn, conn.transaction():
                 yield _Conn(conn)
-                conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                if notify:
+                    conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
         except psycopg.Error as err:
             raise StoreError(str(err)) from err
 

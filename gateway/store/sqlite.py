@@ -99,7 +99,8 @@ class SqliteDatabase:
                 raise
 
     @contextmanager
-    def writing(self) -> Iterator[sqlite3.Connection]:
+    def writing(self, *, notify: bool = True) -> Iterator[sqlite3.Connection]:
+        # `notify` has no switch here: any commit moves the other processes' `data_version`.
         try:
             with self._lock, transaction(self._db) as db:
                 yield db

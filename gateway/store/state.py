@@ -15,15 +15,26 @@ from typing import TypeVar
 
 from gateway.canary.machine import CanaryState, Transition
 from gateway.policy import Flip, Switches
-from gateway.store import audit, canaries, pins, switches
-from gateway.store.api import AuditEntry, AuditQuery, Conn, Database, Entry, MissingTable, Pins, Served
+from gateway.store import audit, canaries, pins, replicas, switches
+from gateway.store.api import (
+    AuditEntry,
+    AuditQuery,
+    Conn,
+    Database,
+    Entry,
+    MissingTable,
+    Pins,
+    Replica,
+    Served,
+)
 from gateway.store.sqlite import SqliteDatabase
 
 T = TypeVar("T")
-SQLITE_SCHEMA = switches.SQLITE + pins.SQLITE + canaries.SQLITE + audit.SQLITE
+SQLITE_SCHEMA = switches.SQLITE + pins.SQLITE + canaries.SQLITE + audit.SQLITE + replicas.SQLITE
 # Postgres migrations: step i takes a database from version i to i + 1; append, never edit a released step.
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (switches.POSTGRES, pins.POSTGRES, canaries.POSTGRES, audit.POSTGRES),
+    (replicas.POSTGRES,),
 )
 
 
@@ -62,8 +73,8 @@ class TableStore:
             return empty
 
     @contextmanager
-    def _write(self) -> Iterator[tuple[Conn, float]]:
-        with self._db.writing() as db:
+    def _write(self, *, notify: bool = True) -> Iterator[tuple[Conn, float]]:
+        with self._db.writing(notify=notify) as db:
             yield db, self._clock()
 
     # -- kill switches -------------------------------------------------------------------------------------
@@ -111,6 +122,19 @@ class TableStore:
     def audit(self, query: AuditQuery | None = None) -> list[AuditEntry]:
         wanted = query or AuditQuery()
         return self._read(lambda db: audit.select(db, wanted), [])
+
+    # -- replicas ------------------------------------------------------------------------------------------
+
+    def heartbeat(self, replica: Replica) -> None:
+        with self._write(notify=False) as (db, _):
+            replicas.beat(db, replica)
+
+    def replicas(self, since: float) -> list[Replica]:
+        return self._read(lambda db: replicas.seen_since(db, since), [])
+
+    def leave(self, replica_id: str) -> None:
+        with self._write(notify=False) as (db, _):
+            replicas.remove(db, replica_id)
 
     # -- canaries ------------------------------------------------------------------------------------------
 
