@@ -1,11 +1,29 @@
-"""Shared fixtures: a real simulated engine process, and real gateways served by uvicorn on loopback ports.
+"""Shared fixtures: a real simulated engine process, and gateways in two tiers in front of it.
 
-Tests talk to both over HTTP with real clients (the `openai` SDK, httpx), so what they see is what a product
-service sees. Each gateway gets its own policies directory, keys file and data directory under `tmp_path`.
+- In process (`make_app_gateway`): the ASGI app object itself, no socket, no server. For request and response
+  behaviour: status codes, bodies, headers, streams read to their end, records, admin answers, routing.
+- On a real port (`make_gateway`): the app served by uvicorn on a loopback port. For what only a server shows:
+  uvicorn itself, clients that hang up mid-stream or mid-upload or give up (client timeouts), keep-alive,
+  shutdown and drain, and `gateway` subprocesses (the CLI, a second gateway process) that reach it by URL.
+
+The in-process tier is `httpx.ASGITransport` behind a synchronous `httpx.Client` (`AppTransport`): the tests,
+the `openai` SDK (`http_client=`) and the threads that put load on a gateway are synchronous, and use the same
+client API in either tier. Each request runs on the event loop of a blocking portal, where the app's lifespan
+(record writer, engine sessions, background tasks) runs for as long as the gateway does. Not Starlette's
+`TestClient`: it hands the response over through an unbuffered channel, so a client that stops reading (the
+`openai` SDK raising on an SSE error event) cancels the app's request, where a server would have taken the
+whole response into its socket buffers and let the request end on its own. Here the app always runs to its
+end, its record submitted, before the client gets the whole response. The transport ignores client timeouts,
+so each request has a deadline (`AppTransport.deadline_s`): a hung request fails its test, not the suite.
+
+Both tiers talk HTTP with real clients (the `openai` SDK, httpx), so what a test sees is what a product
+service sees; the simulated engine is a real process on a loopback port in both. Each gateway gets its own
+policies directory, keys file and data directory under `tmp_path`.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import socket
@@ -15,12 +33,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import httpx
 import openai
 import pytest
 import uvicorn
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import settings as hypothesis_settings
 
 from gateway.app import GatewayASGI, create_app
@@ -37,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token"
 CLIENT_TOKEN = "sk-test-crm-service"
 FORCER_TOKEN = "sk-test-loadtest"
+APP_URL = "http://gateway"  # the in-process tier's gateway: no socket behind it
+G = TypeVar("G", bound="Gateway")
 
 CRM_POLICY = """
 route = "crm-assistant"
@@ -141,16 +163,18 @@ def sim_engine_url() -> Iterator[str]:
 
 
 @dataclass
-class RunningGateway:
+class Gateway(abc.ABC):
+    """A test's handle on one gateway, in either tier: its URL, its settings, the app object (to look
+    inside) and `http`, an HTTP client whose relative paths go to the gateway (`gw.http.get("/healthz")`)."""
+
     url: str
     settings: Settings
     app: GatewayASGI
-    server: uvicorn.Server
-    thread: threading.Thread
+    http: httpx.Client
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", **kwargs.pop("headers", {})}
-        return httpx.request(method, self.url + path, headers=headers, timeout=10.0, **kwargs)
+        return self.http.request(method, path, headers=headers, **kwargs)
 
     def records(self, **kwargs: Any) -> list[Any]:
         """Every record so far, once the requests in flight have submitted theirs (a reply can reach the client
@@ -161,9 +185,53 @@ class RunningGateway:
         self.app.components.records.flush()
         return read_records(self.app.components.records.where, **kwargs)
 
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop serving: the lifespan's shutdown runs (the request log is flushed and closed). Idempotent."""
+
+
+@dataclass
+class RunningGateway(Gateway):
+    """Served by uvicorn on a loopback port, in a thread of this process."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+        self.http.close()
+
+
+@dataclass
+class InProcessGateway(Gateway):
+    """The app object driven through `AppTransport`; `stack` holds its portal, lifespan and client."""
+
+    stack: contextlib.ExitStack
+
+    def stop(self) -> None:
+        self.stack.close()
+
+
+class AppTransport(httpx.BaseTransport):
+    """httpx's ASGI transport for a synchronous client: each request runs on `portal`'s event loop, the one
+    the app's lifespan runs on, and its response is returned whole, once the app has finished with it."""
+
+    deadline_s = 30.0
+
+    def __init__(self, app: GatewayASGI, portal: BlockingPortal) -> None:
+        self._asgi = httpx.ASGITransport(app=app)
+        self._portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._portal.call(self._handle, request)
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        with anyio.fail_after(self.deadline_s):
+            response = await self._asgi.handle_async_request(request)
+            body = await response.aread()
+        # A stream, not `content=`, which would add a Content-Length header the app did not send.
+        return httpx.Response(response.status_code, headers=response.headers, stream=httpx.ByteStream(body))
 
 
 def write_keys(path: Path) -> Path:
@@ -200,38 +268,58 @@ def serve_in_thread(app: Any, what: str, **config: Any) -> tuple[uvicorn.Server,
 def start_gateway(settings: Settings, **app_kwargs: Any) -> RunningGateway:
     app = create_app(settings, **app_kwargs)
     server, thread, url = serve_in_thread(app, "gateway", loop="asyncio", http="httptools", lifespan="on")
-    return RunningGateway(url, settings, app, server, thread)
+    return RunningGateway(url, settings, app, httpx.Client(base_url=url, timeout=10.0), server, thread)
 
 
-def sdk_client(gw: RunningGateway, token: str = CLIENT_TOKEN, **kwargs: Any) -> openai.OpenAI:
-    """The `openai` SDK pointed at `gw`, without retries: a test sees each answer as the gateway gave it."""
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0, **kwargs)
+def start_app_gateway(settings: Settings) -> InProcessGateway:
+    """The gateway app for `settings`, in process, its lifespan started."""
+    app = create_app(settings)
+    with contextlib.ExitStack() as stack:
+        portal = stack.enter_context(start_blocking_portal())
+        stack.enter_context(
+            portal.wrap_async_context_manager(app.starlette.router.lifespan_context(app.starlette))
+        )
+        http = stack.enter_context(httpx.Client(transport=AppTransport(app, portal), base_url=APP_URL))
+        gateway = InProcessGateway(APP_URL, settings, app, http, stack.pop_all())
+    return gateway
 
 
-def sse_events(gw: RunningGateway, body: dict[str, Any], token: str = CLIENT_TOKEN) -> list[str]:
+def sdk_client(gw: Gateway, token: str = CLIENT_TOKEN, **kwargs: Any) -> openai.OpenAI:
+    """The `openai` SDK pointed at `gw`, without retries: a test sees each answer as the gateway gave it.
+    In process it sends through `gw.http`; to a real port through an HTTP client of its own, as a product
+    service's does."""
+    http_client = gw.http if isinstance(gw, InProcessGateway) else None
+    return openai.OpenAI(
+        base_url=gw.url + "/v1", api_key=token, max_retries=0, http_client=http_client, **kwargs
+    )
+
+
+def sse_events(gw: Gateway, body: dict[str, Any], token: str = CLIENT_TOKEN) -> list[str]:
     """A chat stream's events as the client receives them, in order (comments included, separators not)."""
-    with httpx.stream(
-        "POST", gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
+    with gw.http.stream(
+        "POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
     ) as r:
         return [e for e in "".join(r.iter_text()).split("\n\n") if e]
 
 
 GatewayFactory = Callable[..., RunningGateway]
+AppGatewayFactory = Callable[..., InProcessGateway]
 
 
-@pytest.fixture
-def make_gateway(tmp_path: Path, sim_engine_url: str) -> Iterator[GatewayFactory]:
-    """Start a gateway in front of the simulated engine: `make_gateway(policies={"crm.toml": text}, **settings)`."""
-    started: list[RunningGateway] = []
+def _factory(
+    tmp_path: Path, engine_url: str, start: Callable[[Settings], G], started: list[G]
+) -> Callable[..., G]:
+    """`factory(policies={"crm.toml": text}, **settings)`: writes the policies, keys and settings under
+    `tmp_path`, in front of `engine_url`, and starts a gateway with `start`."""
 
-    def factory(policies: dict[str, str] | None = None, **overrides: Any) -> RunningGateway:
+    def factory(policies: dict[str, str] | None = None, **overrides: Any) -> G:
         policy_dir = tmp_path / "policies"
         policy_dir.mkdir(exist_ok=True)
         for name, text in (policies if policies is not None else {"crm-assistant.toml": CRM_POLICY}).items():
             (policy_dir / name).write_text(text)
         values: dict[str, Any] = {
             "policies_dir": policy_dir,
-            "engines": {"default": sim_engine_url},
+            "engines": {"default": engine_url},
             "data_dir": tmp_path / "var",
             "admin_token": ADMIN_TOKEN,
             "keys_file": write_keys(tmp_path / "keys.toml"),
@@ -239,12 +327,30 @@ def make_gateway(tmp_path: Path, sim_engine_url: str) -> Iterator[GatewayFactory
         # Settings ignores unknown names: a misspelt one here would silently test the default instead.
         unknown = sorted(set(overrides) - set(Settings.model_fields))
         if unknown:
-            raise TypeError(f"make_gateway: not settings: {unknown}")
+            raise TypeError(f"not settings: {unknown}")
         values.update(overrides)
-        gateway = start_gateway(Settings(**values))
+        gateway = start(Settings(**values))
         started.append(gateway)
         return gateway
 
-    yield factory
+    return factory
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, sim_engine_url: str) -> Iterator[GatewayFactory]:
+    """Start a gateway on a real port in front of the simulated engine:
+    `make_gateway(policies={"crm.toml": text}, **settings)`."""
+    started: list[RunningGateway] = []
+    yield _factory(tmp_path, sim_engine_url, start_gateway, started)
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def make_app_gateway(tmp_path: Path, sim_engine_url: str) -> Iterator[AppGatewayFactory]:
+    """Start an in-process gateway in front of the simulated engine:
+    `make_app_gateway(policies={"crm.toml": text}, **settings)`."""
+    started: list[InProcessGateway] = []
+    yield _factory(tmp_path, sim_engine_url, start_app_gateway, started)
     for gateway in started:
         gateway.stop()

@@ -1,5 +1,6 @@
 """Adapters at runtime, against a simulated engine that loads and unloads LoRA adapters like vLLM: loading what
-the policy references, hot swaps under load, the release gate, refusing broken versions, and engine restarts."""
+the policy references, hot swaps under load, the release gate, refusing broken versions, and engine restarts.
+The gateways run in process (tests/conftest.py); each test's engine is a real process of its own."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from tests.adapter_factory import adapter_policy, make_adapter
 from tests.conftest import (
     FORCER_TOKEN,
     ROOT,
-    GatewayFactory,
-    RunningGateway,
+    AppGatewayFactory,
+    Gateway,
     _wait_http,
     engine_models,
     free_port,
+    sdk_client,
     wait_for,
 )
 
@@ -38,16 +40,15 @@ def adapters(tmp_path: Path) -> Path:
     return root
 
 
-def ask(gw: RunningGateway, variant: str = "formatter") -> httpx.Response:
-    return httpx.post(
-        gw.url + "/v1/chat/completions",
+def ask(gw: Gateway, variant: str = "formatter") -> httpx.Response:
+    return gw.http.post(
+        "/v1/chat/completions",
         json={"model": "crm-assistant", "messages": MESSAGES},
         headers={"Authorization": f"Bearer {FORCER_TOKEN}", "x-gateway-variant": variant},
-        timeout=10,
     )
 
 
-def actions(gw: RunningGateway) -> list[str]:
+def actions(gw: Gateway) -> list[str]:
     return [e["action"] for e in gw.admin("GET", "/admin/audit?limit=1000").json()["entries"]]
 
 
@@ -86,9 +87,11 @@ def sim_engine_url(own_engine: OwnEngine) -> str:
 
 
 def test_the_referenced_version_is_loaded_and_serves(
-    make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
+    make_app_gateway: AppGatewayFactory, adapters: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2
+    )
     wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
     r = ask(gw)
     assert r.status_code == 200 and r.headers["x-gateway-variant"] == "formatter"
@@ -102,16 +105,18 @@ def test_the_referenced_version_is_loaded_and_serves(
 
 
 def test_a_hot_swap_under_load_loses_no_request(
-    make_gateway: GatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
+    make_app_gateway: AppGatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2
+    )
     wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
     failures: list[str] = []
     served: list[str] = []
     stop = threading.Event()
 
     def load() -> None:
-        c = openai.OpenAI(base_url=gw.url + "/v1", api_key=FORCER_TOKEN, max_retries=0)
+        c = sdk_client(gw, FORCER_TOKEN)
         while not stop.is_set():
             try:
                 raw = c.chat.completions.with_raw_response.create(
@@ -142,9 +147,11 @@ def test_a_hot_swap_under_load_loses_no_request(
 
 
 def test_the_release_gate_refuses_a_regressed_version_on_reload(
-    make_gateway: GatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
+    make_app_gateway: AppGatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2
+    )
     wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
     version = gw.app.components.live.view.policy.version
     (tmp_path / "policies" / "crm.toml").write_text(adapter_policy("3", weight=50))
@@ -155,12 +162,14 @@ def test_the_release_gate_refuses_a_regressed_version_on_reload(
 
 
 def test_a_broken_version_never_reaches_the_engine(
-    make_gateway: GatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
+    make_app_gateway: AppGatewayFactory, adapters: Path, tmp_path: Path, sim_engine_url: str
 ) -> None:
     broken = make_adapter(adapters, version="9", seed=9)
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\xc0\x7f")  # a NaN, and a changed digest
-    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2
+    )
     loads = httpx.get(sim_engine_url + "/sim/stats").json()["adapter_loads"]
     (tmp_path / "policies" / "crm.toml").write_text(adapter_policy("9", weight=50))
     r = gw.admin("POST", "/admin/reload", json={"reason": "try @9"})
@@ -171,9 +180,9 @@ def test_a_broken_version_never_reaches_the_engine(
 
 
 def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
-    make_gateway: GatewayFactory, adapters: Path, own_engine: OwnEngine
+    make_app_gateway: AppGatewayFactory, adapters: Path, own_engine: OwnEngine
 ) -> None:
-    gw = make_gateway(
+    gw = make_app_gateway(
         {"crm.toml": adapter_policy("2", weight=50)},
         adapters_dir=adapters,
         reconcile_s=0.5,
@@ -193,9 +202,11 @@ def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
 
 
 def test_swap_and_rollback_in_one_command_each(
-    make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
+    make_app_gateway: AppGatewayFactory, adapters: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2
+    )
     base = "/admin/routes/crm-assistant/variants/formatter/adapter"
     r = gw.admin(
         "POST", base, json={"adapter": "crm-formatter@2", "reason": "ship the fixes", "actor": "ana"}
@@ -222,23 +233,29 @@ def test_swap_and_rollback_in_one_command_each(
     ]
 
 
-def test_a_swap_survives_a_restart(make_gateway: GatewayFactory, adapters: Path) -> None:
-    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
+def test_a_swap_survives_a_restart(make_app_gateway: AppGatewayFactory, adapters: Path) -> None:
+    gw = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2
+    )
     gw.admin(
         "POST",
         "/admin/routes/crm-assistant/variants/formatter/adapter",
         json={"adapter": "crm-formatter@2", "reason": "x"},
     )
     gw.stop()
-    again = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
+    again = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2
+    )
     variant = again.app.components.live.view.policy.routes["crm-assistant"].variant("formatter")
     assert variant is not None and variant.adapter == "crm-formatter@2"
 
 
 def test_lineage_answers_what_served_a_route_and_who_changed_it(
-    make_gateway: GatewayFactory, adapters: Path, sim_engine_url: str
+    make_app_gateway: AppGatewayFactory, adapters: Path, sim_engine_url: str
 ) -> None:
-    gw = make_gateway({"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2)
+    gw = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)}, adapters_dir=adapters, reconcile_s=0.2
+    )
     wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
     started = time.time()
     ask(gw)

@@ -8,11 +8,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.conftest import CLIENT_TOKEN, CRM_POLICY, FORCER_TOKEN, GatewayFactory, RunningGateway
+from tests.conftest import CLIENT_TOKEN, CRM_POLICY, FORCER_TOKEN, AppGatewayFactory, Gateway, sdk_client
 
 MESSAGES = [{"role": "user", "content": "Set Globex to won, 5000 EUR."}]
 
@@ -29,22 +28,19 @@ ADMIN_ROUTES = [
 ]
 
 
-def ask(
-    gw: RunningGateway, user: str | None = None, token: str = CLIENT_TOKEN, variant: str | None = None
-) -> str:
+def ask(gw: Gateway, user: str | None = None, token: str = CLIENT_TOKEN, variant: str | None = None) -> str:
     headers = {}
     if user:
         headers["x-user-id"] = user
     if variant:
         headers["x-gateway-variant"] = variant
-    c = openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0)
-    raw = c.chat.completions.with_raw_response.create(
+    raw = sdk_client(gw, token).chat.completions.with_raw_response.create(
         model="crm-assistant", messages=MESSAGES, extra_headers=headers
     )
     return raw.headers["x-gateway-variant"]
 
 
-def user_on(gw: RunningGateway, variant: str) -> str:
+def user_on(gw: Gateway, variant: str) -> str:
     for i in range(500):
         if ask(gw, f"user-{i}") == variant:
             return f"user-{i}"
@@ -52,23 +48,27 @@ def user_on(gw: RunningGateway, variant: str) -> str:
 
 
 @pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
-def test_every_admin_route_needs_the_token(make_gateway: GatewayFactory, method: str, path: str) -> None:
-    gw = make_gateway()
+def test_every_admin_route_needs_the_token(
+    make_app_gateway: AppGatewayFactory, method: str, path: str
+) -> None:
+    gw = make_app_gateway()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {CLIENT_TOKEN}"}):
-        r = httpx.request(method, gw.url + path, headers=headers, json={"reason": "x"})
+        r = gw.http.request(method, path, headers=headers, json={"reason": "x"})
         assert r.status_code == 401
         assert r.json()["error"]["type"] == "authentication_error"
     assert gw.app.components.state.audit() == []  # nothing happened
 
 
-def test_the_admin_api_is_off_without_a_token(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(admin_token=None)
+def test_the_admin_api_is_off_without_a_token(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway(admin_token=None)
     r = gw.admin("GET", "/admin/status")
     assert r.status_code == 403 and "GATEWAY_ADMIN_TOKEN" in r.json()["error"]["message"]
 
 
-def test_killing_a_variant_moves_its_users_to_the_fallback_at_once(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_killing_a_variant_moves_its_users_to_the_fallback_at_once(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway()
     canary_user, base_user = user_on(gw, "formatter"), user_on(gw, "baseline")
     started = time.perf_counter()
     r = gw.admin(
@@ -102,8 +102,8 @@ def test_killing_a_variant_moves_its_users_to_the_fallback_at_once(make_gateway:
     print(f"kill to first request on the fallback: {flip_to_served * 1000:.1f} ms")
 
 
-def test_a_flip_needs_a_reason_and_a_known_target(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_a_flip_needs_a_reason_and_a_known_target(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     assert gw.admin("POST", "/admin/routes/crm-assistant/kill", json={}).status_code == 400
     assert gw.admin("POST", "/admin/routes/crm-assistant/kill", content=b"{oops").status_code == 400
     assert gw.admin("POST", "/admin/routes/nope/kill", json={"reason": "x"}).status_code == 404
@@ -114,8 +114,8 @@ def test_a_flip_needs_a_reason_and_a_known_target(make_gateway: GatewayFactory) 
     assert gw.app.components.state.audit() == []
 
 
-def test_route_and_global_kills_send_everything_to_the_fallback(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_route_and_global_kills_send_everything_to_the_fallback(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     canary_user = user_on(gw, "formatter")
     for path in ("/admin/routes/crm-assistant", "/admin"):
         kill, revive = (
@@ -129,8 +129,8 @@ def test_route_and_global_kills_send_everything_to_the_fallback(make_gateway: Ga
         assert ask(gw, canary_user) == "formatter"
 
 
-def test_killing_the_last_live_variant_needs_force_then_503s(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_killing_the_last_live_variant_needs_force_then_503s(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     gw.admin("POST", "/admin/routes/crm-assistant/variants/formatter/kill", json={"reason": "a"})
     r = gw.admin("POST", "/admin/routes/crm-assistant/variants/baseline/kill", json={"reason": "b"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "last_live_variant"
@@ -145,20 +145,22 @@ def test_killing_the_last_live_variant_needs_force_then_503s(make_gateway: Gatew
     assert gw.records()[-1].outcome == "no_live_variant"
 
 
-def test_switches_survive_a_restart(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_switches_survive_a_restart(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     gw.admin("POST", "/admin/routes/crm-assistant/variants/formatter/kill", json={"reason": "regression"})
     gw.stop()
-    again = make_gateway()
+    again = make_app_gateway()
     assert again.admin("GET", "/admin/status").json()["routes"]["crm-assistant"]["variants"]["formatter"][
         "killed"
     ]
     assert ask(again, token=FORCER_TOKEN, variant="formatter") == "baseline"
 
 
-def test_a_flip_in_one_process_reaches_another_sharing_the_database(make_gateway: GatewayFactory) -> None:
-    a = make_gateway()
-    b = make_gateway()
+def test_a_flip_in_one_process_reaches_another_sharing_the_database(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    a = make_app_gateway()
+    b = make_app_gateway()
     a.admin("POST", "/admin/routes/crm-assistant/variants/formatter/kill", json={"reason": "seen by b?"})
     started = time.perf_counter()
     while ask(b, token=FORCER_TOKEN, variant="formatter") != "baseline":
@@ -168,9 +170,9 @@ def test_a_flip_in_one_process_reaches_another_sharing_the_database(make_gateway
 
 
 def test_reload_swaps_the_policy_and_a_bad_file_keeps_the_old_one(
-    make_gateway: GatewayFactory, tmp_path: Path
+    make_app_gateway: AppGatewayFactory, tmp_path: Path
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     before = gw.app.components.live.view.policy.version
     policy_file = tmp_path / "policies" / "crm-assistant.toml"
     policy_file.write_text(CRM_POLICY.replace("weight = 10", "weight = 30"))
@@ -194,16 +196,16 @@ def test_reload_swaps_the_policy_and_a_bad_file_keeps_the_old_one(
 
 
 def test_a_kill_under_load_loses_no_request_and_the_split_follows_the_weights(
-    make_gateway: GatewayFactory,
+    make_app_gateway: AppGatewayFactory,
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     served: list[tuple[float, str]] = []
     failures: list[BaseException] = []
     killed_at: list[float] = []
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
-        c = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_TOKEN, max_retries=0)
+        c = sdk_client(gw)
         for _ in range(150):
             try:
                 sent = time.perf_counter()

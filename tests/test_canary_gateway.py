@@ -1,11 +1,11 @@
-"""Canaries end to end: real gateways on loopback in front of the simulated engine, the openai SDK as the client,
-real SQLite files. The gateway decides by itself (kill, advance, promote), operators pause / resume / promote /
-abort, the state survives a restart, two gateway processes sharing the databases decide once, and a drill
-measures the time back to the baseline in milliseconds."""
+"""Canaries end to end: gateways in front of the simulated engine, the openai SDK as the client, real SQLite
+files. The gateway decides by itself (kill, advance, promote), operators pause / resume / promote / abort, the
+state survives a restart, two gateway processes sharing the databases decide once, and a drill measures the time
+back to the baseline in milliseconds. The gateway runs in process (tests/conftest.py) except where a `gateway`
+subprocess (the CLI, a second `gateway serve`) must reach it by URL."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import re
@@ -28,9 +28,12 @@ from tests.conftest import (
     CRM_POLICY,
     FORCER_TOKEN,
     UPDATE_CRM,
+    AppGatewayFactory,
+    Gateway,
     GatewayFactory,
     RunningGateway,
     free_port,
+    sdk_client,
     wait_for,
 )
 
@@ -66,13 +69,7 @@ cost_per_request = {{ max_ratio = 1.10, min_samples = 5 }}
     )
 
 
-@functools.cache
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_TOKEN, max_retries=0)
-
-
-def ask(url: str, user: str | None = None) -> str:
-    client = _client(url)
+def ask(client: openai.OpenAI, user: str | None = None) -> str:
     raw = client.chat.completions.with_raw_response.create(
         model="crm-assistant",
         messages=MESSAGES,  # type: ignore[arg-type]
@@ -82,9 +79,10 @@ def ask(url: str, user: str | None = None) -> str:
     return raw.headers["x-gateway-variant"]
 
 
-def audit(url: str, action: str | None = None) -> list[dict[str, Any]]:
-    r = httpx.get(
-        url + "/admin/audit",
+def audit(http: httpx.Client, action: str | None = None) -> list[dict[str, Any]]:
+    """The route's audit entries, oldest first, through `http` (a client whose base URL is a gateway)."""
+    r = http.get(
+        "/admin/audit",
         params={"route": "crm-assistant", "limit": 1000},
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
     )
@@ -92,27 +90,28 @@ def audit(url: str, action: str | None = None) -> list[dict[str, Any]]:
     return [e for e in entries if action is None or e["action"] == action]
 
 
-def drive_until(urls: Sequence[str], done: Callable[[], bool], timeout: float = 60.0) -> int:
-    """Send traffic (8 at a time, round-robin over `urls`) until `done()`; the number of requests sent. Requests
-    through a test gateway take tens of milliseconds each, so one at a time would make these tests slow."""
+def drive_until(clients: Sequence[openai.OpenAI], done: Callable[[], bool], timeout: float = 60.0) -> int:
+    """Send traffic (8 at a time, round-robin over `clients`) until `done()`; the number of requests sent.
+    Requests through a test gateway take tens of milliseconds each, so one at a time would make these tests
+    slow."""
     deadline = time.monotonic() + timeout
     with ThreadPoolExecutor(8) as pool:
         for batch in itertools.count(1):
-            list(pool.map(ask, [urls[i % len(urls)] for i in range(16)]))
+            list(pool.map(ask, [clients[i % len(clients)] for i in range(16)]))
             if done():
                 return batch * 16
             assert time.monotonic() < deadline, "the canary did not decide in time"
     raise AssertionError("unreachable")
 
 
-def canary_status(gw: RunningGateway) -> dict[str, Any]:
+def canary_status(gw: Gateway) -> dict[str, Any]:
     r = gw.admin("GET", "/admin/routes/crm-assistant/canary")
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
 
 
-def gateway_cmd(*args: str, gw: RunningGateway) -> subprocess.CompletedProcess[str]:
+def gateway_cmd(*args: str, gw: Gateway) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN,
@@ -129,10 +128,11 @@ def gateway_cmd(*args: str, gw: RunningGateway) -> subprocess.CompletedProcess[s
     )
 
 
-def test_a_bad_candidate_is_killed_by_the_gateway_itself(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(policies={"crm.toml": canary_policy("always-invalid")}, canary_interval_s=0.1)
-    sent = drive_until([gw.url], lambda: bool(audit(gw.url, "canary_kill")))
-    (kill,) = audit(gw.url, "canary_kill")
+def test_a_bad_candidate_is_killed_by_the_gateway_itself(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway(policies={"crm.toml": canary_policy("always-invalid")}, canary_interval_s=0.1)
+    sdk = sdk_client(gw)
+    sent = drive_until([sdk], lambda: bool(audit(gw.http, "canary_kill")))
+    (kill,) = audit(gw.http, "canary_kill")
     assert (kill["actor"], kill["variant"]) == ("canary", "formatter")
     assert kill["reason"].startswith("invalid_call_rate: ") and "step 1/3 (10 %)" in kill["reason"]
     detail = kill["detail"]
@@ -149,17 +149,18 @@ def test_a_bad_candidate_is_killed_by_the_gateway_itself(make_gateway: GatewayFa
         {"route": "crm-assistant", "variant": "formatter"}
     ]
     with ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(ask, [gw.url] * 40)) == {"baseline"}
+        assert set(pool.map(ask, [sdk] * 40)) == {"baseline"}
     assert canary_status(gw)["state"]["status"] == "killed"
 
 
-def test_a_good_candidate_walks_up_the_steps_and_is_promoted(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(policies={"crm.toml": canary_policy("crm-formatter")}, canary_interval_s=0.1)
-    sent = drive_until([gw.url], lambda: bool(audit(gw.url, "canary_promote")))
+def test_a_good_candidate_walks_up_the_steps_and_is_promoted(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway(policies={"crm.toml": canary_policy("crm-formatter")}, canary_interval_s=0.1)
+    sdk = sdk_client(gw)
+    sent = drive_until([sdk], lambda: bool(audit(gw.http, "canary_promote")))
     print(f"\ngood candidate promoted after {sent} requests")
-    actions = [e["action"] for e in audit(gw.url)]
+    actions = [e["action"] for e in audit(gw.http)]
     assert actions == ["canary_start", "canary_advance", "canary_promote"]
-    advance, promote = audit(gw.url)[1:]
+    advance, promote = audit(gw.http)[1:]
     for entry, step in ((advance, 0), (promote, 1)):
         d = entry["detail"]
         assert (d["step"], d["outcome"], entry["actor"]) == (step, "pass", "canary")
@@ -173,7 +174,7 @@ def test_a_good_candidate_walks_up_the_steps_and_is_promoted(make_gateway: Gatew
     assert advance["detail"]["to"]["step"] == 1 and promote["detail"]["to"]["status"] == "promoted"
     route = gw.admin("GET", "/admin/status").json()["routes"]["crm-assistant"]
     assert route["variants"]["formatter"]["effective_share"] == 1.0 and route["fallback"] == ["baseline"]
-    assert {ask(gw.url) for _ in range(20)} == {"formatter"}
+    assert {ask(sdk) for _ in range(20)} == {"formatter"}
     report = gateway_cmd("report", gw=gw)
     assert report.returncode == 0, report.stderr
     lines = [line for line in report.stdout.splitlines() if line.startswith("crm-assistant ")]
@@ -182,13 +183,16 @@ def test_a_good_candidate_walks_up_the_steps_and_is_promoted(make_gateway: Gatew
     assert re.search(r"\d\S*/20 pass", advance_line) and any(" promote " in line for line in lines)
 
 
-def test_the_report_shows_the_step_in_progress_as_the_gateway_sees_it(make_gateway: GatewayFactory) -> None:
+def test_the_report_shows_the_step_in_progress_as_the_gateway_sees_it(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
     """A step in progress has no audit entry yet: `gateway report` looks at it from the request log (no gateway
     needed), with the numbers the gateway would decide on."""
-    gw = make_gateway(
+    gw = make_app_gateway(
         policies={"crm.toml": canary_policy("crm-formatter", min_requests=10**6)}, canary_interval_s=0.1
     )
-    sent = drive_until([gw.url], lambda: canary_status(gw)["look"]["candidate"]["requests"] > 0)
+    wait_for(lambda: canary_status(gw)["state"] is not None)  # started at its first tick: it has a look
+    sent = drive_until([sdk_client(gw)], lambda: canary_status(gw)["look"]["candidate"]["requests"] > 0)
     # Every record written, so that the gateway's look and the report's see the same requests.
     wait_for(lambda: len(gw.records()) == sent)
     seen = canary_status(gw)["look"]
@@ -209,6 +213,7 @@ def test_the_report_shows_the_step_in_progress_as_the_gateway_sees_it(make_gatew
 
 def test_operators_pause_resume_promote_and_abort(make_gateway: GatewayFactory) -> None:
     gw = make_gateway(policies={"crm.toml": canary_policy("crm-formatter", min_requests=10**6)})
+    sdk = sdk_client(gw)
     paused = gateway_cmd("canary", "pause", "crm-assistant", "--reason", "looking", "--url", gw.url, gw=gw)
     assert paused.returncode == 0, paused.stderr
     assert "[paused]" in paused.stdout and canary_status(gw)["state"]["status"] == "paused"
@@ -219,13 +224,13 @@ def test_operators_pause_resume_promote_and_abort(make_gateway: GatewayFactory) 
     assert resumed.status_code == 200 and resumed.json()["state"]["status"] == "running"
     promoted = gw.admin("POST", "/admin/routes/crm-assistant/canary/promote", json={"reason": "ship it"})
     assert promoted.json()["state"]["status"] == "promoted" and promoted.json()["weights"]["formatter"] == 100
-    assert {ask(gw.url) for _ in range(20)} == {"formatter"}
+    assert {ask(sdk) for _ in range(20)} == {"formatter"}
     aborted = gateway_cmd("canary", "abort", "crm-assistant", "--reason", "roll back", "--url", gw.url, gw=gw)
     assert aborted.returncode == 0, aborted.stderr
-    assert {ask(gw.url) for _ in range(20)} == {"baseline"}
+    assert {ask(sdk) for _ in range(20)} == {"baseline"}
     late = gateway_cmd("canary", "resume", "crm-assistant", "--reason", "oops", "--url", gw.url, gw=gw)
     assert late.returncode == 1 and "409" in late.stderr and "aborted" in late.stderr
-    entries = audit(gw.url)
+    entries = audit(gw.http)
     assert [e["action"] for e in entries] == [
         "canary_start",
         "canary_pause",
@@ -238,26 +243,26 @@ def test_operators_pause_resume_promote_and_abort(make_gateway: GatewayFactory) 
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_a_route_without_a_canary_answers_404(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
+def test_a_route_without_a_canary_answers_404(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway()
     r = gw.admin("POST", "/admin/routes/crm-assistant/canary/pause", json={"reason": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "no_canary"
     assert gw.admin("GET", "/admin/canaries").json() == {"canaries": {}}
 
 
-def test_the_canary_state_survives_a_restart(make_gateway: GatewayFactory) -> None:
+def test_the_canary_state_survives_a_restart(make_app_gateway: AppGatewayFactory) -> None:
     policies = {"crm.toml": canary_policy("crm-formatter", steps="[10, 50, 75, 100]", min_requests=20)}
-    gw = make_gateway(policies=policies, canary_interval_s=0.1)
-    drive_until([gw.url], lambda: bool(audit(gw.url, "canary_advance")))
+    gw = make_app_gateway(policies=policies, canary_interval_s=0.1)
+    drive_until([sdk_client(gw)], lambda: bool(audit(gw.http, "canary_advance")))
     gw.admin("POST", "/admin/routes/crm-assistant/canary/pause", json={"reason": "restart"})
     before = canary_status(gw)["state"]
     gw.stop()
-    again = make_gateway(policies=policies, canary_interval_s=0.1)
+    again = make_app_gateway(policies=policies, canary_interval_s=0.1)
     after = canary_status(again)
     assert after["state"] == before and after["state"]["status"] == "paused"
     assert before["step"] == 1 and after["weights"] == {"baseline": 50, "formatter": 50}
     time.sleep(0.5)  # a few ticks: nothing restarts the canary
-    assert len(audit(again.url, "canary_start")) == 1
+    assert len(audit(again.http, "canary_start")) == 1
 
 
 def _serve_subprocess(gw: RunningGateway, port: int) -> subprocess.Popen[bytes]:
@@ -286,6 +291,7 @@ def test_two_gateway_processes_decide_once(
     port = free_port()
     other = _serve_subprocess(gw, port)
     url = f"http://127.0.0.1:{port}"
+    sdk, other_sdk = sdk_client(gw), openai.OpenAI(base_url=url + "/v1", api_key=CLIENT_TOKEN, max_retries=0)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -294,14 +300,15 @@ def test_two_gateway_processes_decide_once(
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        drive_until([gw.url, url], lambda: bool(audit(gw.url, decisions[-1])))
+        drive_until([sdk, other_sdk], lambda: bool(audit(gw.http, decisions[-1])))
         time.sleep(0.5)  # both processes look several more times
-        actions = [e["action"] for e in audit(url)]
+        with httpx.Client(base_url=url) as other_http:
+            actions = [e["action"] for e in audit(other_http)]
         assert actions == ["canary_start", *decisions]
         records = gw.records()
         assert {r.policy_version for r in records} == {records[0].policy_version}
         # Both processes served traffic, and the decision reached both.
-        served = {ask(url) for _ in range(20)} | {ask(gw.url) for _ in range(20)}
+        served = {ask(other_sdk) for _ in range(20)} | {ask(sdk) for _ in range(20)}
         assert served == ({"formatter"} if model == "crm-formatter" else {"baseline"})
     finally:
         other.terminate()
@@ -315,10 +322,10 @@ def test_a_drill_kills_measures_milliseconds_and_revives(make_gateway: GatewayFa
     assert result.returncode == 0, result.stderr
     match = re.search(r"all traffic on baseline (\d+\.\d) ms after the kill \((\d+) probes\)", result.stdout)
     assert match, result.stdout
-    (drill,) = audit(gw.url, "drill")
+    (drill,) = audit(gw.http, "drill")
     assert drill["variant"] == "formatter" and drill["detail"]["fallback"] == "baseline"
     assert drill["detail"]["time_to_baseline_ms"] == pytest.approx(float(match.group(1)), abs=0.06)
-    assert [e["action"] for e in audit(gw.url) if e["action"] != "canary_start"] == [
+    assert [e["action"] for e in audit(gw.http) if e["action"] != "canary_start"] == [
         "kill_variant",
         "revive_variant",
         "drill",

@@ -1,4 +1,5 @@
-"""Enforce mode (invalid calls never reach the client) and client disconnects (the engine stops working)."""
+"""Enforce mode (invalid calls never reach the client), in process, and client disconnects (the engine stops
+working), on a real port: a client hanging up or giving up is something only a server sees."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import FORCER_TOKEN, UPDATE_CRM, GatewayFactory, sdk_client, sse_events
+from tests.conftest import FORCER_TOKEN, UPDATE_CRM, AppGatewayFactory, GatewayFactory, sdk_client, sse_events
 
 MESSAGES = [{"role": "user", "content": "Initech: qualified, 800 EUR."}]
 
@@ -37,8 +38,8 @@ weight = 1
 """
 
 
-def test_enforce_retries_an_invalid_answer_on_the_fallback(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway({"strict.toml": ENFORCED})
+def test_enforce_retries_an_invalid_answer_on_the_fallback(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway({"strict.toml": ENFORCED})
     raw = sdk_client(gw, FORCER_TOKEN).chat.completions.with_raw_response.create(
         model="strict", messages=MESSAGES, tools=[UPDATE_CRM]
     )
@@ -49,8 +50,10 @@ def test_enforce_retries_an_invalid_answer_on_the_fallback(make_gateway: Gateway
     assert (rec.variant, rec.fallback_from, rec.fallback_reason) == ("safe", "sloppy", "schema_violation")
 
 
-def test_enforce_without_a_fallback_answers_502_invalid_tool_call(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway({"strict.toml": NO_FALLBACK})
+def test_enforce_without_a_fallback_answers_502_invalid_tool_call(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway({"strict.toml": NO_FALLBACK})
     with pytest.raises(openai.APIStatusError) as err:
         sdk_client(gw, FORCER_TOKEN).chat.completions.create(
             model="strict", messages=MESSAGES, tools=[UPDATE_CRM]
@@ -68,8 +71,10 @@ def test_enforce_without_a_fallback_answers_502_invalid_tool_call(make_gateway: 
     )
 
 
-def test_enforce_in_a_stream_holds_the_call_and_sends_the_fallbacks(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway({"strict.toml": ENFORCED})
+def test_enforce_in_a_stream_holds_the_call_and_sends_the_fallbacks(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway({"strict.toml": ENFORCED})
     arguments = ""
     for chunk in sdk_client(gw, FORCER_TOKEN).chat.completions.create(
         model="strict", messages=MESSAGES, tools=[UPDATE_CRM], stream=True
@@ -84,9 +89,9 @@ def test_enforce_in_a_stream_holds_the_call_and_sends_the_fallbacks(make_gateway
 
 
 def test_enforce_in_a_stream_without_a_fallback_ends_with_an_error_event(
-    make_gateway: GatewayFactory,
+    make_app_gateway: AppGatewayFactory,
 ) -> None:
-    gw = make_gateway({"strict.toml": NO_FALLBACK})
+    gw = make_app_gateway({"strict.toml": NO_FALLBACK})
     body = {"model": "strict", "messages": MESSAGES, "tools": [UPDATE_CRM], "stream": True}
     events = sse_events(gw, body, FORCER_TOKEN)
     assert not any('"tool_calls"' in e for e in events)  # the invalid call never reached the client

@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.devtools.postgres import PostgresServer
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from tests.conftest import ROOT, GatewayFactory, RunningGateway
+from tests.conftest import ROOT, AppGatewayFactory, Gateway
 from tests.test_admin import ask, user_on
 from tests.test_admin_input import edit_policy
 
@@ -24,23 +24,25 @@ REVIVE = "/admin/routes/crm-assistant/variants/formatter/revive"
 
 
 def _replicas(
-    make_gateway: GatewayFactory, postgres: PostgresServer, tmp_path: Path, n: int
-) -> list[RunningGateway]:
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path, n: int
+) -> list[Gateway]:
     url = postgres.new_database()
     return [
-        make_gateway(database_url=url, data_dir=tmp_path / f"replica-{i}", state_poll_s=0.5, heartbeat_s=0.2)
+        make_app_gateway(
+            database_url=url, data_dir=tmp_path / f"replica-{i}", state_poll_s=0.5, heartbeat_s=0.2
+        )
         for i in range(n)
     ]
 
 
-def _killed_on(gw: RunningGateway) -> bool:
+def _killed_on(gw: Gateway) -> bool:
     return gw.app.components.live.view.switches.variant_killed("crm-assistant", "formatter")
 
 
 def test_a_kill_through_one_replica_is_honoured_by_the_others(
-    make_gateway: GatewayFactory, postgres: PostgresServer, tmp_path: Path
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path
 ) -> None:
-    one, two, three = _replicas(make_gateway, postgres, tmp_path, 3)
+    one, two, three = _replicas(make_app_gateway, postgres, tmp_path, 3)
     canary_user = user_on(two, "formatter")
     assert ask(three, canary_user) == "formatter"  # sticky users land alike on every replica
     r = one.admin("POST", KILL, json={"reason": "invalid calls up", "actor": "alice"})
@@ -76,7 +78,7 @@ def test_the_database_url_must_be_postgres() -> None:
         Settings(database_url="mysql://db/gateway")
 
 
-def _status_when(gw: RunningGateway, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+def _status_when(gw: Gateway, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     deadline = time.monotonic() + 5
     while True:
         status = gw.admin("GET", "/admin/status").json()
@@ -87,9 +89,9 @@ def _status_when(gw: RunningGateway, done: Callable[[dict[str, Any]], bool]) -> 
 
 
 def test_status_lists_every_replica_and_flags_the_one_that_differs(
-    make_gateway: GatewayFactory, postgres: PostgresServer, tmp_path: Path
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path
 ) -> None:
-    one, two, three = _replicas(make_gateway, postgres, tmp_path, 3)
+    one, two, three = _replicas(make_app_gateway, postgres, tmp_path, 3)
     status = _status_when(two, lambda s: len(s["replicas"]) == 3)
     ids = {gw.app.components.replica_id for gw in (one, two, three)}
     assert {r["id"] for r in status["replicas"]} == ids and status[

@@ -15,7 +15,7 @@ from gateway.keys import ApiKey
 from gateway.openai_types import MAX_DEPTH, parse_chat_request
 from gateway.policy import Variant
 from gateway.rewrite import engine_body
-from tests.conftest import CLIENT_TOKEN, CRM_POLICY, FORCER_TOKEN, GatewayFactory
+from tests.conftest import CLIENT_TOKEN, CRM_POLICY, FORCER_TOKEN, AppGatewayFactory, Gateway
 
 MESSAGES = [{"role": "user", "content": "Move ACME to proposal."}]
 
@@ -172,21 +172,22 @@ def test_a_forbidden_route_is_refused_like_an_unknown_one() -> None:
     }
 
 
-# -- through a running gateway ----------------------------------------------------------------------------------
+# -- through an in-process gateway ------------------------------------------------------------------------------
 
 
-def post(url: str, body: Any, token: str = CLIENT_TOKEN) -> httpx.Response:
-    return httpx.post(
-        url + "/v1/chat/completions",
+def post(gw: Gateway, body: Any, token: str = CLIENT_TOKEN) -> httpx.Response:
+    return gw.http.post(
+        "/v1/chat/completions",
         content=body if isinstance(body, bytes) else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        timeout=10.0,
     )
 
 
-def test_bad_sampling_fields_and_deep_bodies_never_reach_the_engine(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway()
-    hot = post(gw.url, {"model": "crm-assistant", "messages": MESSAGES, "temperature": "hot"})
+def test_bad_sampling_fields_and_deep_bodies_never_reach_the_engine(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway()
+    hot = post(gw, {"model": "crm-assistant", "messages": MESSAGES, "temperature": "hot"})
     assert hot.status_code == 400
     assert hot.json()["error"] == {
         "message": "Invalid type for 'temperature': expected a decimal, but got a string instead.",
@@ -195,7 +196,7 @@ def test_bad_sampling_fields_and_deep_bodies_never_reach_the_engine(make_gateway
         "code": "invalid_type",
     }
     # 260 levels: orjson reads it (up to 1,024) but cannot write it for the engine (254 at most): a 500 before.
-    deep = post(gw.url, {"model": "crm-assistant", "messages": [{"role": "user", "content": [nested(256)]}]})
+    deep = post(gw, {"model": "crm-assistant", "messages": [{"role": "user", "content": [nested(256)]}]})
     assert deep.status_code == 400 and deep.json()["error"]["code"] == "nesting_too_deep"
     records = gw.records()
     assert [(r.status, r.outcome, r.error_code) for r in records] == [
@@ -204,16 +205,14 @@ def test_bad_sampling_fields_and_deep_bodies_never_reach_the_engine(make_gateway
     ]
     assert records[0].variant is None  # refused before any variant was chosen
     # 254 levels, the most orjson writes, reach the engine intact.
-    deepest = post(
-        gw.url, {"model": "crm-assistant", "messages": [{"role": "user", "content": [nested(250)]}]}
-    )
+    deepest = post(gw, {"model": "crm-assistant", "messages": [{"role": "user", "content": [nested(250)]}]})
     assert deepest.status_code == 200
 
 
 def test_a_restricted_key_cannot_tell_forbidden_routes_from_unknown_ones(
-    make_gateway: GatewayFactory,
+    make_app_gateway: AppGatewayFactory,
 ) -> None:
-    gw = make_gateway(
+    gw = make_app_gateway(
         {
             "crm.toml": CRM_POLICY,
             "other.toml": CRM_POLICY.replace('route = "crm-assistant"', 'route = "other"'),
@@ -221,7 +220,7 @@ def test_a_restricted_key_cannot_tell_forbidden_routes_from_unknown_ones(
     )
     answers = {}
     for route in ("other", "no-such-route"):
-        r = post(gw.url, {"model": route, "messages": MESSAGES})
+        r = post(gw, {"model": route, "messages": MESSAGES})
         headers = {k: v for k, v in r.headers.items() if k not in ("x-request-id", "date", "content-length")}
         answers[route] = (r.status_code, headers, r.json()["error"] | {"message": None})
         assert r.json()["error"]["message"] == (
@@ -230,8 +229,8 @@ def test_a_restricted_key_cannot_tell_forbidden_routes_from_unknown_ones(
     assert answers["other"] == answers["no-such-route"]
     assert answers["other"][0] == 404 and answers["other"][2]["code"] == "model_not_found"
     assert "x-gateway-route" not in answers["other"][1]
-    assert post(gw.url, {"model": "other", "messages": MESSAGES}, FORCER_TOKEN).status_code == 200
+    assert post(gw, {"model": "other", "messages": MESSAGES}, FORCER_TOKEN).status_code == 200
     # /v1/models lists only the routes the key may use
-    models = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})
+    models = gw.http.get("/v1/models", headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})
     assert [m["id"] for m in models.json()["data"]] == ["crm-assistant"]
     assert len(gw.records()) == 3

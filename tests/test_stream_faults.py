@@ -1,7 +1,8 @@
 """What a faulty or indiscreet engine can and cannot do to a client and to what the gateway keeps: an engine stream
 that is not a stream of JSON chunks ends with an error event (and an error record), and an engine whose errors
 echo the prompt puts it in neither the request log nor the logs. Also: a stream's tool-call verdict on its last
-chunk, where the `openai` SDK keeps it. The faulty engine is a small HTTP server in this file; the rest is real."""
+chunk, where the `openai` SDK keeps it. The faulty engine is a small HTTP server in this file, the gateway runs
+in process (tests/conftest.py); the rest is real."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from gateway import relay, sse
 from tests.conftest import (
     FORCER_TOKEN,
     UPDATE_CRM,
-    GatewayFactory,
-    RunningGateway,
+    AppGatewayFactory,
+    InProcessGateway,
     sdk_client,
     sse_events,
 )
@@ -115,8 +116,8 @@ POLICIES = {
 }
 
 
-def faulty_gateway(make_gateway: GatewayFactory, url: str, **settings: Any) -> RunningGateway:
-    return make_gateway(POLICIES, engines={"default": url}, **settings)
+def faulty_gateway(make_app_gateway: AppGatewayFactory, url: str, **settings: Any) -> InProcessGateway:
+    return make_app_gateway(POLICIES, engines={"default": url}, **settings)
 
 
 # -- a stream that is not a stream of JSON chunks --------------------------------------------------------------
@@ -140,9 +141,9 @@ def test_an_empty_data_event_is_dropped_not_a_fault() -> None:
 
 
 def test_a_non_json_engine_event_ends_the_stream_with_an_error_event_and_an_error_record(
-    make_gateway: GatewayFactory, faulty_engine: str
+    make_app_gateway: AppGatewayFactory, faulty_engine: str
 ) -> None:
-    gw = faulty_gateway(make_gateway, faulty_engine)
+    gw = faulty_gateway(make_app_gateway, faulty_engine)
     events = sse_events(gw, {"model": "garbage", "messages": MESSAGES, "stream": True}, FORCER_TOKEN)
     assert "oops" not in "".join(events) and "AFTER-THE-FAULT" not in "".join(events)
     error = json.loads(events[-2].removeprefix("data: "))["error"]
@@ -163,7 +164,7 @@ def test_a_non_json_engine_event_ends_the_stream_with_an_error_event_and_an_erro
 # -- engine error text stays out of what the gateway keeps -----------------------------------------------------
 
 
-def _drive_engine_errors(gw: RunningGateway) -> None:
+def _drive_engine_errors(gw: InProcessGateway) -> None:
     c = sdk_client(gw, FORCER_TOKEN)
     assert c.chat.completions.create(model="echo", messages=MESSAGES).choices[0].message.content == "done"
     with pytest.raises(openai.BadRequestError):  # the client's own input may come back to the client
@@ -174,10 +175,10 @@ def _drive_engine_errors(gw: RunningGateway) -> None:
 
 
 def test_an_engine_that_echoes_the_prompt_in_errors_puts_it_in_no_log(
-    make_gateway: GatewayFactory, faulty_engine: str, caplog: pytest.LogCaptureFixture
+    make_app_gateway: AppGatewayFactory, faulty_engine: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    gw = faulty_gateway(make_gateway, faulty_engine)
+    gw = faulty_gateway(make_app_gateway, faulty_engine)
     _drive_engine_errors(gw)
     fell_back, rejected, midstream = gw.records()
     assert (fell_back.fallback_from, fell_back.fallback_reason, fell_back.outcome) == (
@@ -194,10 +195,10 @@ def test_an_engine_that_echoes_the_prompt_in_errors_puts_it_in_no_log(
 
 
 def test_engine_error_text_is_logged_when_the_operator_opts_in(
-    make_gateway: GatewayFactory, faulty_engine: str, caplog: pytest.LogCaptureFixture
+    make_app_gateway: AppGatewayFactory, faulty_engine: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    gw = faulty_gateway(make_gateway, faulty_engine, log_engine_errors=True)
+    gw = faulty_gateway(make_app_gateway, faulty_engine, log_engine_errors=True)
     _drive_engine_errors(gw)
     assert caplog.text.count(SECRET) >= 2  # the fallback and the mid-stream error
     assert len(gw.records()) == 3
@@ -215,7 +216,7 @@ ENFORCED = (
 OBSERVED = ANNOTATED.replace('"annotate"', '"observe"')
 
 
-def sdk_chunks(gw: RunningGateway, **kwargs: Any) -> list[Any]:
+def sdk_chunks(gw: InProcessGateway, **kwargs: Any) -> list[Any]:
     return list(
         sdk_client(gw, FORCER_TOKEN).chat.completions.create(
             model="crm", messages=MESSAGES, tools=[UPDATE_CRM], stream=True, **kwargs
@@ -225,9 +226,9 @@ def sdk_chunks(gw: RunningGateway, **kwargs: Any) -> list[Any]:
 
 @pytest.mark.parametrize("usage", [False, True])
 def test_the_stream_verdict_is_on_the_last_chunk_for_sdk_users(
-    make_gateway: GatewayFactory, usage: bool
+    make_app_gateway: AppGatewayFactory, usage: bool
 ) -> None:
-    gw = make_gateway({"crm.toml": ANNOTATED})
+    gw = make_app_gateway({"crm.toml": ANNOTATED})
     chunks = sdk_chunks(gw, stream_options={"include_usage": usage})
     *body, last = chunks
     (rec,) = gw.records()
@@ -243,16 +244,18 @@ def test_the_stream_verdict_is_on_the_last_chunk_for_sdk_users(
         assert last.usage is None and last.choices[0].finish_reason is not None
 
 
-def test_an_enforced_stream_carries_the_verdict_of_the_call_it_served(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway({"crm.toml": ENFORCED})
+def test_an_enforced_stream_carries_the_verdict_of_the_call_it_served(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway({"crm.toml": ENFORCED})
     last = sdk_chunks(gw)[-1]
     assert (last.model_extra or {})["gateway"] == {"tool_calls": "valid", "variant": "safe"}
     (rec,) = gw.records()
     assert (rec.variant, rec.fallback_from, rec.tool_verdict) == ("safe", "sloppy", "valid")
 
 
-def test_observe_mode_puts_no_verdict_in_the_stream(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway({"crm.toml": OBSERVED})
+def test_observe_mode_puts_no_verdict_in_the_stream(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway({"crm.toml": OBSERVED})
     assert not any("gateway" in (c.model_extra or {}) for c in sdk_chunks(gw))
 
 

@@ -1,6 +1,6 @@
-"""Tool-call checks at their limits, through a real gateway: model output nested too deep is an invalid call
-(never a 500 or a broken stream), and a declared schema that is too large or does not compile is the client's
-400 naming the tool, before any engine sees the request.
+"""Tool-call checks at their limits, through an in-process gateway: model output nested too deep is an invalid
+call (never a 500 or a broken stream), and a declared schema that is too large or does not compile is the
+client's 400 naming the tool, before any engine sees the request.
 
 The engine here is a fake at the edge: a tiny ASGI app on a loopback port that answers every chat request with
 one `update_crm` call carrying the arguments a test gives it (the simulated engine only writes valid-shaped
@@ -17,7 +17,14 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import UPDATE_CRM, GatewayFactory, RunningGateway, sdk_client, serve_in_thread, sse_events
+from tests.conftest import (
+    UPDATE_CRM,
+    AppGatewayFactory,
+    InProcessGateway,
+    sdk_client,
+    serve_in_thread,
+    sse_events,
+)
 
 POLICY = """
 route = "crm-assistant"
@@ -113,8 +120,8 @@ def fake_engine() -> Iterator[tuple[FakeEngine, str]]:
 
 
 @pytest.fixture
-def gateway(make_gateway: GatewayFactory, fake_engine: tuple[FakeEngine, str]) -> RunningGateway:
-    return make_gateway({"crm.toml": POLICY}, engines={"default": fake_engine[1]}, max_schema_bytes=4096)
+def gateway(make_app_gateway: AppGatewayFactory, fake_engine: tuple[FakeEngine, str]) -> InProcessGateway:
+    return make_app_gateway({"crm.toml": POLICY}, engines={"default": fake_engine[1]}, max_schema_bytes=4096)
 
 
 def tool(parameters: Any, name: str = "update_crm") -> dict[str, Any]:
@@ -125,7 +132,7 @@ def tool(parameters: Any, name: str = "update_crm") -> dict[str, Any]:
 
 
 def test_deeply_nested_arguments_are_an_invalid_call_not_a_500(
-    gateway: RunningGateway, fake_engine: tuple[FakeEngine, str]
+    gateway: InProcessGateway, fake_engine: tuple[FakeEngine, str]
 ) -> None:
     fake_engine[0].arguments = DEEP
     raw = sdk_client(gateway).chat.completions.with_raw_response.create(
@@ -145,7 +152,7 @@ def test_deeply_nested_arguments_are_an_invalid_call_not_a_500(
 
 
 def test_deeply_nested_arguments_in_a_stream_end_with_an_invalid_verdict(
-    gateway: RunningGateway, fake_engine: tuple[FakeEngine, str]
+    gateway: InProcessGateway, fake_engine: tuple[FakeEngine, str]
 ) -> None:
     fake_engine[0].arguments = DEEP
     body = {"model": "crm-assistant", "messages": MESSAGES, "tools": [UPDATE_CRM], "stream": True}
@@ -173,7 +180,7 @@ def test_deeply_nested_arguments_in_a_stream_end_with_an_invalid_verdict(
     ],
 )
 def test_a_schema_that_does_not_compile_is_a_400_naming_the_tool(
-    gateway: RunningGateway, fake_engine: tuple[FakeEngine, str], parameters: Any, words: str
+    gateway: InProcessGateway, fake_engine: tuple[FakeEngine, str], parameters: Any, words: str
 ) -> None:
     tools = [UPDATE_CRM, tool(parameters, name="lookup_account")]
     with pytest.raises(openai.BadRequestError) as err:
@@ -192,7 +199,7 @@ def test_a_schema_that_does_not_compile_is_a_400_naming_the_tool(
 
 
 def test_a_response_format_schema_that_does_not_compile_is_a_400(
-    gateway: RunningGateway, fake_engine: tuple[FakeEngine, str]
+    gateway: InProcessGateway, fake_engine: tuple[FakeEngine, str]
 ) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "summary", "schema": {"type": "objekt"}}}
     with pytest.raises(openai.BadRequestError) as err:
@@ -206,7 +213,7 @@ def test_a_response_format_schema_that_does_not_compile_is_a_400(
 
 
 def test_a_schema_over_the_size_limit_is_a_400_naming_the_tool_and_the_limit(
-    gateway: RunningGateway, fake_engine: tuple[FakeEngine, str]
+    gateway: InProcessGateway, fake_engine: tuple[FakeEngine, str]
 ) -> None:
     properties = {f"field_{i}": {"type": "string", "maxLength": 64} for i in range(200)}
     big = tool({"type": "object", "properties": properties}, name="bulk_update")

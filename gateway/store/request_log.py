@@ -41,19 +41,26 @@ Where = Path | str  # a SQLite file, or a postgresql:// URL
 _as_row = operator.attrgetter(*FIELDS)  # one C call per record, much cheaper than dataclasses.astuple
 
 
-def _sql_type(annotation: object) -> str:
-    text = str(annotation)
-    if text.startswith(("bool", "int")):
-        return "INTEGER"
-    return "REAL" if text.startswith("float") else "TEXT"
+# Column types by the field's Python type, per backend (anything else is TEXT).
+_SQLITE_TYPES: Final = (("bool", "INTEGER"), ("int", "INTEGER"), ("float", "REAL"))
+_POSTGRES_TYPES: Final = (("bool", "BOOLEAN"), ("int", "BIGINT"), ("float", "DOUBLE PRECISION"))
+
+
+def _columns(types: tuple[tuple[str, str], ...], added_later: frozenset[str]) -> str:
+    """The first schema version's columns: every field but those a later step adds."""
+
+    def sql_type(annotation: object) -> str:
+        return next((sql for python, sql in types if str(annotation).startswith(python)), "TEXT")
+
+    return ",\n  ".join(
+        f"{f.name} {sql_type(f.type)}" for f in dataclasses.fields(Record) if f.name not in added_later
+    )
 
 
 # Fields added after the first schema version: each is added by its own step below, so the first step must not
 # create them (a new file runs every step).
 _ADDED_LATER: Final = frozenset({"forced", "bucket"})
-_COLUMNS: Final = ",\n  ".join(
-    f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(Record) if f.name not in _ADDED_LATER
-)
+_COLUMNS: Final = _columns(_SQLITE_TYPES, _ADDED_LATER)
 
 # _MIGRATIONS[i] takes a file from user_version i to i + 1. Later versions append statements here (for example
 # `ALTER TABLE records ADD COLUMN ...`); never edit an entry once released.
@@ -71,20 +78,10 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
-def _pg_type(annotation: object) -> str:
-    text = str(annotation)
-    for python, sql in (("bool", "BOOLEAN"), ("int", "BIGINT"), ("float", "DOUBLE PRECISION")):
-        if text.startswith(python):
-            return sql
-    return "TEXT"
-
-
 # Postgres: fields added after its first version get a step of their own here, as in SQLite. `xid` is the writing
 # transaction's id: `Tail` reads in its order, which (unlike a sequence) says which rows can no longer appear.
 _PG_ADDED_LATER: Final[frozenset[str]] = frozenset()
-_PG_COLUMNS: Final = ",\n  ".join(
-    f"{f.name} {_pg_type(f.type)}" for f in dataclasses.fields(Record) if f.name not in _PG_ADDED_LATER
-)
+_PG_COLUMNS: Final = _columns(_POSTGRES_TYPES, _PG_ADDED_LATER)
 PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         f"CREATE TABLE IF NOT EXISTS records (\n  {_PG_COLUMNS},\n  xid xid8 NOT NULL DEFAULT pg_current_xact_id()\n)",
