@@ -48,6 +48,7 @@ from gateway.control.policies import load_configured
 from gateway.drain import Drain
 from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied, RouterRefused
+from gateway.health import StoreHealth
 from gateway.keys import KeyRing
 from gateway.policy import PolicySnapshot, served_adapters, switches_digest
 from gateway.proxy import ChatEndpoint, Deps
@@ -134,7 +135,12 @@ class Components:
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
         self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
-        self.records = RecordWriter(_records_where(settings))
+        self.records = RecordWriter(
+            _records_where(settings),
+            spill_dir=settings.data_dir / "spill",
+            memory_max=settings.records_memory_max,
+        )
+        self.store_health = StoreHealth()
         self.drain = Drain(settings.drain_s)
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.started_at = time.time()
@@ -318,8 +324,14 @@ async def _heartbeat(c: Components) -> None:
             )
             try:
                 await asyncio.to_thread(c.state.heartbeat, replica)
-            except Exception:  # a store that is away must not stop the heartbeat
-                log.warning("heartbeat failed; retrying", exc_info=True)
+            except Exception as err:  # a store that is away must not stop the heartbeat
+                if c.store_health.up:
+                    log.warning(
+                        "the store did not answer the heartbeat: degraded until it does", exc_info=True
+                    )
+                c.store_health.failed(str(err).strip() or type(err).__name__, time.time())
+            else:
+                c.store_health.answered(time.time())
             await asyncio.sleep(c.settings.heartbeat_s)
     finally:
         with contextlib.suppress(Exception):
@@ -350,7 +362,7 @@ def _routes(c: Components) -> list[Route]:
 
     async def metrics(request: Request) -> Response:
         _authorize_metrics(c.settings, request)
-        return Response(c.telemetry.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
+        return Response(c.telemetry.prometheus_text() + _state_gauges(c), media_type=PROMETHEUS_CONTENT_TYPE)
 
     return [
         Route("/healthz", healthz, methods=["GET"]),
@@ -373,6 +385,25 @@ def _authorize_metrics(settings: Settings, request: Request) -> None:
     check_bearer(request, tokens, where="/metrics", token="metrics or admin token")
 
 
+def _state_gauges(c: Components) -> bytes:
+    """The process's own state, beside the per-request metrics: the store's health and the records waiting."""
+    gauges = (
+        (
+            "gateway_store_up",
+            "Whether the store answered the last heartbeat (1) or not (0).",
+            int(c.store_health.up),
+        ),
+        ("gateway_records_pending", "Records waiting in memory for the request log.", c.records.pending),
+        (
+            "gateway_records_spilled",
+            "Records in spill files, waiting for the request log.",
+            c.records.spilled,
+        ),
+    )
+    lines = [f"# HELP {name} {text}\n# TYPE {name} gauge\n{name} {value}\n" for name, text, value in gauges]
+    return "".join(lines).encode()
+
+
 async def _readiness(c: Components) -> Response:
     view = c.live.view
     engines: dict[str, str] = {}
@@ -384,9 +415,13 @@ async def _readiness(c: Components) -> Response:
             engines[name] = err.message
     draining = c.drain.draining  # a load balancer should stop sending new requests here
     ready = bool(view.policy.routes) and all(v == "ok" for v in engines.values()) and not draining
+    health = c.store_health
     body = {
         "ready": ready,
         "draining": draining,
+        # Degraded, still ready: requests are served on the last known state while the store is away.
+        "degraded": not health.up,
+        "store": "ok" if health.up else f"unreachable since {health.since:.0f}: {health.error}",
         "policy_version": view.policy.version,
         "routes": len(view.policy.routes),
         "engines": engines,

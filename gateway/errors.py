@@ -167,6 +167,15 @@ class ClientDisconnected(GatewayError):
     outcome = "client_disconnected"
 
 
+class NotDurable(GatewayError):
+    """An operator's change could not be written to the store with its audit entry (the database is away, or
+    refused it): nothing changed, and the change may be tried again."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "audit_failed"
+
+
 class ServerShuttingDown(GatewayError):
     """The process is draining (SIGTERM) and its deadline came before the request finished."""
 

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     state_poll_s: float = Field(default=1.0, gt=0)
     # How often each replica records that it is alive and what it serves; one silent for 3 of these is not listed.
     heartbeat_s: float = Field(default=2.0, gt=0)
+    # Records waiting in memory while the request log's database is away; beyond this, batches go to spill files
+    # in data_dir/spill, written back when it returns.
+    records_memory_max: int = Field(default=100_000, ge=0)
     admin_token: SecretStr | None = None
     # `/metrics` answers only a bearer token: the metrics token (for a scraper, which should not hold the admin
     # token) or the admin token. "off" serves it to anyone who reaches the listener.

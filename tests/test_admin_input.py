@@ -131,7 +131,7 @@ def test_a_reload_goes_live_only_once_its_audit_entry_is_written(
         )
     edit_policy(tmp_path)
     r = gw.admin("POST", "/admin/reload", json={"reason": "ramp"})
-    assert r.status_code == 500 and r.json()["error"]["code"] == "audit_failed"
+    assert r.status_code == 503 and r.json()["error"]["code"] == "audit_failed"
     assert "did not change" in r.json()["error"]["message"]
     assert gw.app.components.live.view.policy.version == before  # the old policy is still the one in force
     status = gw.admin("GET", "/admin/status").json()
@@ -149,7 +149,7 @@ def test_a_kill_whose_audit_entry_cannot_be_written_changes_nothing(
             "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
         )
     r = gw.admin("POST", "/admin/routes/crm-assistant/variants/formatter/kill", json={"reason": "drill"})
-    assert r.status_code == 500 and r.json()["error"]["code"] == "audit_failed"
+    assert r.status_code == 503 and r.json()["error"]["code"] == "audit_failed"
     assert not gw.app.components.live.view.switches.variant_killed("crm-assistant", "formatter")
     assert not gw.app.components.state.switches().variant_killed("crm-assistant", "formatter")
     status = gw.admin("GET", "/admin/status").json()

@@ -57,10 +57,18 @@ def test_the_gateway_refuses_to_start_without_keys(tmp_path: Path) -> None:
     assert "GATEWAY_KEYS_FILE" in result.stderr
 
 
-def test_serve_refuses_a_bad_policy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_refuses_a_bad_policy(tmp_path: Path, workers: str) -> None:
     (tmp_path / "bad.toml").write_text('route = "x"\n[variants.a]\nmodel = "m"\nweight = -5\n')
     result = gateway_cmd(
-        "serve", GATEWAY_POLICIES_DIR=str(tmp_path), GATEWAY_AUTH="off", GATEWAY_DATA_DIR=str(tmp_path)
+        "serve",
+        "--workers",
+        workers,
+        "--port",
+        str(free_port()),
+        GATEWAY_POLICIES_DIR=str(tmp_path),
+        GATEWAY_AUTH="off",
+        GATEWAY_DATA_DIR=str(tmp_path),
     )
     assert result.returncode == 2 and "bad.toml" in result.stderr and "weight" in result.stderr
 

@@ -3,6 +3,7 @@ what an operator changes through one replica, every replica honours."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,8 @@ from gateway.app import create_app
 from gateway.devtools.postgres import PostgresServer
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from tests.conftest import ROOT, AppGatewayFactory, Gateway
+from gateway.store.request_log import read_records
+from tests.conftest import ADMIN_TOKEN, ROOT, AppGatewayFactory, Gateway
 from tests.test_admin import ask, user_on
 from tests.test_admin_input import edit_policy
 
@@ -106,3 +108,65 @@ def test_status_lists_every_replica_and_flags_the_one_that_differs(
     assert differs["policy_version"] == one.app.components.live.view.policy.version
     two.stop()  # a replica that stops leaves the list
     _status_when(three, lambda s: two.app.components.replica_id not in {r["id"] for r in s["replicas"]})
+
+
+def test_postgres_away_for_20_s_under_load_loses_no_request_and_no_record(
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    one, two = _replicas(make_app_gateway, postgres, tmp_path, 2)
+    sent: list[str] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(gw: Gateway) -> None:
+        while not stop.is_set():
+            try:
+                sent.append(ask(gw))
+            except BaseException as err:  # reported below
+                failures.append(err)
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=load, args=(gw,)) for gw in (one, two)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        postgres.stop()
+        try:
+            ready = _until(one, lambda r: r["degraded"])  # still ready: it serves on the last known state
+            assert ready["ready"] is True and ready["store"].startswith("unreachable")
+            refused = two.admin("POST", KILL, json={"reason": "during the outage"})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "audit_failed"
+            assert b"gateway_store_up 0" in one.http.get("/metrics", headers=_METRICS).content
+            time.sleep(20.0 - 1.0)
+        finally:
+            postgres.start()
+        _until(one, lambda r: not r["degraded"])
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]
+    assert len(sent) > 500
+    assert not _killed_on(one) and not _killed_on(two)  # the refused kill did not happen anywhere
+    one.stop()  # both drain: every record reaches the database
+    two.stop()
+    assert len(read_records(postgres_url(one))) == len(sent)
+
+
+_METRICS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def postgres_url(gw: Gateway) -> str:
+    url = gw.settings.database_url
+    assert url is not None
+    return url.get_secret_value()
+
+
+def _until(gw: Gateway, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while not done(ready := gw.http.get("/readyz").json()):
+        assert time.monotonic() < deadline, f"/readyz never settled: {ready}"
+        time.sleep(0.05)
+    return ready

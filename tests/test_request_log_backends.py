@@ -5,6 +5,7 @@ in (on Postgres, where sequences do not follow commit order)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -106,3 +107,53 @@ def test_tail_misses_no_row_of_a_transaction_that_commits_late(postgres: Postgre
     read()
     assert len(seen) == 4  # and nothing twice
     tail.close()
+
+
+def test_beyond_its_memory_bound_the_writer_spills_to_files_and_replays_them(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url, spill = postgres.new_database(), tmp_path / "spill"
+    writer = RecordWriter(url, batch=10, interval_s=0.01, spill_dir=spill, memory_max=20)
+    writer.start()
+    writer.submit(make(0))
+    assert writer.flush(timeout=20)
+    postgres.stop()
+    try:
+        for i in range(1, 101):
+            writer.submit(make(i))
+        deadline = time.monotonic() + 30
+        while writer.pending > 20:  # beyond the bound, batches go to spill files; within it, they wait
+            assert time.monotonic() < deadline, f"{writer.pending} rows still in memory"
+            time.sleep(0.01)
+        assert writer.spilled >= 80 and list(spill.glob("*.jsonl"))
+    finally:
+        postgres.start()
+    writer.submit(make(101))  # the next write finds the database back, and the files are written back
+    assert writer.flush(timeout=30)
+    writer.close()
+    assert writer.spilled == 0 and not list(spill.glob("*.jsonl"))
+    assert sorted(int(r.request_id[4:]) for r in read_records(url)) == list(range(102))
+
+
+def test_rows_left_at_close_while_the_database_is_away_are_replayed_by_the_next_writer(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url, spill = postgres.new_database(), tmp_path / "spill"
+    first = RecordWriter(url, interval_s=0.01, spill_dir=spill)
+    first.start()
+    postgres.stop()
+    try:
+        for i in range(30):
+            first.submit(make(i))
+        first.close(timeout=30)  # a shutdown while the database is away: the rows go to the spill file
+        assert first.spilled == 30 and list(spill.glob("*.jsonl"))
+    finally:
+        postgres.start()
+    second = RecordWriter(url, interval_s=0.01, spill_dir=spill)
+    second.start()
+    deadline = time.monotonic() + 20
+    while list(spill.glob("*.jsonl")):
+        assert time.monotonic() < deadline, "the spill file was not replayed"
+        time.sleep(0.05)
+    second.close()
+    assert sorted(int(r.request_id[4:]) for r in read_records(url)) == list(range(30))

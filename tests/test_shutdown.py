@@ -45,7 +45,7 @@ def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def serve(tmp_path: Path, engine_url: str, port: int) -> subprocess.Popen[bytes]:
+def serve(tmp_path: Path, engine_url: str, port: int, *args: str) -> subprocess.Popen[bytes]:
     policies = tmp_path / "policies"
     policies.mkdir()
     for route, model in ROUTES.items():
@@ -60,8 +60,10 @@ def serve(tmp_path: Path, engine_url: str, port: int) -> subprocess.Popen[bytes]
         GATEWAY_AUTH="off",
         GATEWAY_PORT=str(port),
         GATEWAY_DRAIN_S=str(DRAIN_S),
+        GATEWAY_ADMIN_TOKEN="workers-test",
+        GATEWAY_HEARTBEAT_S="0.2",
     )
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "serve"], env=env, cwd=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "serve", *args], env=env, cwd=ROOT)
 
 
 def up(url: str) -> bool:
@@ -150,3 +152,53 @@ def test_sigterm_drains_ends_streams_with_an_error_event_and_records_everything(
         ("stream", 200, "server_shutdown", "server_shutting_down"),
         ("unary", 200, "ok", None),
     ]
+
+
+def _worker_pids(url: str, n: int) -> set[int]:
+    """The pids of the `n` live workers, once the status lists exactly that many."""
+    auth = {"Authorization": "Bearer workers-test"}
+    deadline = time.monotonic() + 30
+    while True:
+        replicas = httpx.get(url + "/admin/status", headers=auth, timeout=5).json()["replicas"]
+        if len(replicas) == n:
+            return {r["pid"] for r in replicas}
+        assert time.monotonic() < deadline, f"never {n} workers: {replicas}"
+        time.sleep(0.1)
+
+
+def test_workers_share_the_port_a_dead_one_is_replaced_and_sigterm_drains_them_all(
+    tmp_path: Path, engine_url: str
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve(tmp_path, engine_url, port, "--workers", "2")
+    sent = 0
+    try:
+        wait_for(lambda: up(url), timeout=60)
+        first = _worker_pids(url, 2)
+        assert proc.pid not in first
+        os.kill(min(first), signal.SIGKILL)  # a worker dies; the other keeps serving meanwhile
+        for _ in range(20):
+            assert httpx.post(url + "/v1/chat/completions", json=body("fast"), timeout=10).status_code == 200
+            sent += 1
+        deadline = time.monotonic() + 30
+        while min(first) in (replaced := _worker_pids(url, 2)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert len(replaced - first) == 1  # the dead one was started again; the other never stopped
+        with ThreadPoolExecutor(1) as pool:
+            unary = pool.submit(httpx.post, url + "/v1/chat/completions", json=body("unary"), timeout=30)
+            time.sleep(0.3)  # it reaches the engine
+            proc.send_signal(signal.SIGTERM)
+            assert unary.result().status_code == 200  # answered during the drain
+            sent += 1
+        assert proc.wait(timeout=DRAIN_S + 15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for pid in first | replaced:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    recorded = read_records(tmp_path / "var" / "requests.db")
+    assert len([r for r in recorded if r.route in ("fast", "unary")]) == sent

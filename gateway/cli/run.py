@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,12 @@ def add_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the gateway (configured by GATEWAY_* variables)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes on this host, sharing the port and the store (production: one per core)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     sim = sub.add_parser("sim-engine", help="run the simulated OpenAI-compatible engine")
@@ -73,10 +80,19 @@ def _add_engine(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    return _serve(Settings(**overrides))
+    settings = Settings(**overrides)
+    if args.workers < 1:
+        raise CommandError("--workers must be at least 1", status=2)
+    if args.workers == 1:
+        return serve_on(settings)
+    from gateway.cli.workers import serve_workers
+
+    return serve_workers(overrides, args.workers, settings.host, settings.port, settings.drain_s)
 
 
-def _serve(settings: Settings) -> int:
+def serve_on(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """One gateway process under uvicorn until SIGTERM has drained it: on its own port, or on `sockets` bound
+    by `gateway serve --workers`."""
     import uvicorn
 
     from gateway.app import DrainingServer, create_app
@@ -86,6 +102,7 @@ def _serve(settings: Settings) -> int:
         f"gateway: policy {app.components.live.view.policy.version}, "
         f"routes {sorted(app.components.live.view.policy.routes)}, listening on {settings.host}:{settings.port}",
         file=sys.stderr,
+        flush=True,
     )
     config = uvicorn.Config(
         app,
@@ -103,7 +120,7 @@ def _serve(settings: Settings) -> int:
     )
     server = DrainingServer(config, app)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises a captured SIGINT again once drained
-        server.run()
+        server.run(sockets=sockets)
     return 0 if server.started else 3  # 3: uvicorn's own exit status for a failed start
 
 
@@ -176,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  admin token: {token}  (gateway status / kill / revive / audit)\n",
             file=sys.stderr,
         )
-        return _serve(settings)
+        return serve_on(settings)
     finally:
         stop()
 

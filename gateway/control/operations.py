@@ -22,7 +22,7 @@ from gateway.canary.controller import CanaryController
 from gateway.canary.machine import Operation
 from gateway.control.adapters import AdapterRejected, Catalog, release_gate
 from gateway.control.live import LiveView
-from gateway.errors import BadRequest, ConfigError, Conflict, EngineError, GatewayError, NotFound
+from gateway.errors import BadRequest, ConfigError, Conflict, EngineError, NotDurable, NotFound
 from gateway.policy import (
     Flip,
     PolicySnapshot,
@@ -223,9 +223,8 @@ async def _written(write: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> 
     try:
         return await asyncio.to_thread(write, *args, **kwargs)
     except StoreError as err:
-        raise GatewayError(
-            f"The change's audit entry could not be written ({err}); what is served did not change.",
-            code="audit_failed",
+        raise NotDurable(
+            f"The change's audit entry could not be written ({err}); what is served did not change."
         ) from None
 
 

@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import operator
+import os
 import queue
 import re
 import sqlite3
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import psycopg
 
 from gateway.records import FIELDS, Record
@@ -206,12 +208,27 @@ class RecordWriter:
     A failed write (database locked or unreachable, disk full) is logged and retried with backoff, keeping the
     rows; a row the database rejects by itself (a value it cannot bind) is logged with its content and counted
     in `failed`.
+
+    With a `spill_dir`, rows the database cannot take are not held in memory without bound: once more than
+    `memory_max` are waiting (or the writer is closing), a batch that fails goes to a file there instead (one
+    file a batch, fsynced), counted in `spilled`. Files are replayed, each in one transaction, as soon as the
+    database takes writes again (and at start), then deleted: nothing is lost while the disk holds.
     """
 
     def __init__(
-        self, where: Where, *, batch: int = 512, interval_s: float = 0.2, busy_timeout_ms: int = 5000
+        self,
+        where: Where,
+        *,
+        batch: int = 512,
+        interval_s: float = 0.2,
+        busy_timeout_ms: int = 5000,
+        spill_dir: Path | None = None,
+        memory_max: int = 100_000,
     ) -> None:
         self.where: Where = where if isinstance(where, str) else Path(where)
+        self._spill_dir = spill_dir
+        self._memory_max = memory_max
+        self._spill_waiting = spill_dir is not None  # files may be left from an earlier run: look at start
         self._batch = max(1, batch)
         self._interval_s = interval_s
         self._busy_timeout_ms = busy_timeout_ms
@@ -225,6 +242,7 @@ class RecordWriter:
         self._inflight = 0  # rows taken off the queue, not yet committed (written by the writer thread only)
         self.written = 0
         self.failed = 0
+        self.spilled = 0  # rows put in a spill file, not yet replayed
 
     @property
     def pending(self) -> int:
@@ -302,6 +320,8 @@ class RecordWriter:
             while True:
                 rows, marker = self._collect()
                 self._write(sink, rows)
+                if self._spill_waiting and not rows:
+                    self._replay(sink)
                 if isinstance(marker, threading.Event):
                     marker.set()
                 elif marker is _STOP:
@@ -338,11 +358,15 @@ class RecordWriter:
                 sink.insert(rows)
                 self.written += len(rows)
                 self._inflight -= len(rows)
+                if self._spill_waiting:
+                    self._replay(sink)
                 return
             except sink.DATA_ERRORS:
                 self._isolate(sink, rows)
                 return
             except sink.ERRORS:
+                if self._spilling() and self._spill(rows):
+                    return
                 delay = min(_MAX_BACKOFF_S, 0.05 * 2**attempt)
                 _log.exception(
                     "record writer: writing %d rows to %s failed; retrying in %.2fs",
@@ -352,6 +376,50 @@ class RecordWriter:
                 )
                 attempt += 1
                 time.sleep(delay)
+
+    def _spilling(self) -> bool:
+        """Whether a batch the database refused goes to a spill file rather than waiting in memory."""
+        return self._spill_dir is not None and (self._closed or self.pending > self._memory_max)
+
+    def _spill(self, rows: list[tuple[Any, ...]]) -> bool:
+        """Put `rows` in a spill file of their own; False (they stay in memory) if that fails too."""
+        assert self._spill_dir is not None
+        path = self._spill_dir / f"records-{time.time_ns()}-{os.getpid()}.jsonl"
+        try:
+            self._spill_dir.mkdir(parents=True, exist_ok=True)
+            with path.open("wb") as f:
+                f.write(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            _log.exception(
+                "record writer: spilling %d rows to %s failed; keeping them in memory", len(rows), path
+            )
+            path.unlink(missing_ok=True)
+            return False
+        _log.warning("record writer: the database is away; %d rows spilled to %s", len(rows), path)
+        self.spilled += len(rows)
+        self._inflight -= len(rows)
+        self._spill_waiting = True
+        return True
+
+    def _replay(self, sink: _Sink) -> None:
+        """Write the spill files back, oldest first, each in one transaction; stop at the first that fails."""
+        assert self._spill_dir is not None
+        for path in sorted(self._spill_dir.glob("records-*.jsonl")):
+            rows = [tuple(orjson.loads(line)) for line in path.read_bytes().splitlines() if line]
+            try:
+                sink.insert(rows)
+            except sink.DATA_ERRORS:
+                _log.exception("record writer: %s holds rows the database rejects; it is left in place", path)
+                continue
+            except sink.ERRORS:
+                return  # still away: the files wait for the next successful write
+            path.unlink()
+            self.written += len(rows)
+            self.spilled = max(0, self.spilled - len(rows))
+            _log.warning("record writer: %d spilled rows written back from %s", len(rows), path)
+        self._spill_waiting = False
 
     def _isolate(self, sink: _Sink, rows: list[tuple[Any, ...]]) -> None:
         # The database rejected some row's values: write the rows one by one so the others are still stored.
