@@ -43,7 +43,7 @@ def _sql_type(annotation: object) -> str:
 
 # Fields added after the first schema version: each is added by its own step below, so the first step must not
 # create them (a new file runs every step).
-_ADDED_LATER: Final = frozenset({"forced", "bucket"})
+_ADDED_LATER: Final = frozenset({"forced", "bucket", "engine_url"})
 _COLUMNS: Final = ",\n  ".join(
     f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(Record) if f.name not in _ADDED_LATER
 )
@@ -60,6 +60,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE records ADD COLUMN forced INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE records ADD COLUMN bucket REAL",
     ),
+    ("ALTER TABLE records ADD COLUMN engine_url TEXT",),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 _INSERT: Final = f"INSERT INTO records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
