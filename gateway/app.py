@@ -47,6 +47,7 @@ from gateway.engine import EnginePool
 from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied, RouterRefused
 from gateway.keys import KeyRing
 from gateway.policy import PolicySnapshot, served_adapters
+from gateway.pool import pool_ready
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.settings import Settings
 from gateway.store.request_log import RecordWriter
@@ -128,14 +129,16 @@ class Components:
         self.live = LiveView(policy, self.state.switches(), self.state.pins(), self.state.canary_states())
         self.canary = CanaryController(self.state, self.live, settings.records_db)
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
-        self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
+        self.engines = engines or EnginePool(
+            settings.engine_pools, connections=settings.engine_connections, health=settings.engine_health
+        )
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
         self.records = RecordWriter(settings.records_db)
         self.drain = Drain(settings.drain_s)
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
         self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
         self.lora = LoraManager(
-            settings.engines,
+            self.engines.pools,
             catalog=lambda: self.catalog,
             state=self.state,
             inflight=self.engine_inflight,
@@ -211,6 +214,7 @@ def create_app(
         counters=c.counters,
         catalog=lambda: c.catalog,
         records_db=settings.records_db,
+        engines=c.engines.status,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(
@@ -239,6 +243,7 @@ def _lifespan(c: Components) -> Callable[[Starlette], contextlib.AbstractAsyncCo
             asyncio.create_task(_watch_switches(c)),
             asyncio.create_task(_reconcile_adapters(c)),
             asyncio.create_task(_run_canaries(c)),
+            asyncio.create_task(_probe_engines(c)),
         ]
         try:
             yield
@@ -291,6 +296,17 @@ async def _reconcile_adapters(c: Components) -> None:
         await asyncio.sleep(c.settings.reconcile_s)
 
 
+async def _probe_engines(c: Components) -> None:
+    """Probe the pool members' `/health` when due: an ejected member's once its backoff ends (it is readmitted or
+    ejected for longer), every member's each `GATEWAY_ENGINE_PROBE_S`."""
+    while True:
+        await c.engines.until_probe_due()
+        try:
+            await c.engines.probe()
+        except Exception:
+            log.exception("engine health probe failed; retrying")
+
+
 def _routes(c: Components) -> list[Route]:
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -328,13 +344,15 @@ def _authorize_metrics(settings: Settings, request: Request) -> None:
 
 async def _readiness(c: Components) -> Response:
     view = c.live.view
-    engines: dict[str, str] = {}
-    for name in c.engines.names:
-        try:
-            await c.engines.get_json(name, "v1/models")
-            engines[name] = "ok"
-        except GatewayError as err:
-            engines[name] = err.message
+    status = c.engines.status()
+    checks = [
+        c.engines.member_ready(name, i) for name, members in status.items() for i in range(len(members))
+    ]
+    answers = iter(await asyncio.gather(*checks))
+    for members in status.values():
+        for member in members:
+            member["ready"] = next(answers)
+    engines = {name: pool_ready([m["ready"] for m in members]) for name, members in status.items()}
     draining = c.drain.draining  # a load balancer should stop sending new requests here
     ready = bool(view.policy.routes) and all(v == "ok" for v in engines.values()) and not draining
     body = {
@@ -343,6 +361,7 @@ async def _readiness(c: Components) -> Response:
         "policy_version": view.policy.version,
         "routes": len(view.policy.routes),
         "engines": engines,
+        "members": status,
     }
     return json_response(body, 200 if ready else 503)
 

@@ -3,9 +3,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+from pydantic import ValidationError
 
 from gateway.pool import HealthPolicy, Pool, parse_engines, pool_ready
+from gateway.settings import Settings
+from tests.conftest import ROOT
 
 A, B, C = "http://10.0.0.5:8001", "http://10.0.0.6:8001", "http://10.0.0.7:8001"
 POLICY = HealthPolicy(eject_after=3, backoff_s=1.0, max_backoff_s=8.0, probe_s=5.0)
@@ -41,6 +49,23 @@ def test_a_bad_engine_is_refused_naming_the_engine_and_the_url(value: object, me
     with pytest.raises(ValueError) as err:
         parse_engines(value)
     assert message in str(err.value)
+    with pytest.raises(ValidationError) as refused:
+        Settings(engines=value)
+    assert message in str(refused.value)
+
+
+def test_settings_keep_the_configured_shape_and_give_the_pools() -> None:
+    settings = Settings(engines={"default": A + "/", "gpu": [B, C]})
+    assert settings.engines == {"default": A, "gpu": [B, C]}  # a single URL stays as it was written
+    assert settings.engine_pools == {"default": (A,), "gpu": (B, C)}
+
+
+def test_the_environment_takes_a_json_list() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_ENGINES"] = json.dumps({"default": [A, B], "cpu": C})
+    probe = "from gateway.settings import Settings; print(Settings().engine_pools)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str({"default": (A, B), "cpu": (C,)}), out.stderr
 
 
 # --- the choice -----------------------------------------------------------------------------------------------

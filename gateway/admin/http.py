@@ -49,6 +49,7 @@ class AdminContext:
     counters: Counter[tuple[str, str, str, str]]
     catalog: Callable[[], Catalog]
     records_db: Path
+    engines: Callable[[], dict[str, list[dict[str, Any]]]]  # each pool's members (`EnginePool.status`)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -102,6 +102,7 @@ async def _status(ctx: AdminContext, request: Request) -> Response:
             "policy_version": view.policy.version,
             "switches": _switches_json(view),
             "routes": _routes_json(view, ctx.counters),
+            "engines": ctx.engines(),
         }
     )
 
