@@ -75,6 +75,8 @@ def test_kill_status_revive_audit_from_the_command_line(make_gateway: GatewayFac
     assert json.loads(status.stdout)["routes"]["crm-assistant"]["variants"]["formatter"]["killed"] is True
     table = gateway_cmd("status", gw=gw).stdout
     assert "formatter" in table and "KILLED" in table
+    member = next(line for line in table.splitlines() if gw.settings.engine_pools["default"][0] in line)
+    assert member.split()[0] == "default" and "healthy" in member  # each pool member, its health
     assert (
         gateway_cmd("kill", "crm-assistant", "baseline", "--reason", "x", gw=gw).returncode == 1
     )  # last live
@@ -309,6 +311,8 @@ def entry(action: str, **fields: object) -> dict[str, object]:
          "crm-formatter@1 on engine gpu"),
         (entry("adapter_rejected", detail={"adapter": "crm-formatter@9", "engine": "default"}),
          "crm-formatter@9 on engine default"),
+        (entry("adapter_load", detail={"adapter": "crm-formatter@2", "engine": "gpu", "member": "http://b:8001"}),
+         "crm-formatter@2 on engine gpu at http://b:8001"),
         (entry("adapter_swap", route="crm", variant="ft", detail={"adapter": "crm-formatter@2"}),
          "crm/ft -> crm-formatter@2"),
         (entry("reload", detail={"previous_version": "0ld", "routes": ["crm"]}), "policies (was 0ld)"),
