@@ -65,6 +65,15 @@ def test_serve_refuses_a_bad_policy(tmp_path: Path) -> None:
     assert result.returncode == 2 and "bad.toml" in result.stderr and "weight" in result.stderr
 
 
+def test_serve_refuses_a_bad_engine_url_naming_the_engine_and_the_url(tmp_path: Path) -> None:
+    engines = '{"default": ["http://10.0.0.5:8001", "ftp://10.0.0.6"]}'
+    result = gateway_cmd("serve", GATEWAY_ENGINES=engines, GATEWAY_AUTH="off", GATEWAY_DATA_DIR=str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "gateway: configuration rejected: GATEWAY_ENGINES: engine 'default': 'ftp://10.0.0.6' is not an http(s) URL"
+    )
+
+
 def test_kill_status_revive_audit_from_the_command_line(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
     killed = gateway_cmd(
