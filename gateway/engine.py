@@ -33,7 +33,7 @@ import yarl
 
 from gateway.errors import EngineError, EngineRejected, EngineTimeout, EngineUnavailable, GatewayError
 from gateway.policy import Timeouts
-from gateway.pool import HealthPolicy, Member, Pool
+from gateway.pool import HealthPolicy, Member, Pool, parse_engines
 
 log = logging.getLogger("gateway.engine")
 PROBE_TIMEOUT_S = 2.0
@@ -120,14 +120,15 @@ class EnginePool:
 
     def __init__(
         self,
-        engines: Mapping[str, Sequence[str]],
+        engines: Mapping[str, str | Sequence[str]],
         *,
         connections: int = 256,
         health: HealthPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policy = health or HealthPolicy()
-        self._pools = {name: Pool(name, tuple(urls), self._policy) for name, urls in engines.items()}
+        pools = parse_engines(engines)  # a URL or a list of them, as in GATEWAY_ENGINES
+        self._pools = {name: Pool(name, urls, self._policy) for name, urls in pools.items()}
         self._connections = connections
         self._clock = clock
         self._ejected = asyncio.Event()  # wakes the probe loop: an ejected member's probe is due sooner
