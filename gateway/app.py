@@ -51,6 +51,7 @@ from gateway.errors import ConfigError, GatewayError, NotFound, PermissionDenied
 from gateway.health import StoreHealth
 from gateway.keys import KeyRing
 from gateway.policy import PolicySnapshot, served_adapters, switches_digest
+from gateway.pool import pool_ready
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.settings import Settings
 from gateway.store.api import Replica, StateStore, StoreError
@@ -133,7 +134,9 @@ class Components:
         self.live = LiveView(policy, self.state.switches(), self.state.pins(), self.state.canary_states())
         self.canary = CanaryController(self.state, self.live, _records_where(settings))
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
-        self.engines = engines or EnginePool(settings.engines, connections=settings.engine_connections)
+        self.engines = engines or EnginePool(
+            settings.engine_pools, connections=settings.engine_connections, health=settings.engine_health
+        )
         self.telemetry = telemetry or Telemetry(otlp_endpoint=settings.otlp_endpoint)
         self.records = RecordWriter(
             _records_where(settings),
@@ -147,7 +150,7 @@ class Components:
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
         self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
         self.lora = LoraManager(
-            settings.engines,
+            self.engines.pools,
             catalog=lambda: self.catalog,
             state=self.state,
             inflight=self.engine_inflight,
@@ -239,6 +242,7 @@ def create_app(
         records=_records_where(settings),
         replica_id=c.replica_id,
         replica_window_s=3 * settings.heartbeat_s,
+        engines=c.engines.status,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(
@@ -268,6 +272,7 @@ def _lifespan(c: Components) -> Callable[[Starlette], contextlib.AbstractAsyncCo
             asyncio.create_task(_reconcile_adapters(c)),
             asyncio.create_task(_run_canaries(c)),
             asyncio.create_task(_heartbeat(c)),
+            asyncio.create_task(_probe_engines(c)),
         ]
         try:
             yield
@@ -350,6 +355,17 @@ async def _reconcile_adapters(c: Components) -> None:
         await asyncio.sleep(c.settings.reconcile_s)
 
 
+async def _probe_engines(c: Components) -> None:
+    """Probe the pool members' `/health` when due: an ejected member's once its backoff ends (it is readmitted or
+    ejected for longer), every member's each `GATEWAY_ENGINE_PROBE_S`."""
+    while True:
+        await c.engines.until_probe_due()
+        try:
+            await c.engines.probe()
+        except Exception:
+            log.exception("engine health probe failed; retrying")
+
+
 def _routes(c: Components) -> list[Route]:
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -406,13 +422,15 @@ def _state_gauges(c: Components) -> bytes:
 
 async def _readiness(c: Components) -> Response:
     view = c.live.view
-    engines: dict[str, str] = {}
-    for name in c.engines.names:
-        try:
-            await c.engines.get_json(name, "v1/models")
-            engines[name] = "ok"
-        except GatewayError as err:
-            engines[name] = err.message
+    status = c.engines.status()
+    checks = [
+        c.engines.member_ready(name, i) for name, members in status.items() for i in range(len(members))
+    ]
+    answers = iter(await asyncio.gather(*checks))
+    for members in status.values():
+        for member in members:
+            member["ready"] = next(answers)
+    engines = {name: pool_ready([m["ready"] for m in members]) for name, members in status.items()}
     draining = c.drain.draining  # a load balancer should stop sending new requests here
     ready = bool(view.policy.routes) and all(v == "ok" for v in engines.values()) and not draining
     health = c.store_health
@@ -425,6 +443,7 @@ async def _readiness(c: Components) -> Response:
         "policy_version": view.policy.version,
         "routes": len(view.policy.routes),
         "engines": engines,
+        "members": status,
     }
     return json_response(body, 200 if ready else 503)
 

@@ -122,13 +122,15 @@ class NoLiveVariant(GatewayError):
 
 class EngineError(GatewayError):
     """The engine answered with a failure, or broke the connection. `fallback_ok` says whether nothing reached
-    the client yet and the request may be retried on a fallback variant."""
+    the client yet and the request may be retried on a fallback variant; `member`, the pool member's URL (for the
+    record, never in the message)."""
 
     status = 502
     type = "upstream_error"
     default_code = "engine_error"
     outcome = "engine_error"
     fallback_ok: bool = True
+    member: str | None = None
 
 
 class EngineUnavailable(EngineError):
@@ -142,11 +144,13 @@ class EngineTimeout(EngineError):
 
 
 class EngineRejected(GatewayError):
-    """The engine refused the request as the client's fault (4xx other than an unknown model): relayed as is."""
+    """The engine refused the request as the client's fault (4xx other than an unknown model): relayed as is.
+    `member`: the pool member's URL, for the record."""
 
     type = "invalid_request_error"
     default_code = "engine_rejected"
     outcome = "client_error"
+    member: str | None = None
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, code: str | None = None

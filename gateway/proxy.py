@@ -7,8 +7,8 @@ choices"), and a plain callable also lets a stream be relayed event by event as 
 Every request gets exactly one `Record`, written in `finally`, whatever the exit: success, a client error, an engine
 failure, a client that hung up, a stream that broke mid-way, or a bug (which answers a clean 500 envelope and logs
 the traceback). Errors before the response started are sent as a status and OpenAI's envelope; after a stream
-started, as an SSE error event. A failure before the engine's first byte falls back once to the route's first live
-fallback variant.
+started, as an SSE error event. A failure before the engine's first byte is tried once more on another member of the
+engine's pool (`engine`), then falls back once to the route's first live fallback variant.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from gateway.errors import (
     BadRequest,
     ClientDisconnected,
     EngineError,
+    EngineRejected,
     GatewayError,
     InvalidToolCall,
     PayloadTooLarge,
@@ -290,7 +291,15 @@ class ChatEndpoint:
         body = engine_body(req.body, variant, stream=req.stream, context=context)
         self.d.engine_inflight[variant.model] += 1
         x.engine_models.append(variant.model)
-        return await self.d.engines.chat(variant.engine, body, plan.route.timeouts, x.rec.request_id)
+        try:
+            response = await self.d.engines.chat(
+                variant.engine, body, plan.route.timeouts, x.rec.request_id, variant.adapter
+            )
+        except (EngineError, EngineRejected) as err:
+            x.rec.engine_url = err.member
+            raise
+        x.rec.engine_url = response.url
+        return response
 
     # -- non-stream -------------------------------------------------------------------------------------------
 

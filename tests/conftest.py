@@ -143,6 +143,43 @@ def running_sim_engine(behaviour: Path) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+class SimEngineProcess:
+    """A simulated engine in a process of a test's own, on a port of its own, so that the test can stop, kill and
+    start it again there (a restarted engine has forgotten the adapters it had loaded)."""
+
+    def __init__(self, behaviour: Path = ROOT / "tests" / "data" / "sim_engine.toml") -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = sim_engine.command(port, behaviour)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd)
+        _wait_http(self.url + "/health")
+
+    def stop(self) -> None:
+        """SIGTERM: the engine finishes what it is answering, then exits."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL: the engine is gone at once, connections and all."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters (`GET /sim/stats`): requests per model, adapter loads, injected errors."""
+        stats: dict[str, Any] = httpx.get(self.url + "/sim/stats", timeout=10).json()
+        return stats
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     """A real Postgres server, shared by the session (started on first use); `postgres.new_database()` gives

@@ -4,7 +4,6 @@ The gateways run in process (tests/conftest.py); each test's engine is a real pr
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,16 +13,13 @@ import httpx
 import openai
 import pytest
 
-from gateway.devtools import sim_engine
 from tests.adapter_factory import adapter_policy, make_adapter
 from tests.conftest import (
     FORCER_TOKEN,
-    ROOT,
     AppGatewayFactory,
     Gateway,
-    _wait_http,
+    SimEngineProcess,
     engine_models,
-    free_port,
     sdk_client,
     wait_for,
 )
@@ -52,35 +48,15 @@ def actions(gw: Gateway) -> list[str]:
     return [e["action"] for e in gw.admin("GET", "/admin/audit?limit=1000").json()["entries"]]
 
 
-class OwnEngine:
-    """A simulated engine of this test's own, so that it can be restarted."""
-
-    def __init__(self) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.cmd = sim_engine.command(port, ROOT / "tests" / "data" / "sim_engine.toml")
-        self.proc = subprocess.Popen(self.cmd)
-        _wait_http(self.url + "/health")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.proc = subprocess.Popen(self.cmd)
-        _wait_http(self.url + "/health")
-
-
 @pytest.fixture
-def own_engine() -> Iterator[OwnEngine]:
-    engine = OwnEngine()
+def own_engine() -> Iterator[SimEngineProcess]:
+    engine = SimEngineProcess()
     yield engine
     engine.stop()
 
 
 @pytest.fixture
-def sim_engine_url(own_engine: OwnEngine) -> str:
+def sim_engine_url(own_engine: SimEngineProcess) -> str:
     """Every test here gets an engine of its own: gateways unload the catalog versions their policy does not
     reference, so a gateway of an earlier test still shutting down could unload what this test just loaded."""
     return own_engine.url
@@ -180,7 +156,7 @@ def test_a_broken_version_never_reaches_the_engine(
 
 
 def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
-    make_app_gateway: AppGatewayFactory, adapters: Path, own_engine: OwnEngine
+    make_app_gateway: AppGatewayFactory, adapters: Path, own_engine: SimEngineProcess
 ) -> None:
     gw = make_app_gateway(
         {"crm.toml": adapter_policy("2", weight=50)},

@@ -73,6 +73,15 @@ def test_serve_refuses_a_bad_policy(tmp_path: Path, workers: str) -> None:
     assert result.returncode == 2 and "bad.toml" in result.stderr and "weight" in result.stderr
 
 
+def test_serve_refuses_a_bad_engine_url_naming_the_engine_and_the_url(tmp_path: Path) -> None:
+    engines = '{"default": ["http://10.0.0.5:8001", "ftp://10.0.0.6"]}'
+    result = gateway_cmd("serve", GATEWAY_ENGINES=engines, GATEWAY_AUTH="off", GATEWAY_DATA_DIR=str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "gateway: configuration rejected: GATEWAY_ENGINES: engine 'default': 'ftp://10.0.0.6' is not an http(s) URL"
+    )
+
+
 def test_kill_status_revive_audit_from_the_command_line(make_gateway: GatewayFactory) -> None:
     gw = make_gateway()
     killed = gateway_cmd(
@@ -83,6 +92,8 @@ def test_kill_status_revive_audit_from_the_command_line(make_gateway: GatewayFac
     assert json.loads(status.stdout)["routes"]["crm-assistant"]["variants"]["formatter"]["killed"] is True
     table = gateway_cmd("status", gw=gw).stdout
     assert "formatter" in table and "KILLED" in table
+    member = next(line for line in table.splitlines() if gw.settings.engine_pools["default"][0] in line)
+    assert member.split()[0] == "default" and "healthy" in member  # each pool member, its health
     assert (
         gateway_cmd("kill", "crm-assistant", "baseline", "--reason", "x", gw=gw).returncode == 1
     )  # last live
@@ -317,6 +328,8 @@ def entry(action: str, **fields: object) -> dict[str, object]:
          "crm-formatter@1 on engine gpu"),
         (entry("adapter_rejected", detail={"adapter": "crm-formatter@9", "engine": "default"}),
          "crm-formatter@9 on engine default"),
+        (entry("adapter_load", detail={"adapter": "crm-formatter@2", "engine": "gpu", "member": "http://b:8001"}),
+         "crm-formatter@2 on engine gpu at http://b:8001"),
         (entry("adapter_swap", route="crm", variant="ft", detail={"adapter": "crm-formatter@2"}),
          "crm/ft -> crm-formatter@2"),
         (entry("reload", detail={"previous_version": "0ld", "routes": ["crm"]}), "policies (was 0ld)"),

@@ -20,6 +20,7 @@ PURE = [
     "relay",
     "pricing",
     "records",
+    "pool",
     "report",
     "stats",
     "canary.spec",

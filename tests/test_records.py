@@ -77,7 +77,7 @@ def test_every_field_round_trips(writer: RecordWriter, db: Path) -> None:
         fallback_from="base", engine_first_byte_s=0.01, e2e_s=1.25, ttft_s=0.05, tpot_s=0.02, input_tokens=10,
         output_tokens=20, cost=0.0003, currency="USD", tool_verdict="invalid", tool_reason="schema",
         tool_path="/arguments/id", tool_detail="not an integer", tool_calls=2, tool_choice="auto", share=0.05,
-        policy_version="v7", retrieval_s=0.003,
+        policy_version="v7", retrieval_s=0.003, forced=True, bucket=0.25, engine_url="http://10.0.0.5:8001",
     )  # fmt: skip
     minimal = Record(ts=2.0, request_id="r2")
     writer.submit(full)
@@ -267,6 +267,26 @@ def test_read_records_fills_columns_an_older_file_lacks(db: Path) -> None:
         conn.execute("INSERT INTO records VALUES (1.0, 'old', 'crm', 1)")
     conn.close()
     assert read_records(db) == [Record(ts=1.0, request_id="old", route="crm", stream=True)]
+
+
+def test_a_version_2_file_gains_the_engine_url_column_and_keeps_its_rows(db: Path) -> None:
+    columns = [f for f in FIELDS if f != "engine_url"]
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE records ({', '.join(columns)})")
+        conn.execute("INSERT INTO records (ts, request_id, route) VALUES (1.0, 'before', 'crm')")
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    writer = RecordWriter(db)
+    writer.start()
+    writer.submit(Record(ts=2.0, request_id="after", route="crm", engine_url="http://10.0.0.6:8001"))
+    writer.close()
+    assert [(r.request_id, r.engine_url) for r in read_records(db)] == [
+        ("before", None),
+        ("after", "http://10.0.0.6:8001"),
+    ]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    conn.close()
 
 
 def test_a_file_from_a_newer_gateway_is_written_without_downgrading(db: Path) -> None:

@@ -51,6 +51,7 @@ class AdminContext:
     records: Where  # the request log
     replica_id: str  # this process, as the replicas table names it
     replica_window_s: float  # a replica whose last heartbeat is older is not listed
+    engines: Callable[[], dict[str, list[dict[str, Any]]]]  # each pool's members (`EnginePool.status`)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -107,6 +107,7 @@ async def _status(ctx: AdminContext, request: Request) -> Response:
             "routes": _routes_json(view, ctx.counters),
             "answered_by": ctx.replica_id,
             "replicas": _replicas_json(replicas),
+            "engines": ctx.engines(),
         }
     )
 

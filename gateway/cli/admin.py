@@ -103,6 +103,7 @@ def _print_status(body: dict[str, Any]) -> None:
     print(f"policy {body['policy_version']}   kill-all: {'ON' if switches['global_kill'] else 'off'}")
     _print_routes(body["routes"])
     _print_replicas(body.get("replicas", []), body.get("answered_by"))
+    _print_engines(body.get("engines", {}))
 
 
 def _print_replicas(replicas: list[dict[str, Any]], answered_by: str | None) -> None:
@@ -116,6 +117,18 @@ def _print_replicas(replicas: list[dict[str, Any]], answered_by: str | None) -> 
         print(
             f"  {r['id']:<34} {r['policy_version']:<14} {r['switches']:<13} {now - r['last_seen']:>5.0f}s{mark}{this}"
         )
+
+
+def _print_engines(engines: dict[str, list[dict[str, Any]]]) -> None:
+    """Each pool's members: health (with the time left of an ejection), requests outstanding, adapters held."""
+    if not engines:
+        return
+    print(f"\n{'engine':<12} {'member':<32} {'health':<16} {'outstanding':>11}  adapters")
+    for name, members in engines.items():
+        for m in members:
+            health = m["health"] + (f" {m['ejected_for_s']:.0f}s" if m["health"] == "ejected" else "")
+            adapters = ", ".join(m["adapters"]) or "-"
+            print(f"{name:<12} {m['url']:<32} {health:<16} {m['outstanding']:>11}  {adapters}")
 
 
 def _print_routes(routes: dict[str, Any]) -> None:
@@ -157,7 +170,7 @@ def audit_line(e: Mapping[str, Any]) -> str:
 
 def audit_target(e: Mapping[str, Any]) -> str:
     """What an audit entry acted on: `route/variant` (with the adapter version it now serves after a swap or a
-    rollback), `name@version on engine E` for an engine's adapter loads, unloads and rejections, `all routes`
+    rollback), `name@version on engine E at URL` for a pool member's adapter loads, unloads and rejections, `all routes`
     for kill-all and revive-all, `policies` for a reload."""
     detail = e.get("detail") or {}
     where = "/".join(p for p in (e.get("route"), e.get("variant")) if p)
@@ -168,7 +181,8 @@ def audit_target(e: Mapping[str, Any]) -> str:
         return f"policies (was {previous})" if previous else "policies"
     adapter = detail.get("adapter")
     if adapter and "engine" in detail:
-        return f"{adapter} on engine {detail['engine']}"
+        member = f" at {detail['member']}" if detail.get("member") else ""
+        return f"{adapter} on engine {detail['engine']}{member}"
     if adapter and where:
         return f"{where} -> {adapter}"
     return where or "-"

@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from gateway.cli import admin, canary, loadtest, report, run
 from gateway.cli.client import CommandError
 from gateway.errors import ConfigError
@@ -25,12 +27,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The command; a configuration it cannot use (a policy, keys or scenario file) is a `CommandError` (2)."""
+    """The command; a configuration it cannot use (a setting, a policy, keys or scenario file) is a
+    `CommandError` (2)."""
     try:
         result: int = args.func(args)
     except ConfigError as err:
         raise CommandError(f"configuration rejected: {err.message}", status=2) from None
+    except ValidationError as err:
+        if err.title != "Settings":  # other files' models are turned into ConfigError where they are read
+            raise
+        raise CommandError(f"configuration rejected: {_settings_problems(err)}", status=2) from None
     return result
+
+
+def _settings_problems(err: ValidationError) -> str:
+    """Each bad setting by its variable, with pydantic's message (`GATEWAY_ENGINES: engine 'x': ...`)."""
+    problems = []
+    for e in err.errors():
+        name = str(e["loc"][0]) if e["loc"] else "?"
+        variable = name if name.isupper() else f"GATEWAY_{name.upper()}"  # OTEL_* come by their own names
+        problems.append(f"{variable}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
 
 
 def _parser() -> argparse.ArgumentParser:

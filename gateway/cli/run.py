@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     engine_url = f"http://127.0.0.1:{args.engine_port}"
     stop: Callable[[], object] = _nothing
     if "engines" in env.model_fields_set:
-        engine_url = ", ".join(env.engines.values())
+        engine_url = ", ".join(url for urls in env.engine_pools.values() for url in urls)
         settings = demo_settings(env)
     elif args.sim:
         sim_policies = Path("loadtests/sim/policies")

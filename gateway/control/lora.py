@@ -1,16 +1,20 @@
-"""Keeps each engine's loaded LoRA adapters equal to what the live policy references.
+"""Keeps the loaded LoRA adapters of every member of every engine pool equal to what the live policy references.
 
 vLLM loads and unloads adapters at runtime (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`; plain-text 200
-on success, OpenAI's envelope otherwise) and forgets them when it restarts. So the gateway:
+on success, OpenAI's envelope otherwise) and forgets them when it restarts. So the gateway, member by member:
 
 - `ensure(policy)`: before a policy goes live, every adapter version it references is verified
-  (`control.adapters.verify`) and loaded on its engine; a version that fails never reaches the engine, and the policy is
-  refused. This is what makes a hot swap lose nothing: the new version serves before traffic moves to it.
-- `reconcile(policy)`, periodically: reloads what an engine lost (a restart; meanwhile its requests get the
-  engine's 404 and fall back), and unloads versions no policy references once their in-flight requests ended.
-  Only versions from this gateway's catalog are ever unloaded.
+  (`control.adapters.verify`) and loaded on each member of its engine's pool that answers; a version that fails
+  never reaches an engine, and the policy is refused, as it is when no member of a pool answers. This is what makes
+  a hot swap lose nothing: the new version serves before traffic moves to it.
+- `reconcile(policy)`, periodically: reloads what a member lost (a restart; meanwhile requests for the adapter go
+  to members that hold it, or get the member's 404 and are retried or fall back), and unloads versions no policy
+  references once their in-flight requests ended. Each member is reconciled on its own: one that is down or
+  restarted does not hold up the others. Only versions from this gateway's catalog are ever unloaded.
 
-Every load, unload and rejection is written to the audit log. This is the control plane: httpx, not the hot path.
+What each member lists is published on its `pool.Member` (`adapters`), where the balancer prefers members that hold
+a request's adapter. Every load, unload and rejection is written to the audit log, naming the member. This is the
+control plane: httpx, not the hot path.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from gateway.control.adapters import AdapterRejected, Catalog, EngineFacts, veri
 from gateway.digests import sha256_file
 from gateway.errors import EngineError
 from gateway.policy import PolicySnapshot
+from gateway.pool import Member, Pool
 from gateway.store.api import Entry, StateStore
 
 log = logging.getLogger("gateway.control.lora")
@@ -39,6 +44,15 @@ class EngineState:
     base_model: str
     base_root: str | None
     adapters: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """One member of one pool, as messages and audit entries name it."""
+
+    engine: str
+    member: Member
+    label: str  # "Engine 'x'" (a pool of one) or "Engine 'x' at URL"
 
 
 def desired(policy: PolicySnapshot) -> dict[str, set[str]]:
@@ -54,7 +68,7 @@ def desired(policy: PolicySnapshot) -> dict[str, set[str]]:
 class LoraManager:
     def __init__(
         self,
-        urls: Mapping[str, str],
+        pools: Mapping[str, Pool],
         *,
         catalog: Callable[[], Catalog],
         state: StateStore,
@@ -62,7 +76,7 @@ class LoraManager:
         max_lora_rank: int = 16,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._urls = dict(urls)
+        self._pools = pools
         self._catalog = catalog
         self._state = state
         self._inflight = inflight
@@ -74,49 +88,82 @@ class LoraManager:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def engine_state(self, engine: str) -> EngineState:
+    def _members(self, engine: str) -> list[_Where]:
+        pool = self._pools[engine]
+        return [_Where(engine, m, pool.describe(i)) for i, m in enumerate(pool.members)]
+
+    async def member_state(self, where: _Where) -> EngineState:
+        """What the member serves now (`GET /v1/models`); its adapters are published for the balancer."""
         try:
-            response = await self._client.get(self._urls[engine] + "/v1/models", timeout=5.0)
+            response = await self._client.get(where.member.url + "/v1/models", timeout=5.0)
             response.raise_for_status()
             cards = response.json()["data"]
         except (httpx.HTTPError, KeyError, ValueError) as exc:
-            raise EngineError(f"Engine {engine!r}: cannot list its models ({type(exc).__name__}).") from None
+            raise EngineError(f"{where.label}: cannot list its models ({type(exc).__name__}).") from None
         bases = [c for c in cards if not c.get("parent")]
         adapters = frozenset(str(c["id"]) for c in cards if c.get("parent"))
         base = bases[0] if bases else {}
+        where.member.adapters = adapters
         return EngineState(str(base.get("id", "")), base.get("root"), adapters)
 
     async def ensure(self, policy: PolicySnapshot, *, actor: str = "gateway") -> list[str]:
-        """Verify and load every referenced version that is not loaded yet; return the refs loaded.
+        """Verify and load every referenced version on each member of its pool that lacks it; return the refs
+        loaded (once per member).
 
-        Raises AdapterRejected (a check failed) or EngineError (the engine refused or is unreachable)."""
+        Raises AdapterRejected (a check failed) or EngineError (a member refused, or no member of a pool
+        answers)."""
         loaded: list[str] = []
         async with self._lock:
             for engine, refs in desired(policy).items():
-                current = await self.engine_state(engine)
-                facts = await self._facts(current)
-                for ref in sorted(refs - current.adapters):
-                    await self._load(engine, ref, facts, actor, policy.version)
-                    loaded.append(ref)
+                loaded += await self._ensure_pool(engine, refs, actor, policy.version)
         return loaded
 
+    async def _ensure_pool(self, engine: str, refs: set[str], actor: str, policy_version: str) -> list[str]:
+        loaded: list[str] = []
+        down: list[EngineError] = []
+        for where in self._members(engine):
+            try:
+                current = await self.member_state(where)
+            except EngineError as err:
+                log.warning("%s; its adapters are loaded once it answers", err.message)
+                down.append(err)
+                continue
+            loaded += await self._load_missing(where, refs, current, actor, policy_version)
+        if len(down) == len(self._pools[engine].members):
+            raise down[0]
+        return loaded
+
+    async def _load_missing(
+        self, where: _Where, refs: set[str], current: EngineState, actor: str, policy_version: str
+    ) -> list[str]:
+        missing = sorted(refs - current.adapters)
+        if missing:
+            facts = await self._facts(current)
+            for ref in missing:
+                await self._load(where, ref, facts, actor, policy_version)
+        return missing
+
     async def reconcile(self, policy: PolicySnapshot) -> None:
-        """Reload what engines lost; unload unreferenced catalog versions with no request in flight."""
+        """Member by member: reload what it lost; unload unreferenced catalog versions with no request in flight."""
+        wanted = desired(policy)
+        async with self._lock:
+            for engine in self._pools:
+                for where in self._members(engine):
+                    await self._reconcile_member(where, wanted.get(engine, set()), policy.version)
+
+    async def _reconcile_member(self, where: _Where, refs: set[str], policy_version: str) -> None:
         try:
-            await self.ensure(policy, actor="reconciler")
+            current = await self.member_state(where)
+        except EngineError:
+            return  # down: its health is the pool's business; it is reconciled once it answers
+        try:
+            await self._load_missing(where, refs, current, "reconciler", policy_version)
         except (AdapterRejected, EngineError) as err:
             log.warning("adapter reconcile: %s", err.message)
-        wanted = desired(policy)
         catalog = self._catalog()
-        async with self._lock:
-            for engine in self._urls:
-                try:
-                    current = await self.engine_state(engine)
-                except EngineError:
-                    continue
-                for ref in sorted(current.adapters - wanted.get(engine, set())):
-                    if catalog.get(ref) is not None and self._inflight.get(ref, 0) <= 0:
-                        await self._unload(engine, ref, policy.version)
+        for ref in sorted(current.adapters - refs):
+            if catalog.get(ref) is not None and self._inflight.get(ref, 0) <= 0:
+                await self._unload(where, ref, policy_version)
 
     async def _facts(self, current: EngineState) -> EngineFacts:
         return EngineFacts(current.base_model, self._max_rank, await self._base_digest(current.base_root))
@@ -132,50 +179,54 @@ class LoraManager:
             )
         return self._base_digests[root]
 
-    async def _load(self, engine: str, ref: str, facts: EngineFacts, actor: str, policy_version: str) -> None:
+    async def _load(
+        self, where: _Where, ref: str, facts: EngineFacts, actor: str, policy_version: str
+    ) -> None:
         version = self._catalog().get(ref)
         try:
             if version is None:
                 raise AdapterRejected(ref, "files", "it is not in the adapter catalog")
             await asyncio.to_thread(verify, version, facts)
         except AdapterRejected as err:
-            await self._audit("adapter_rejected", actor, ref, engine, err.message, policy_version)
+            await self._audit("adapter_rejected", actor, ref, where, err.message, policy_version)
             raise
         body = {"lora_name": ref, "lora_path": str(version.path.resolve())}
-        await self._post(engine, "/v1/load_lora_adapter", body, ok_if="already")
-        await self._audit("adapter_load", actor, ref, engine, None, policy_version)
-        log.info("loaded adapter %s on engine %s", ref, engine)
+        await self._post(where, "/v1/load_lora_adapter", body, ok_if="already")
+        where.member.adapters = where.member.adapters | {ref}
+        await self._audit("adapter_load", actor, ref, where, None, policy_version)
+        log.info("loaded adapter %s on engine %s at %s", ref, where.engine, where.member.url)
 
-    async def _unload(self, engine: str, ref: str, policy_version: str) -> None:
+    async def _unload(self, where: _Where, ref: str, policy_version: str) -> None:
         try:
-            await self._post(engine, "/v1/unload_lora_adapter", {"lora_name": ref}, ok_if="not found")
+            await self._post(where, "/v1/unload_lora_adapter", {"lora_name": ref}, ok_if="not found")
         except EngineError as err:
             log.warning("unloading %s: %s", ref, err.message)
             return
-        await self._audit("adapter_unload", "reconciler", ref, engine, "no longer referenced", policy_version)
-        log.info("unloaded adapter %s from engine %s", ref, engine)
+        where.member.adapters = where.member.adapters - {ref}
+        await self._audit("adapter_unload", "reconciler", ref, where, "no longer referenced", policy_version)
+        log.info("unloaded adapter %s from engine %s at %s", ref, where.engine, where.member.url)
 
-    async def _post(self, engine: str, path: str, body: dict[str, Any], *, ok_if: str) -> None:
+    async def _post(self, where: _Where, path: str, body: dict[str, Any], *, ok_if: str) -> None:
         try:
-            response = await self._client.post(self._urls[engine] + path, json=body)
+            response = await self._client.post(where.member.url + path, json=body)
         except httpx.HTTPError as exc:
-            raise EngineError(f"Engine {engine!r}: {path} failed: {type(exc).__name__}.") from None
+            raise EngineError(f"{where.label}: {path} failed: {type(exc).__name__}.") from None
         if response.status_code == 200:
             return  # vLLM answers success in plain text: nothing to parse
         message = _message(response)
         if ok_if in message.lower():  # already in the wanted state (a race with another gateway process)
             return
-        raise EngineError(f"Engine {engine!r} refused {path} for {body['lora_name']}: {message}")
+        raise EngineError(f"{where.label} refused {path} for {body['lora_name']}: {message}")
 
     async def _audit(
-        self, action: str, actor: str, ref: str, engine: str, reason: str | None, policy_version: str
+        self, action: str, actor: str, ref: str, where: _Where, reason: str | None, policy_version: str
     ) -> None:
         entry = Entry(
             action,
             actor,
             reason=reason,
             policy_version=policy_version,
-            detail={"adapter": ref, "engine": engine},
+            detail={"adapter": ref, "engine": where.engine, "member": where.member.url},
         )
         await asyncio.to_thread(self._state.record, entry)
 

@@ -141,7 +141,7 @@ def load_configured(settings: Settings, catalog: Catalog) -> PolicySnapshot:
 
 
 def load_policies(
-    directory: Path, engines: Mapping[str, str], defaults: Timeouts, catalog: Catalog | None = None
+    directory: Path, engines: Mapping[str, object], defaults: Timeouts, catalog: Catalog | None = None
 ) -> PolicySnapshot:
     """Parse and validate every `*.toml` in `directory` (not recursive). Raises `ConfigError`.
 
@@ -168,7 +168,7 @@ def load_policies(
 
 
 def _route_from(
-    path: Path, raw: bytes, engines: Mapping[str, str], defaults: Timeouts, catalog: Catalog
+    path: Path, raw: bytes, engines: Mapping[str, object], defaults: Timeouts, catalog: Catalog
 ) -> Route:
     try:
         model = PolicyModel.model_validate(tomllib.loads(raw.decode()))

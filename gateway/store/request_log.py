@@ -61,7 +61,7 @@ def _columns(types: tuple[tuple[str, str], ...], added_later: frozenset[str]) ->
 
 # Fields added after the first schema version: each is added by its own step below, so the first step must not
 # create them (a new file runs every step).
-_ADDED_LATER: Final = frozenset({"forced", "bucket"})
+_ADDED_LATER: Final = frozenset({"forced", "bucket", "engine_url"})
 _COLUMNS: Final = _columns(_SQLITE_TYPES, _ADDED_LATER)
 
 # _MIGRATIONS[i] takes a file from user_version i to i + 1. Later versions append statements here (for example
@@ -76,6 +76,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE records ADD COLUMN forced INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE records ADD COLUMN bucket REAL",
     ),
+    ("ALTER TABLE records ADD COLUMN engine_url TEXT",),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
