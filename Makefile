@@ -50,8 +50,10 @@ GATEWAY_FUZZ_EXAMPLES ?= 50000
 fuzz: install
 	GATEWAY_FUZZ_EXAMPLES=$(GATEWAY_FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py -q
 
+# `make bench STORE=postgres`: the same measurement with the state and the request log in Postgres.
+STORE ?= sqlite
 bench: install
-	$(BIN)/python loadtests/bench_overhead.py
+	$(BIN)/python loadtests/bench_overhead.py --store $(STORE)
 
 # Refresh the pinned versions after changing dependencies in pyproject.toml.
 lock:

@@ -142,6 +142,7 @@ class Components:
             _records_where(settings),
             spill_dir=settings.data_dir / "spill",
             memory_max=settings.records_memory_max,
+            retention_days=settings.records_retention_days,
         )
         self.store_health = StoreHealth()
         self.drain = Drain(settings.drain_s)
@@ -155,6 +156,9 @@ class Components:
             state=self.state,
             inflight=self.engine_inflight,
             max_lora_rank=settings.max_lora_rank,
+            # Unreferenced by every replica for three reconcile rounds before it is unloaded: long enough for a
+            # change another replica loaded for to be published and heard.
+            unload_grace_s=3 * settings.reconcile_s,
         )
         self.ops = Operations(
             self.live,
@@ -326,6 +330,7 @@ async def _heartbeat(c: Components) -> None:
                 view.policy.version,
                 switches_digest(view.switches),
                 time.time(),
+                tuple(sorted(set(served_adapters(view.policy).values()))),
             )
             try:
                 await asyncio.to_thread(c.state.heartbeat, replica)
@@ -343,13 +348,24 @@ async def _heartbeat(c: Components) -> None:
             await asyncio.to_thread(c.state.leave, c.replica_id)
 
 
+async def _referenced_elsewhere(c: Components) -> set[str] | None:
+    """The adapter versions the other live replicas reference; None when the store cannot say (then nothing is
+    unloaded: another replica may be serving what this one no longer needs)."""
+    try:
+        live = await asyncio.to_thread(c.state.replicas, time.time() - 3 * c.settings.heartbeat_s)
+    except Exception:
+        return None
+    return {ref for r in live if r.id != c.replica_id for ref in r.adapters}
+
+
 async def _reconcile_adapters(c: Components) -> None:
     """Load what the live policy references (at start-up too: the engine may come up after the gateway, and
     until then requests for an adapter fall back), reload what an engine lost, unload what nothing uses."""
     while True:
         try:
+            elsewhere = await _referenced_elsewhere(c)
             async with c.ops.lock:
-                await c.lora.reconcile(c.live.view.policy)
+                await c.lora.reconcile(c.live.view.policy, elsewhere)
         except Exception:
             log.exception("adapter reconcile failed; retrying")
         await asyncio.sleep(c.settings.reconcile_s)

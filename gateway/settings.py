@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # Records waiting in memory while the request log's database is away; beyond this, batches go to spill files
     # in data_dir/spill, written back when it returns.
     records_memory_max: int = Field(default=100_000, ge=0)
+    # Records older than this many days are deleted (hourly; Postgres drops whole days); unset: kept forever.
+    records_retention_days: float | None = Field(default=None, gt=0)
     admin_token: SecretStr | None = None
     # `/metrics` answers only a bearer token: the metrics token (for a scraper, which should not hold the admin
     # token) or the admin token. "off" serves it to anyone who reaches the listener.

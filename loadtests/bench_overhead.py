@@ -50,6 +50,7 @@ from typing import Any
 import aiohttp
 
 from gateway.devtools import sim_engine
+from gateway.devtools.postgres import PostgresServer
 from gateway.stats import percentile_nearest_rank
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +258,7 @@ def _wait_listening(procs: Processes, name: str, proc: subprocess.Popen[bytes], 
     raise RuntimeError(f"{name} did not listen on port {port} within 30 s:\n{procs.log_tail(name)}")
 
 
-def _gateway_env(tmp: Path, port: int, engine_port: int) -> dict[str, str]:
+def _gateway_env(tmp: Path, port: int, engine_port: int, database_url: str | None) -> dict[str, str]:
     keys = tmp / "keys.toml"
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()
     keys.write_text(
@@ -272,6 +273,8 @@ def _gateway_env(tmp: Path, port: int, engine_port: int) -> dict[str, str]:
         GATEWAY_KEYS_FILE=str(keys),
         GATEWAY_AUTH="on",
     )
+    if database_url is not None:  # --store postgres: the state and the request log in Postgres
+        env["GATEWAY_DATABASE_URL"] = database_url
     return env
 
 
@@ -282,7 +285,7 @@ class Servers:
     pids: dict[str, int]  # target -> server pid
 
 
-def start_servers(procs: Processes, tmp: Path) -> Servers:
+def start_servers(procs: Processes, tmp: Path, database_url: str | None = None) -> Servers:
     engine_port, pass_port, gw_port = _free_port(), _free_port(), _free_port()
     engine = procs.start("engine", sim_engine.command(engine_port, ENGINE_BEHAVIOUR))
     engine_url = f"http://127.0.0.1:{engine_port}"
@@ -290,7 +293,9 @@ def start_servers(procs: Processes, tmp: Path) -> Servers:
         "passthrough",
         [sys.executable, str(BENCH / "passthrough.py"), "--port", str(pass_port), "--engine", engine_url],
     )
-    gateway = procs.start("gateway", [str(BIN / "gateway"), "serve"], _gateway_env(tmp, gw_port, engine_port))
+    gateway = procs.start(
+        "gateway", [str(BIN / "gateway"), "serve"], _gateway_env(tmp, gw_port, engine_port, database_url)
+    )
     for name, proc, port in (
         ("engine", engine, engine_port),
         ("passthrough", passthrough, pass_port),
@@ -480,6 +485,7 @@ def report_json(rows: list[Row], args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup,
             "concurrency": args.concurrency,
             "rounds": args.rounds,
+            "store": args.store,
             "cpu_count": os.cpu_count(),
         },
         "rows": [asdict(r) for r in rows],
@@ -500,14 +506,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="measured rounds per mode, targets alternating")
     p.add_argument("--concurrency", type=int, default=32, help="connections of the closed-loop client")
     p.add_argument("--json", type=Path, dest="json_out", help="also write the figures as JSON here")
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the gateway's store: SQLite files (default) or a Postgres server this script starts",
+    )
     p.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the load client with this spec
     return p
 
 
 def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, Processes(Path(tmp)) as procs:
-        servers = start_servers(procs, Path(tmp))
+    with contextlib.ExitStack() as stack:
+        database_url = None
+        if args.store == "postgres":
+            server = PostgresServer().start()
+            stack.callback(server.remove)
+            stack.callback(server.stop)
+            database_url = server.new_database()
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-overhead-"))
+        procs = stack.enter_context(Processes(Path(tmp)))
+        servers = start_servers(procs, Path(tmp), database_url)
         for stream, count in ((False, args.requests), (True, args.stream_requests)):
             rows += measure_mode(procs, servers, stream, count, args)
     return rows

@@ -7,12 +7,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from gateway.store.api import Replica
 from tests.adapter_factory import adapter_policy, make_adapter
 from tests.conftest import (
     FORCER_TOKEN,
@@ -254,3 +256,27 @@ def test_lineage_answers_what_served_a_route_and_who_changed_it(
     )
     assert any(c["action"] == "adapter_swap" and c["actor"] == "ana" for c in body["changes"])
     assert gw.admin("GET", "/admin/lineage").status_code == 400
+
+
+def test_a_version_another_replica_references_is_not_unloaded(
+    make_app_gateway: AppGatewayFactory, tmp_path: Path, adapters: Path, sim_engine_url: str
+) -> None:
+    gw = make_app_gateway(
+        {"crm.toml": adapter_policy("1", weight=50)},
+        adapters_dir=adapters,
+        reconcile_s=0.1,
+        engines={"default": sim_engine_url},
+    )
+    wait_for(lambda: "crm-formatter@1" in engine_models(sim_engine_url))
+    store = gw.app.components.state
+    other = Replica("other", "host-2", 1, time.time(), "v", "s", time.time(), ("crm-formatter@1",))
+    store.heartbeat(other)  # another replica, whose policy still serves @1
+    (tmp_path / "policies" / "crm.toml").write_text(adapter_policy("2", weight=50))
+    assert gw.admin("POST", "/admin/reload", json={"reason": "to @2"}).status_code == 200
+    deadline = time.monotonic() + 1.5  # five times the unload grace (3 reconcile rounds)
+    while time.monotonic() < deadline:
+        store.heartbeat(replace(other, last_seen=time.time()))
+        assert "crm-formatter@1" in engine_models(sim_engine_url), "unloaded under another replica"
+        time.sleep(0.05)
+    store.leave("other")  # once no replica references it, it goes
+    wait_for(lambda: "crm-formatter@1" not in engine_models(sim_engine_url))

@@ -3,12 +3,17 @@ what an operator changes through one replica, every replica honours."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from pydantic import ValidationError
 
@@ -17,9 +22,11 @@ from gateway.devtools.postgres import PostgresServer
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from gateway.store.request_log import read_records
-from tests.conftest import ADMIN_TOKEN, ROOT, AppGatewayFactory, Gateway
+from tests.conftest import ADMIN_TOKEN, ROOT, AppGatewayFactory, Gateway, sdk_client, wait_for
 from tests.test_admin import ask, user_on
 from tests.test_admin_input import edit_policy
+from tests.test_canary_gateway import ask as canary_ask
+from tests.test_canary_gateway import audit, canary_policy, drive_until
 
 KILL = "/admin/routes/crm-assistant/variants/formatter/kill"
 REVIVE = "/admin/routes/crm-assistant/variants/formatter/revive"
@@ -170,3 +177,104 @@ def _until(gw: Gateway, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any
         assert time.monotonic() < deadline, f"/readyz never settled: {ready}"
         time.sleep(0.05)
     return ready
+
+
+def test_the_report_reads_every_replicas_records_from_postgres(
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    replicas = _replicas(make_app_gateway, postgres, tmp_path, 2)
+    for gw in replicas:
+        for i in range(10):
+            ask(gw, f"user-{i}")
+        gw.records()  # flushed to the shared table
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(GATEWAY_DATABASE_URL=postgres_url(replicas[0]), GATEWAY_DATA_DIR=str(tmp_path / "elsewhere"))
+    report = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "report", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert report.returncode == 0, report.stderr
+    assert sum(row["requests"] for row in json.loads(report.stdout)) == 20
+    text = subprocess.run(  # the table, and the canaries' part read from the state in Postgres
+        [sys.executable, "-m", "gateway.cli", "report"], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert text.returncode == 0 and "baseline" in text.stdout, text.stderr
+
+
+def _listening(conn: psycopg.Connection[Any]) -> int:
+    (n,) = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
+    ).fetchone() or (0,)
+    return int(n)
+
+
+def _propagation(flipper: Gateway, others: list[Gateway], killed: bool) -> float:
+    """Seconds from the flip's answer to the last of `others` routing by it."""
+    path = KILL if killed else REVIVE
+    assert flipper.admin("POST", path, json={"reason": "propagation"}).status_code == 200
+    answered = time.monotonic()
+    while any(_killed_on(gw) != killed for gw in others):
+        assert time.monotonic() - answered < 5.0, "a replica never routed by the flip"
+        time.sleep(0.0005)
+    return time.monotonic() - answered
+
+
+def test_a_flip_reaches_every_replica_within_a_second(
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    one, two, three = _replicas(make_app_gateway, postgres, tmp_path, 3)
+    times = sorted(_propagation(one, [two, three], killed=i % 2 == 0) for i in range(60))
+    p50, p99 = times[len(times) // 2], times[int(len(times) * 0.99)]
+    print(f"\nflip → every replica, 60 flips: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    assert p99 < 1.0
+    # With the LISTEN connection cut just before each flip, the re-read every state_poll_s (0.5 s) catches it.
+    cut_times = []
+    for i in range(10):
+        with psycopg.connect(postgres_url(one), autocommit=True) as conn:
+            wait_for(lambda: _listening(conn) == 3)  # every replica has reconnected since the last cut
+            cut = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
+            ).fetchall()
+        assert len(cut) == 3
+        cut_times.append(_propagation(one, [two, three], killed=i % 2 == 0))
+    cut_times.sort()
+    print(f"with LISTEN cut, 10 flips: p50 {cut_times[5] * 1000:.1f} ms, max {cut_times[-1] * 1000:.1f} ms")
+    assert cut_times[-1] < 1.0
+
+
+def test_a_canary_spread_over_three_replicas_is_killed_once_and_everywhere(
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres.new_database()
+    # Twice the baseline's invalid rate, at half the traffic; the step needs more requests than the test sends,
+    # so the only decision it can reach is the kill.
+    policy = {"crm.toml": canary_policy("double-invalid", steps="[50, 100]", min_requests=100_000)}
+    replicas = [
+        make_app_gateway(
+            policy,
+            database_url=url,
+            data_dir=tmp_path / f"replica-{i}",
+            canary_interval_s=0.1,
+            state_poll_s=0.5,
+            heartbeat_s=0.2,
+        )
+        for i in range(3)
+    ]
+    clients = [sdk_client(gw) for gw in replicas]
+    sent = drive_until(clients, lambda: bool(audit(replicas[0].http, "canary_kill")), timeout=120)
+    print(f"\n2x invalid candidate over three replicas killed after {sent} requests")
+    time.sleep(1.0)  # any replica that would decide again has had ten looks by now
+    (kill,) = audit(replicas[2].http, "canary_kill")  # one decision, in the one audit log
+    assert kill["variant"] == "formatter" and kill["reason"].startswith("invalid_call_rate")
+    deadline = time.monotonic() + 2
+    while not all(
+        gw.app.components.live.view.switches.variant_killed("crm-assistant", "formatter") for gw in replicas
+    ):
+        assert time.monotonic() < deadline, "a replica still routes to the killed candidate"
+        time.sleep(0.01)
+    for client in clients:
+        assert {canary_ask(client) for _ in range(10)} == {"baseline"}

@@ -157,3 +157,52 @@ def test_rows_left_at_close_while_the_database_is_away_are_replayed_by_the_next_
         time.sleep(0.05)
     second.close()
     assert sorted(int(r.request_id[4:]) for r in read_records(url)) == list(range(30))
+
+
+def test_records_past_the_retention_are_purged(where: Where) -> None:
+    now = time.time()
+    day = 86_400.0
+    ages = {"old": 10 * day, "edge": 2.5 * day, "recent": 0.5 * day, "now": 0.0}
+    _write(where, *(make(i, ts=now - age, request_id=name) for i, (name, age) in enumerate(ages.items())))
+    writer = RecordWriter(where, retention_days=3.0)
+    writer.start()  # the purge runs at start, then hourly
+    writer.close()
+    assert {r.request_id for r in read_records(where)} == {"edge", "recent", "now"}
+
+
+def _partitions(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'records'::regclass ORDER BY 1"
+        ).fetchall()
+    return [name for (name,) in rows]
+
+
+def test_postgres_keeps_a_partition_a_day_and_drops_whole_days(postgres: PostgresServer) -> None:
+    url, day = postgres.new_database(), 86_400
+    today = int(time.time() // day)
+    _write(url, make(0, ts=time.time(), request_id="today"))
+    made = _partitions(url)
+    assert len(made) == 4 and "records_default" in made  # today's and the next two days', made ahead
+    old_day = today - 5  # a day kept by a partition of its own, as a replica five days ago made it
+    old_name = "records_" + time.strftime("%Y%m%d", time.gmtime(old_day * day))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE {old_name} PARTITION OF records FOR VALUES FROM ({old_day * day}) TO ({(old_day + 1) * day})"
+        )
+    _write(
+        url,
+        make(1, ts=old_day * day + 10, request_id="five days ago"),
+        make(2, ts=(today - 10) * day, request_id="ten"),
+    )
+    with psycopg.connect(url) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {old_name}").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM records_default").fetchone() == (
+            1,
+        )  # no partition that day
+    writer = RecordWriter(url, retention_days=3.0)
+    writer.start()  # the purge runs at start, then hourly
+    writer.close()
+    assert old_name not in _partitions(url)  # the whole day is dropped
+    assert {r.request_id for r in read_records(url)} == {"today"}

@@ -214,11 +214,13 @@ def test_replicas_heartbeat_are_listed_while_alive_and_leave(backend: Backend) -
     one, two = backend.open(), backend.open()
     one.heartbeat(Replica("a", "host-1", 10, 100.0, "v1", "s1", 200.0))
     two.heartbeat(Replica("b", "host-2", 20, 150.0, "v1", "s1", 190.0))
-    one.heartbeat(Replica("a", "host-1", 10, 100.0, "v2", "s2", 210.0))  # the same replica, later
+    one.heartbeat(Replica("a", "host-1", 10, 100.0, "v2", "s2", 210.0, ("fmt@2",)))  # the same replica, later
     assert [(r.id, r.policy_version, r.last_seen) for r in two.replicas(since=180.0)] == [
         ("a", "v2", 210.0),
         ("b", "v1", 190.0),
     ]
-    assert [r.id for r in two.replicas(since=195.0)] == ["a"]  # b is silent since 190
+    assert [(r.id, r.adapters) for r in two.replicas(since=195.0)] == [
+        ("a", ("fmt@2",))
+    ]  # b is silent since 190
     one.leave("a")
     assert [r.id for r in one.replicas(since=0.0)] == ["b"]

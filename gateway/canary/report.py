@@ -19,7 +19,7 @@ from gateway.canary.machine import ACTIVE, CanaryState, canary_key
 from gateway.policy import Route
 from gateway.store.api import AuditQuery
 from gateway.store.request_log import Where
-from gateway.store.state import TableStore, open_sqlite
+from gateway.store.state import TableStore, open_postgres, open_sqlite
 
 DECISIONS: Final = ("canary_advance", "canary_promote", "canary_kill", "canary_hold")
 RUNNING: Final = "canary_running"  # not an audit action: the step in progress, computed when the report runs
@@ -41,10 +41,10 @@ _HEADERS: Final = (
 
 
 def read_entries(
-    state_db: Path, route: str | None = None, since: float | None = None
+    state_db: Where, route: str | None = None, since: float | None = None
 ) -> list[dict[str, Any]]:
     """Canary and drill audit entries, oldest first ([] when there is no state database)."""
-    if not state_db.exists():
+    if isinstance(state_db, Path) and not state_db.exists():
         return []
     with _reading(state_db) as store:
         query = AuditQuery(None, route, since or 0.0, ("canary_%", "drill"), oldest_first=True)
@@ -53,17 +53,22 @@ def read_entries(
     return [{**{k: getattr(e, k) for k in keys}, "detail": e.detail or {}} for e in found]
 
 
-def read_states(state_db: Path) -> dict[str, CanaryState]:
+def read_states(state_db: Where) -> dict[str, CanaryState]:
     """The canaries' state rows, read-only ({} without a state database or before any canary started)."""
-    if not state_db.exists():
+    if isinstance(state_db, Path) and not state_db.exists():
         return {}
     with _reading(state_db) as store:
         return store.canary_states()
 
 
 @contextmanager
-def _reading(state_db: Path) -> Iterator[TableStore]:
-    store = open_sqlite(state_db, readonly=True)
+def _reading(state_db: Where) -> Iterator[TableStore]:
+    """The state store read-only: SQLite's file, or the Postgres database (without migrating it)."""
+    store = (
+        open_sqlite(state_db, readonly=True)
+        if isinstance(state_db, Path)
+        else open_postgres(state_db, readonly=True)
+    )
     try:
         yield store
     finally:

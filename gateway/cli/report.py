@@ -1,5 +1,6 @@
 """`gateway report`: per route and variant figures, and the canaries' steps, from the request log and the state
-database. It reads the SQLite files directly, not the admin API, so it also works while the gateway is down.
+database. It reads them directly (the SQLite files, or Postgres with GATEWAY_DATABASE_URL), not the admin API, so
+it also works while the gateway is down.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.policy import Route
+    from gateway.store.request_log import Where
 
 
 def add_commands(sub: Any) -> None:
@@ -24,7 +26,11 @@ def add_commands(sub: Any) -> None:
     report.add_argument("--since", help="ISO time or a duration such as 2h, 30m, 7d")
     report.add_argument("--until", help="ISO time (exclusive), e.g. the end of a load test's window")
     report.add_argument("--json", action="store_true")
-    report.add_argument("--db", type=Path, help="request log (default: $GATEWAY_DATA_DIR/requests.db)")
+    report.add_argument(
+        "--db",
+        type=Path,
+        help="a request log file (default: GATEWAY_DATABASE_URL's database, else $GATEWAY_DATA_DIR/requests.db)",
+    )
     report.set_defaults(func=cmd_report)
 
 
@@ -32,8 +38,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from gateway import report
     from gateway.store.request_log import read_records
 
-    db = args.db or Settings().records_db
-    if not db.exists():
+    settings = Settings()
+    db: Where = args.db or (
+        settings.database_url.get_secret_value() if settings.database_url else settings.records_db
+    )
+    if isinstance(db, Path) and not db.exists():
         raise CommandError(f"no request log at {db}")
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until) if args.until else None
@@ -42,13 +51,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(report.to_json(summaries) + b"\n")
     else:
         print(report.format_table(summaries))
-        _print_canaries(
-            db, args.db.parent / "state.db" if args.db else Settings().state_db, args.route, since
-        )
+        _print_canaries(db, _state_where(args.db, settings), args.route, since)
     return 0
 
 
-def _print_canaries(records_db: Path, state_db: Path, route: str | None, since: float | None) -> None:
+def _state_where(db: Path | None, settings: Settings) -> Where:
+    """The state store beside the request log read: `--db`'s directory, else the gateway's own."""
+    if db is not None:
+        return db.parent / "state.db"
+    return settings.database_url.get_secret_value() if settings.database_url else settings.state_db
+
+
+def _print_canaries(records_db: Where, state_db: Where, route: str | None, since: float | None) -> None:
     from gateway.canary import report as canary_report
     from gateway.canary.machine import ACTIVE
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,9 @@ class LoraManager:
         state: StateStore,
         inflight: Counter[str],
         max_lora_rank: int = 16,
+        unload_grace_s: float = 15.0,
         client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pools = pools
         self._catalog = catalog
@@ -84,6 +87,9 @@ class LoraManager:
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=5.0))
         self._base_digests: dict[str, str | None] = {}
         self._lock = asyncio.Lock()
+        self._unload_grace_s = unload_grace_s
+        self._clock = clock
+        self._unreferenced_since: dict[str, float] = {}  # version → when no replica referenced it any more
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -143,15 +149,37 @@ class LoraManager:
                 await self._load(where, ref, facts, actor, policy_version)
         return missing
 
-    async def reconcile(self, policy: PolicySnapshot) -> None:
-        """Member by member: reload what it lost; unload unreferenced catalog versions with no request in flight."""
+    async def reconcile(self, policy: PolicySnapshot, elsewhere: Set[str] | None = frozenset()) -> None:
+        """Member by member: reload what it lost; unload the catalog versions that no replica has referenced for
+        `unload_grace_s` and that have no request in flight. `elsewhere`: what the other live replicas' policies
+        reference (None: unknown, the store is away, so nothing is unloaded). The grace covers a change another
+        replica has loaded for but not yet published."""
         wanted = desired(policy)
+        referenced = set().union(*wanted.values(), elsewhere or ())
+        now = self._clock()
+        for ref in referenced:
+            self._unreferenced_since.pop(ref, None)
         async with self._lock:
             for engine in self._pools:
                 for where in self._members(engine):
-                    await self._reconcile_member(where, wanted.get(engine, set()), policy.version)
+                    unload = elsewhere is not None
+                    await self._reconcile_member(
+                        where, wanted.get(engine, set()), referenced, unload, now, policy.version
+                    )
 
-    async def _reconcile_member(self, where: _Where, refs: set[str], policy_version: str) -> None:
+    def _may_unload(self, ref: str, now: float) -> bool:
+        since = self._unreferenced_since.setdefault(ref, now)
+        return now - since >= self._unload_grace_s and self._inflight.get(ref, 0) <= 0
+
+    async def _reconcile_member(
+        self,
+        where: _Where,
+        refs: set[str],
+        referenced: set[str],
+        unload: bool,
+        now: float,
+        policy_version: str,
+    ) -> None:
         try:
             current = await self.member_state(where)
         except EngineError:
@@ -161,8 +189,8 @@ class LoraManager:
         except (AdapterRejected, EngineError) as err:
             log.warning("adapter reconcile: %s", err.message)
         catalog = self._catalog()
-        for ref in sorted(current.adapters - refs):
-            if catalog.get(ref) is not None and self._inflight.get(ref, 0) <= 0:
+        for ref in sorted(current.adapters - referenced):
+            if unload and catalog.get(ref) is not None and self._may_unload(ref, now):
                 await self._unload(where, ref, policy_version)
 
     async def _facts(self, current: EngineState) -> EngineFacts:

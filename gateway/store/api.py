@@ -63,6 +63,7 @@ class Replica:
     policy_version: str
     switches: str
     last_seen: float
+    adapters: tuple[str, ...] = ()  # the adapter versions its live policy references
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from typing import Any, Final
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from gateway.store.api import Cursor, StoreError
+from gateway.store.api import Cursor, MissingTable, StoreError
 
 log = logging.getLogger(__name__)
 CHANNEL: Final = "gateway_state"
@@ -80,7 +80,9 @@ def _migrate(url: str, component: str, steps: Sequence[Sequence[str]]) -> int:
 
 
 class PostgresDatabase:
-    def __init__(self, url: str, *, poll_s: float = 1.0, max_connections: int = 4) -> None:
+    def __init__(
+        self, url: str, *, poll_s: float = 1.0, max_connections: int = 4, listen: bool = True
+    ) -> None:
         self._url = url
         self._poll_s = poll_s
         self._pool = ConnectionPool(
@@ -93,11 +95,13 @@ class PostgresDatabase:
         self._version = 0
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="state-listener", daemon=True)
-        self._listener.start()
+        if listen:
+            self._listener.start()
 
     def close(self) -> None:
         self._stop.set()
-        self._listener.join(timeout=self._poll_s + 5.0)
+        if self._listener.is_alive():
+            self._listener.join(timeout=self._poll_s + 5.0)
         self._pool.close()
 
     def data_version(self) -> int:
@@ -108,6 +112,8 @@ class PostgresDatabase:
         try:
             with self._pool.connection(timeout=_WAIT_S) as conn:
                 yield _Conn(conn)
+        except psycopg.errors.UndefinedTable as err:
+            raise MissingTable(str(err)) from err
         except psycopg.Error as err:
             raise StoreError(str(err)) from err
 

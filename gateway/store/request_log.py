@@ -12,6 +12,7 @@ timeout, and each write transaction takes the write lock up front.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import logging
 import math
@@ -85,15 +86,21 @@ SCHEMA_VERSION: Final = len(_MIGRATIONS)
 # transaction's id: `Tail` reads in its order, which (unlike a sequence) says which rows can no longer appear.
 _PG_ADDED_LATER: Final[frozenset[str]] = frozenset()
 _PG_COLUMNS: Final = _columns(_POSTGRES_TYPES, _PG_ADDED_LATER)
+# Partitioned by day on `ts` (retention drops a whole day at once); `records_default` takes rows of a day whose
+# partition does not exist (yet): the writer creates each day's ahead (`_PostgresSink.maintain`).
 PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
-        f"CREATE TABLE IF NOT EXISTS records (\n  {_PG_COLUMNS},\n  xid xid8 NOT NULL DEFAULT pg_current_xact_id()\n)",
+        f"CREATE TABLE IF NOT EXISTS records (\n  {_PG_COLUMNS},\n  xid xid8 NOT NULL DEFAULT pg_current_xact_id()\n)"
+        " PARTITION BY RANGE (ts)",
+        "CREATE TABLE IF NOT EXISTS records_default PARTITION OF records DEFAULT",
         "CREATE INDEX IF NOT EXISTS records_route_ts ON records (route, ts)",
         "CREATE INDEX IF NOT EXISTS records_ts ON records (ts)",
         "CREATE INDEX IF NOT EXISTS records_route_xid ON records (route, xid)",
     ),
 )
 _COPY: Final = f"COPY records ({', '.join(FIELDS)}) FROM STDIN"
+_DAY_S: Final = 86_400
+_RETENTION_LOCK: Final = 0x7265_636F_7264_7300  # pg_try_advisory_xact_lock key: "records" in ASCII
 # Rows per multi-row INSERT: within SQLite's default limit of 32,766 bound variables.
 _ROWS_PER_STATEMENT: Final = 200
 
@@ -155,6 +162,21 @@ class _SqliteSink:
                 part = rows[i : i + _ROWS_PER_STATEMENT]
                 self._conn.execute(_insert_many(len(part)), [value for row in part for value in row])
 
+    def maintain(self, now: float, retention_days: float | None) -> int:
+        """Delete records older than the retention (in slices, so the write lock is never held long); how many."""
+        if retention_days is None:
+            return 0
+        cutoff, deleted = now - retention_days * _DAY_S, 0
+        while True:
+            with transaction(self._conn):
+                gone = self._conn.execute(
+                    "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records WHERE ts < ? LIMIT 10000)",
+                    (cutoff,),
+                ).rowcount
+            deleted += gone
+            if gone < 10_000:
+                return deleted
+
     def close(self) -> None:
         self._conn.close()
 
@@ -180,10 +202,58 @@ class _PostgresSink:
             self.close()  # a broken connection: the retry opens a new one
             raise
 
+    def maintain(self, now: float, retention_days: float | None) -> int:
+        """Create the partitions of today and the next two days; past the retention, drop whole days and delete
+        from the default partition. One replica at a time (an advisory lock); how many days were dropped."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._url, connect_timeout=5)
+        with self._conn.transaction():
+            (mine,) = self._conn.execute(
+                "SELECT pg_try_advisory_xact_lock(%s)", (_RETENTION_LOCK,)
+            ).fetchone() or (False,)
+            if not mine:
+                return 0
+            today = int(now // _DAY_S)
+            for day in range(today, today + 3):
+                try:
+                    with self._conn.transaction():  # a savepoint: one day that cannot be made spoils no other
+                        self._conn.execute(
+                            f"CREATE TABLE IF NOT EXISTS {_partition(day)} PARTITION OF records"
+                            f" FOR VALUES FROM ({day * _DAY_S}) TO ({(day + 1) * _DAY_S})"
+                        )
+                except psycopg.errors.CheckViolation:  # the default partition already holds rows of that day
+                    _log.warning(
+                        "request log: %s cannot be made; that day's rows stay in records_default", day
+                    )
+            if retention_days is None:
+                return 0
+            cutoff = now - retention_days * _DAY_S
+            names = self._conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'records'::regclass AND c.relname <> 'records_default'"
+            ).fetchall()
+            old = [name for (name,) in names if (_day_of(name) + 1) * _DAY_S <= cutoff]
+            for name in old:
+                self._conn.execute(f"DROP TABLE {name}")
+            self._conn.execute("DELETE FROM records_default WHERE ts < %s", (cutoff,))
+            return len(old)
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _partition(day: int) -> str:
+    """A day's partition: `records_20261203` (UTC) for the day `day` days after the epoch."""
+    return "records_" + datetime.datetime.fromtimestamp(day * _DAY_S, datetime.UTC).strftime("%Y%m%d")
+
+
+def _day_of(partition: str) -> int:
+    moment = datetime.datetime.strptime(partition.removeprefix("records_"), "%Y%m%d").replace(
+        tzinfo=datetime.UTC
+    )
+    return int(moment.timestamp() // _DAY_S)
 
 
 _Sink = _SqliteSink | _PostgresSink
@@ -196,6 +266,7 @@ def _open_sink(where: Where, busy_timeout_ms: int) -> _Sink:
 # --- writer -------------------------------------------------------------------------------------------------
 
 _STOP: Final = object()
+_MAINTAIN_EVERY_S: Final = 3600.0
 _MAX_BACKOFF_S: Final = 5.0
 
 
@@ -225,11 +296,14 @@ class RecordWriter:
         busy_timeout_ms: int = 5000,
         spill_dir: Path | None = None,
         memory_max: int = 100_000,
+        retention_days: float | None = None,
     ) -> None:
         self.where: Where = where if isinstance(where, str) else Path(where)
         self._spill_dir = spill_dir
         self._memory_max = memory_max
         self._spill_waiting = spill_dir is not None  # files may be left from an earlier run: look at start
+        self._retention_days = retention_days
+        self._maintained_at = -math.inf  # monotonic time of the last maintenance (partitions, retention)
         self._batch = max(1, batch)
         self._interval_s = interval_s
         self._busy_timeout_ms = busy_timeout_ms
@@ -260,6 +334,7 @@ class RecordWriter:
 
     def _start_thread(self) -> None:
         sink = _open_sink(self.where, self._busy_timeout_ms)
+        self._maintain(sink)  # before the first row: Postgres's partitions for today exist
         # daemon: a writer stuck retrying a broken disk must not hang interpreter exit after close() gave up.
         self._thread = threading.Thread(target=self._run, args=(sink,), name="record-writer", daemon=True)
         self._thread.start()
@@ -323,6 +398,8 @@ class RecordWriter:
                 self._write(sink, rows)
                 if self._spill_waiting and not rows:
                     self._replay(sink)
+                if time.monotonic() - self._maintained_at >= _MAINTAIN_EVERY_S:
+                    self._maintain(sink)
                 if isinstance(marker, threading.Event):
                     marker.set()
                 elif marker is _STOP:
@@ -377,6 +454,18 @@ class RecordWriter:
                 )
                 attempt += 1
                 time.sleep(delay)
+
+    def _maintain(self, sink: _Sink) -> None:
+        """The day's partitions and the retention purge; a failure is logged and tried again a minute later."""
+        try:
+            purged = sink.maintain(time.time(), self._retention_days)
+        except sink.ERRORS:
+            _log.warning("request log: maintenance failed; trying again in a minute", exc_info=True)
+            self._maintained_at = time.monotonic() - _MAINTAIN_EVERY_S + 60.0
+            return
+        self._maintained_at = time.monotonic()
+        if purged:
+            _log.info("request log: the retention purge removed %d (records; on Postgres, days)", purged)
 
     def _spilling(self) -> bool:
         """Whether a batch the database refused goes to a spill file rather than waiting in memory."""

@@ -46,12 +46,16 @@ def open_sqlite(path: Path, *, readonly: bool = False, clock: Callable[[], float
     return TableStore(SqliteDatabase(path, schema=SQLITE_SCHEMA, readonly=readonly), clock=clock)
 
 
-def open_postgres(url: str, *, poll_s: float = 1.0, clock: Callable[[], float] = time.time) -> TableStore:
-    """The state tables in a Postgres database shared by every replica (migrated first, by one replica)."""
+def open_postgres(
+    url: str, *, poll_s: float = 1.0, readonly: bool = False, clock: Callable[[], float] = time.time
+) -> TableStore:
+    """The state tables in a Postgres database shared by every replica (migrated first, by one replica).
+    `readonly=True` (reports): no migration and no listener; a table not there yet reads as empty."""
     from gateway.store.postgres import PostgresDatabase, migrate  # psycopg only where Postgres is used
 
-    migrate(url, "state", POSTGRES_MIGRATIONS)
-    return TableStore(PostgresDatabase(url, poll_s=poll_s), clock=clock)
+    if not readonly:
+        migrate(url, "state", POSTGRES_MIGRATIONS)
+    return TableStore(PostgresDatabase(url, poll_s=poll_s, listen=not readonly), clock=clock)
 
 
 class TableStore:
