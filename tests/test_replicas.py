@@ -20,9 +20,22 @@ from pydantic import ValidationError
 from gateway.app import create_app
 from gateway.devtools.postgres import PostgresServer
 from gateway.errors import ConfigError
+from gateway.policy import served_adapters
 from gateway.settings import Settings
 from gateway.store.request_log import read_records
-from tests.conftest import ADMIN_TOKEN, ROOT, AppGatewayFactory, Gateway, sdk_client, wait_for
+from tests.adapter_factory import adapter_policy, make_adapter
+from tests.conftest import (
+    ADMIN_TOKEN,
+    CRM_POLICY,
+    FORCER_TOKEN,
+    ROOT,
+    AppGatewayFactory,
+    Gateway,
+    SimEngineProcess,
+    engine_models,
+    sdk_client,
+    wait_for,
+)
 from tests.test_admin import ask, user_on
 from tests.test_admin_input import edit_policy
 from tests.test_canary_gateway import ask as canary_ask
@@ -30,6 +43,7 @@ from tests.test_canary_gateway import audit, canary_policy, drive_until
 
 KILL = "/admin/routes/crm-assistant/variants/formatter/kill"
 REVIVE = "/admin/routes/crm-assistant/variants/formatter/revive"
+ADAPTER = "/admin/routes/crm-assistant/variants/formatter/adapter"
 
 
 def _replicas(
@@ -72,10 +86,12 @@ def test_a_kill_through_one_replica_is_honoured_by_the_others(
 
 
 def test_an_unreachable_database_stops_the_gateway_from_starting(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "crm.toml").write_text(CRM_POLICY)
     settings = Settings(
         database_url="postgresql://gateway@127.0.0.1:1/gateway",
         data_dir=tmp_path / "var",
-        policies_dir=ROOT / "policies",
+        policies_dir=tmp_path / "policies",
         auth="off",
     )
     with pytest.raises(ConfigError, match=r"GATEWAY_DATABASE_URL: cannot open the state database: .*refused"):
@@ -278,3 +294,88 @@ def test_a_canary_spread_over_three_replicas_is_killed_once_and_everywhere(
         time.sleep(0.01)
     for client in clients:
         assert {canary_ask(client) for _ in range(10)} == {"baseline"}
+
+
+def test_every_answered_request_has_its_record_through_flips_swaps_and_restarts(
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Two replicas behind a load balancer (here: a list of the replicas in rotation), a pool of two engines, and
+    meanwhile: kills and revives, an adapter swap and its rollback, one replica drained and started again, one
+    engine member killed and started again. No client sees a failure; Postgres holds one record per answer."""
+    root = tmp_path / "adapters"
+    make_adapter(root, version="1", seed=1)
+    make_adapter(root, version="2", seed=2)
+    a, b = SimEngineProcess(), SimEngineProcess()
+    url = postgres.new_database()
+
+    def replica(i: int) -> Gateway:
+        return make_app_gateway(
+            {"crm.toml": adapter_policy("1", weight=50)},
+            database_url=url,
+            data_dir=tmp_path / f"replica-{i}",
+            adapters_dir=root,
+            engines={"default": [a.url, b.url]},
+            reconcile_s=0.3,
+            engine_probe_s=0.2,
+            engine_max_backoff_s=0.5,
+            state_poll_s=0.5,
+            heartbeat_s=0.2,
+        )
+
+    rotation = [replica(0), replica(1)]
+    answered, failures = [0], []
+    stop = threading.Event()
+
+    def load(seed: int) -> None:
+        n = seed
+        while not stop.is_set():
+            gw = rotation[n % len(rotation)]  # a new list is swapped in whole: never a half-made rotation
+            n += 1
+            try:
+                ask(gw, f"user-{n}", token=FORCER_TOKEN, variant=("baseline", "formatter")[n % 2])
+                answered[0] += 1
+            except Exception as err:  # reported below
+                failures.append(repr(err))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: all("crm-formatter@1" in engine_models(m.url) for m in (a, b)), timeout=20)
+        for gw, path in ((rotation[0], KILL), (rotation[1], REVIVE)):
+            assert gw.admin("POST", path, json={"reason": "chaos"}).status_code == 200
+            time.sleep(0.3)
+        swapped = rotation[1].admin("POST", ADAPTER, json={"adapter": "crm-formatter@2", "reason": "chaos"})
+        assert swapped.status_code == 200, swapped.text
+        wait_for(lambda: _serve_everywhere(rotation, "crm-formatter@2"))  # a swap reaches every replica
+        back = rotation[0].admin("POST", ADAPTER + "/rollback", json={"reason": "chaos"})
+        assert back.status_code == 200 and back.json()["adapter"] == "crm-formatter@1", back.text
+        wait_for(lambda: _serve_everywhere(rotation, "crm-formatter@1"))
+        leaving = rotation[1]
+        rotation[:] = [rotation[0]]  # out of the balancer's rotation first, then drained
+        time.sleep(0.3)
+        leaving.stop()
+        rotation[:] = [rotation[0], replica(2)]
+        b.kill()  # an engine member dies under load, and comes back
+        time.sleep(0.5)
+        b.start()
+        wait_for(lambda: "crm-formatter@1" in engine_models(b.url), timeout=20)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        for gw in rotation:
+            gw.stop()  # drained: every record is in the database
+        a.stop()
+        b.stop()
+    assert failures == [], failures[:3]
+    assert answered[0] > 100
+    assert len(read_records(url)) == answered[0]
+
+
+def _serve_everywhere(replicas: list[Gateway], ref: str) -> bool:
+    return all(
+        served_adapters(gw.app.components.live.view.policy)[("crm-assistant", "formatter")] == ref
+        for gw in replicas
+    )

@@ -212,10 +212,16 @@ class Operations:
     # -- other processes -----------------------------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Publish what another gateway process sharing the store changed: switches and canary states. Not under
-        `lock` (a reload may hold it while adapters load): a kill from elsewhere must apply within a poll."""
+        """Publish what another gateway process sharing the store changed: switches and canary states at once,
+        not under `lock` (a reload may hold it while adapters load: a kill from elsewhere must apply within a
+        poll); then adapter pins (a swap or rollback made elsewhere), once their versions are loaded here too."""
         self.live.set_switches(await asyncio.to_thread(self.store.switches))
         self.live.set_canaries(await asyncio.to_thread(self.store.canary_states))
+        pins = await asyncio.to_thread(self.store.pins)
+        if pins != self.live.pins:
+            async with self.lock:
+                await self._prepare(self.live.preview_pins(pins), actor="sync")
+                self.live.set_pins(pins)
 
 
 async def _written(write: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -32,7 +32,7 @@ def bindir() -> Path:
     return Path(versions[-1]).parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -43,7 +43,7 @@ class PostgresServer:
         # Its own directory under /tmp: pytest's tmp_path has a parent only root may enter.
         self.root = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.log = self.root / "postgres.log"
         self._bin = bindir()
         self._as_postgres = os.geteuid() == 0
