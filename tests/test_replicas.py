@@ -154,16 +154,13 @@ def test_postgres_away_for_20_s_under_load_loses_no_request_and_no_record(
         thread.start()
     try:
         time.sleep(1.0)
-        postgres.stop()
-        try:
+        with postgres.down():
             ready = _until(one, lambda r: r["degraded"])  # still ready: it serves on the last known state
             assert ready["ready"] is True and ready["store"].startswith("unreachable")
             refused = two.admin("POST", KILL, json={"reason": "during the outage"})
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "audit_failed"
             assert b"gateway_store_up 0" in one.http.get("/metrics", headers=_METRICS).content
             time.sleep(20.0 - 1.0)
-        finally:
-            postgres.start()
         _until(one, lambda r: not r["degraded"])
         time.sleep(1.0)
     finally:

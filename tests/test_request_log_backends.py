@@ -65,13 +65,10 @@ def test_records_written_while_postgres_is_down_are_stored_when_it_is_back(postg
     writer.start()
     writer.submit(make(0))
     assert writer.flush(timeout=20)
-    postgres.stop()
-    try:
+    with postgres.down():
         for i in range(1, 50):
             writer.submit(make(i))
         assert not writer.flush(timeout=1.0)  # nothing can be written now; the rows wait in memory
-    finally:
-        postgres.start()
     assert writer.flush(timeout=30)
     writer.close()
     assert [r.request_id for r in read_records(url)] == [f"req-{i}" for i in range(50)]
@@ -117,8 +114,7 @@ def test_beyond_its_memory_bound_the_writer_spills_to_files_and_replays_them(
     writer.start()
     writer.submit(make(0))
     assert writer.flush(timeout=20)
-    postgres.stop()
-    try:
+    with postgres.down():
         for i in range(1, 101):
             writer.submit(make(i))
         deadline = time.monotonic() + 30
@@ -126,8 +122,6 @@ def test_beyond_its_memory_bound_the_writer_spills_to_files_and_replays_them(
             assert time.monotonic() < deadline, f"{writer.pending} rows still in memory"
             time.sleep(0.01)
         assert writer.spilled >= 80 and list(spill.glob("*.jsonl"))
-    finally:
-        postgres.start()
     writer.submit(make(101))  # the next write finds the database back, and the files are written back
     assert writer.flush(timeout=30)
     writer.close()
@@ -141,14 +135,11 @@ def test_rows_left_at_close_while_the_database_is_away_are_replayed_by_the_next_
     url, spill = postgres.new_database(), tmp_path / "spill"
     first = RecordWriter(url, interval_s=0.01, spill_dir=spill)
     first.start()
-    postgres.stop()
-    try:
+    with postgres.down():
         for i in range(30):
             first.submit(make(i))
         first.close(timeout=30)  # a shutdown while the database is away: the rows go to the spill file
         assert first.spilled == 30 and list(spill.glob("*.jsonl"))
-    finally:
-        postgres.start()
     second = RecordWriter(url, interval_s=0.01, spill_dir=spill)
     second.start()
     deadline = time.monotonic() + 20

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -72,6 +74,15 @@ class PostgresServer:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    @contextmanager
+    def down(self) -> Iterator[None]:
+        """The server stopped for the block (an outage), started again after it whatever happens."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
