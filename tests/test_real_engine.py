@@ -275,6 +275,9 @@ def test_a_hot_swap_under_load_loses_no_request(make_gateway: GatewayMaker, engi
         without_release_gate(SHIPPED).replace('adapter = "crm-formatter@2"', 'adapter = "crm-formatter@1"')
     )
     wait_for(lambda: "crm-formatter@1" in engine_models(engine.spec.base_url), timeout=ENGINE_WAIT_S)
+    # An earlier test's @2 is unloaded once no gateway has referenced it for three reconcile rounds: the swap
+    # must then load it again, under load.
+    wait_for(lambda: "crm-formatter@2" not in engine_models(engine.spec.base_url), timeout=ENGINE_WAIT_S)
     rows = golden()
     failures: list[str] = []
     served: list[str] = []
