@@ -220,7 +220,9 @@ def test_weights_always_give_the_route_whole(step: int, status: str) -> None:
 
 def test_an_older_request_log_gains_the_canary_columns(tmp_path: Path) -> None:
     path = tmp_path / "requests.db"
-    old = [f for f in FIELDS if f not in ("forced", "bucket", "engine_url")]  # a version-1 file's columns
+    old = [
+        f for f in FIELDS if f not in ("forced", "bucket", "engine_url", "shadow", "primary_id")
+    ]  # version 1
     with sqlite3.connect(path) as db:
         db.execute(f"CREATE TABLE records ({', '.join(old)})")
         db.execute("INSERT INTO records (ts, request_id, route, stream) VALUES (1.0, 'old', 'crm', 0)")
