@@ -55,6 +55,8 @@ def test_a_record_counts_for_the_arm_the_policy_routed_it_to() -> None:
     retried = observation(SPEC, rec("old", 0.9, fallback_from="new", fallback_reason="schema_violation"))
     assert retried is not None and (retried.arm, retried.invalid, retried.error) == ("candidate", True, False)
     assert observation(SPEC, rec("new", 0.1, forced=True)) is None  # the client chose: not routed by policy
+    # A shadow copy answered nobody: never evidence, whichever variant answered it.
+    assert observation(SPEC, rec("new", 0.1, tool_verdict="invalid", shadow=True, primary_id="p")) is None
     assert observation(SPEC, rec("third", 0.1)) is None
     assert observation(SPEC, rec("new", 0.0)) is None  # inconsistent with any canary routing
     assert observation(SPEC, rec("new", 0.1, outcome="client_error")) == Observation(100.0, "candidate", 0.1)
