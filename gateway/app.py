@@ -40,6 +40,7 @@ from starlette.routing import Route
 from gateway.admin.canary import canary_routes
 from gateway.admin.http import AdminContext, check_bearer, error_response, json_response
 from gateway.admin.routes import admin_routes
+from gateway.admin.shadow import shadow_routes
 from gateway.canary.controller import CanaryController
 from gateway.control.adapters import scan
 from gateway.control.live import LiveView
@@ -265,6 +266,7 @@ def create_app(
         replica_id=c.replica_id,
         replica_window_s=3 * settings.heartbeat_s,
         engines=c.engines.status,
+        shadow_in_flight=c.shadows.running,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(
@@ -274,6 +276,7 @@ def create_app(
             *_routes(c),
             *admin_routes(admin),
             *canary_routes(admin),
+            *shadow_routes(admin),
         ],
         exception_handlers={
             GatewayError: _on_gateway_error,

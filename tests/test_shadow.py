@@ -6,6 +6,7 @@ report on a known setup points the right way with a McNemar p far below 0.01."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.cli.main import main
 from gateway.records import Record
 from gateway.settings import Settings
 from gateway.shadow.copies import HourlyBudget
@@ -386,3 +388,50 @@ def test_the_budget_is_spent_per_clock_hour() -> None:
     assert not budget.over(1.0, hour + 3600)  # the hour turned
     budget.spend(0.1, hour + 3601)
     assert budget.spent == pytest.approx(0.1) and not budget.over(1.0, hour + 3602)
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+
+def test_the_paired_report_shows_a_worse_shadow_with_mcnemar(
+    make_app_gateway: AppGatewayFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = make_app_gateway(policies={"crm.toml": policy("always-invalid", baseline="crm-base")})
+    for i in range(150):
+        assert chat(gw, stream=i % 3 == 0).status_code == 200
+    served, copies = settled(gw)
+    assert len(copies) == 150
+    answer = gw.admin("GET", "/admin/shadow/crm-assistant")
+    assert answer.status_code == 200
+    data = answer.json()
+    assert data["shadow"]["variant"] == "candidate" and data["in_flight"] == 0
+    (summary,) = data["summaries"]
+    assert (summary["variant"], summary["pairs"], summary["unpaired"], summary["copies"]) == (
+        "candidate",
+        150,
+        0,
+        150,
+    )
+    assert summary["served_by"] == {"baseline": 150}
+    served_invalid = sum(r.tool_verdict == "invalid" for r in served)
+    assert 3 <= served_invalid <= 35  # crm-base: 10 % invalid (a fluke outside this fails once in ~10^6 runs)
+    assert summary["served"]["invalid"] == served_invalid and summary["shadow"]["invalid"] == 150
+    assert (
+        summary["difference"] > 0 and summary["difference_ci"][0] > 0.5
+    )  # the shadow is worse: the whole interval says so
+    assert summary["mcnemar_p"] < 0.01 and summary["mcnemar_method"] == "chi2-cc"
+    assert summary["table"]["n10"] == 0 and summary["table"]["n01"] == 150 - served_invalid
+    assert summary["served"]["e2e"]["p50"] > 0 and summary["latency_ratio"]["p50"] > 0
+    assert set(summary["served"]["cost_per_1k"]) == set(summary["shadow"]["cost_per_1k"]) == {"EUR"}
+    assert gw.admin("GET", "/admin/shadow/nope").status_code == 404
+    assert gw.http.get("/admin/shadow/crm-assistant").status_code == 401
+    # gateway report reads the request log directly: the same comparison, and served figures without copies.
+    assert main(["report", "--db", str(gw.settings.records_db)]) == 0
+    text = capsys.readouterr().out
+    assert "shadow crm-assistant: candidate, 150 pairs" in text and "McNemar p = " in text
+    assert main(["report", "--json", "--db", str(gw.settings.records_db)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["variant"], r["requests"]) for r in rows] == [("baseline", 150)]
+    assert main(["report", "--shadow", "--json", "--db", str(gw.settings.records_db)]) == 0
+    (shadow_json,) = json.loads(capsys.readouterr().out)
+    assert shadow_json["pairs"] == 150 and shadow_json["mcnemar_p"] == summary["mcnemar_p"]
