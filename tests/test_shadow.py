@@ -6,10 +6,12 @@ report on a known setup points the right way with a McNemar p far below 0.01."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,17 @@ import httpx
 import pytest
 
 from gateway.cli.main import main
+from gateway.control.policies import load_policies
+from gateway.drain import Drain
+from gateway.engine import EnginePool
+from gateway.openai_types import parse_chat_request
+from gateway.policy import Switches, Timeouts, plan
 from gateway.records import Record
 from gateway.settings import Settings
-from gateway.shadow.copies import HourlyBudget
-from gateway.store.request_log import read_records
+from gateway.shadow.copies import HourlyBudget, ShadowCopies
+from gateway.store.request_log import RecordWriter, read_records
+from gateway.telemetry import Telemetry
+from gateway.toolcalls import SchemaCache, expectation_from_request
 from tests.conftest import (
     CLIENT_TOKEN,
     FORCER_TOKEN,
@@ -435,3 +444,69 @@ def test_the_paired_report_shows_a_worse_shadow_with_mcnemar(
     assert main(["report", "--shadow", "--json", "--db", str(gw.settings.records_db)]) == 0
     (shadow_json,) = json.loads(capsys.readouterr().out)
     assert shadow_json["pairs"] == 150 and shadow_json["mcnemar_p"] == summary["mcnemar_p"]
+
+
+# --- the copies' own bookkeeping --------------------------------------------------------------------------
+
+
+def test_a_copy_cut_off_before_its_first_step_still_has_its_record(
+    tmp_path: Path, sim_engine_url: str
+) -> None:
+    """The drain deadline may cancel a copy the same instant it was started: its coroutine never runs, and the
+    copy must still release its counts and submit its record."""
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "crm.toml").write_text(policy("crm-formatter"))
+    route = load_policies(
+        tmp_path / "policies", {"default": sim_engine_url}, Timeouts(2.0, 60.0, 300.0)
+    ).routes["crm-assistant"]
+    shadow = plan(route, Switches()).shadow
+    assert shadow is not None
+    body = {"model": "crm-assistant", "messages": MESSAGES, "tools": [UPDATE_CRM]}
+    writer = RecordWriter(tmp_path / "requests.db")
+    writer.start()
+    inflight: Counter[str] = Counter()
+
+    async def scenario() -> tuple[int, int]:
+        engines = EnginePool({"default": sim_engine_url})
+        await engines.start()
+        schemas = SchemaCache()
+        copies = ShadowCopies(
+            engines=engines, schemas=schemas, records=writer, telemetry=Telemetry(), engine_inflight=inflight
+        )
+        try:
+            req = parse_chat_request(json.dumps(body).encode())
+            primary = Record(ts=1.0, request_id="p1", route="crm-assistant", variant="baseline")
+            exp = expectation_from_request(req.body, schemas)
+            copies.offer(primary, req, route, shadow, route.variants[0], exp)
+            started = copies.inflight
+            copies.cut_off()  # no await in between: the copy's task has not taken a step
+            await copies.close(0.0)
+            copies.offer(primary, req, route, shadow, route.variants[0], exp)  # closed: nothing more starts
+            return started, copies.inflight + copies.running("crm-assistant")
+        finally:
+            await engines.close()
+
+    started, left = asyncio.run(scenario())
+    writer.close()
+    assert (started, left, sum(inflight.values())) == (1, 0, 0)
+    (copy,) = read_records(tmp_path / "requests.db")
+    assert (copy.shadow, copy.primary_id, copy.outcome, copy.error_code) == (
+        True,
+        "p1",
+        "server_shutdown",
+        "server_shutting_down",
+    )
+
+
+def test_the_drain_says_how_long_is_left() -> None:
+    async def scenario() -> tuple[float, float]:
+        drain = Drain(5.0)
+        before = drain.remaining()
+        drain.begin(lambda: None)
+        await asyncio.sleep(0.05)
+        during = drain.remaining()
+        drain.close()
+        return before, during
+
+    before, during = asyncio.run(scenario())
+    assert before == 5.0 and 4.0 < during < 4.96

@@ -156,25 +156,32 @@ class ShadowCopies:
         if pending:
             await asyncio.wait(pending, timeout=_CANCEL_WAIT_S)
 
-    # -- the copy ---------------------------------------------------------------------------------------------
-
     def running(self, route: str) -> int:
         """Copies of `route` in flight in this process."""
         return self._running[route]
+
+    # -- the copy ---------------------------------------------------------------------------------------------
 
     def _start(
         self, rec: Record, body: dict[str, Any], route: Route, variant: Variant, exp: Expectation
     ) -> None:
         self._running[route.name] += 1
         self._engine_inflight[variant.model] += 1
-        task = asyncio.get_running_loop().create_task(self._copy(rec, body, route, variant, exp))
+        t0 = self._clock()
+        task = asyncio.get_running_loop().create_task(self._copy(rec, body, route, variant, exp, t0))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if task.cancelled():  # cancelled before its first step: `_copy` never ran, so it finishes here
+                _failed(rec, "server_shutdown", "server_shutting_down", 503)
+                self._finish(rec, route, variant, t0)
+
+        task.add_done_callback(done)
 
     async def _copy(
-        self, rec: Record, body: dict[str, Any], route: Route, variant: Variant, exp: Expectation
+        self, rec: Record, body: dict[str, Any], route: Route, variant: Variant, exp: Expectation, t0: float
     ) -> None:
-        t0 = self._clock()
         try:
             await self._answer(rec, body, route, variant, exp, t0)
         except GatewayError as err:
@@ -188,14 +195,18 @@ class ShadowCopies:
             log.exception("shadow copy %s failed", rec.request_id)
             _failed(rec, "gateway_error", "internal_error", 500)
         finally:
-            self._running[route.name] -= 1
-            self._engine_inflight[variant.model] -= 1
-            rec.e2e_s = self._clock() - t0
-            self._budget(route.name).spend(rec.cost, self._wallclock())
-            try:
-                self._telemetry.observe(rec)
-            finally:
-                self._records.submit(rec)
+            self._finish(rec, route, variant, t0)
+
+    def _finish(self, rec: Record, route: Route, variant: Variant, t0: float) -> None:
+        """The copy's end, however it came: its counts released, its cost spent, its record submitted."""
+        self._running[route.name] -= 1
+        self._engine_inflight[variant.model] -= 1
+        rec.e2e_s = self._clock() - t0
+        self._budget(route.name).spend(rec.cost, self._wallclock())
+        try:
+            self._telemetry.observe(rec)
+        finally:
+            self._records.submit(rec)
 
     async def _answer(
         self, rec: Record, body: dict[str, Any], route: Route, variant: Variant, exp: Expectation, t0: float
