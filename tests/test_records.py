@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.records import FIELDS, Record
-from gateway.store.request_log import SCHEMA_VERSION, RecordWriter, connect, read_records
+from gateway.store.request_log import SCHEMA_VERSION, RecordWriter, Tail, connect, read_records
 
 
 def make(i: int, **fields: object) -> Record:
@@ -308,6 +308,27 @@ def test_a_version_3_file_gains_the_shadow_columns_and_keeps_its_rows(db: Path) 
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()
+
+
+def test_tail_reads_a_file_an_older_gateway_wrote(db: Path) -> None:
+    """`gateway report` looks at a running canary through `Tail`, maybe on a log no newer gateway has migrated."""
+    columns = [f for f in FIELDS if f not in ("shadow", "primary_id")]  # a version-3 file
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE records ({', '.join(columns)})")
+        conn.execute("INSERT INTO records (ts, request_id, route, variant) VALUES (1.0, 'old', 'crm', 'ft')")
+        conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    tail = Tail(db, ["ts", "variant", "shadow"])
+    try:
+        ((cursor, record),) = tail.after("crm", 0.0, 0)
+        assert (cursor, record.variant, record.shadow) == (1, "ft", False)
+        connect(db).close()  # a newer gateway migrates it meanwhile and writes a copy's record
+        with sqlite3.connect(db) as conn:
+            conn.execute("INSERT INTO records (ts, request_id, route, shadow) VALUES (2.0, 'new', 'crm', 1)")
+        conn.close()
+        assert [(c, r.request_id, r.shadow) for c, r in tail.after("crm", 0.0, cursor)] == [(2, "", True)]
+    finally:
+        tail.close()
 
 
 def test_a_file_from_a_newer_gateway_is_written_without_downgrading(db: Path) -> None:
