@@ -12,7 +12,8 @@ other path goes through Starlette's router, middleware and exception handlers, w
 Graceful shutdown (`Drain`, driven by `DrainingServer` under `gateway serve`): uvicorn runs the lifespan's shutdown
 only after connections have drained, so the drain starts from uvicorn's own shutdown step instead. From then on
 every response carries `Connection: close`, `/readyz` answers 503, keep-alive connections get a moment to bring a
-last request, and at the deadline (`GATEWAY_DRAIN_S`) the requests still running are ended by the gateway itself.
+last request, and at the deadline (`GATEWAY_DRAIN_S`) the requests still running are ended by the gateway itself,
+and so are the shadow copies still running (`shadow.copies`; the lifespan's shutdown waits for their records).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from starlette.routing import Route
 from gateway.admin.canary import canary_routes
 from gateway.admin.http import AdminContext, check_bearer, error_response, json_response
 from gateway.admin.routes import admin_routes
+from gateway.admin.shadow import shadow_routes
 from gateway.canary.controller import CanaryController
 from gateway.control.adapters import scan
 from gateway.control.live import LiveView
@@ -54,6 +56,7 @@ from gateway.policy import PolicySnapshot, served_adapters, switches_digest
 from gateway.pool import pool_ready
 from gateway.proxy import ChatEndpoint, Deps
 from gateway.settings import Settings
+from gateway.shadow.copies import ShadowCopies
 from gateway.store.api import Replica, StateStore, StoreError
 from gateway.store.request_log import RecordWriter, Where
 from gateway.store.state import open_postgres, open_sqlite
@@ -74,8 +77,15 @@ class GatewayASGI:
         self._drain = components.drain
 
     def begin_drain(self) -> None:
-        """Shutdown has begun: see `Drain`. At the deadline, the chat requests still running are ended."""
-        self._drain.begin(self.chat.cut_off)
+        """Shutdown has begun: see `Drain`. At the deadline, the chat requests and shadow copies still running are
+        ended."""
+        self._drain.begin(self._cut_off)
+
+    def _cut_off(self) -> None:
+        try:
+            self.chat.cut_off()
+        finally:
+            self.components.shadows.cut_off()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
@@ -146,10 +156,20 @@ class Components:
         )
         self.store_health = StoreHealth()
         self.drain = Drain(settings.drain_s)
+        self.schemas = SchemaCache(
+            max_bytes=settings.schema_cache_bytes, max_schema_bytes=settings.max_schema_bytes
+        )
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.started_at = time.time()
         self.counters: Counter[tuple[str, str, str, str]] = Counter()
         self.engine_inflight: Counter[str] = Counter()  # requests in flight per engine model (adapter ref)
+        self.shadows = ShadowCopies(
+            engines=self.engines,
+            schemas=self.schemas,
+            records=self.records,
+            telemetry=self.telemetry,
+            engine_inflight=self.engine_inflight,
+        )
         self.lora = LoraManager(
             self.engines.pools,
             catalog=lambda: self.catalog,
@@ -225,9 +245,7 @@ def create_app(
         live=c.live,
         keys=c.keys,
         engines=c.engines,
-        schemas=SchemaCache(
-            max_bytes=settings.schema_cache_bytes, max_schema_bytes=settings.max_schema_bytes
-        ),
+        schemas=c.schemas,
         records=c.records,
         telemetry=c.telemetry,
         max_body_bytes=settings.max_body_bytes,
@@ -236,6 +254,7 @@ def create_app(
         drain=c.drain,
         counters=c.counters,
         engine_inflight=c.engine_inflight,
+        shadows=c.shadows,
         **({"draw": draw} if draw is not None else {}),
     )
     admin = AdminContext(
@@ -247,6 +266,7 @@ def create_app(
         replica_id=c.replica_id,
         replica_window_s=3 * settings.heartbeat_s,
         engines=c.engines.status,
+        shadow_in_flight=c.shadows.running,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(
@@ -256,6 +276,7 @@ def create_app(
             *_routes(c),
             *admin_routes(admin),
             *canary_routes(admin),
+            *shadow_routes(admin),
         ],
         exception_handlers={
             GatewayError: _on_gateway_error,
@@ -286,6 +307,8 @@ def _lifespan(c: Components) -> Callable[[Starlette], contextlib.AbstractAsyncCo
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # Before the request log closes: the copies still running get what is left of the drain deadline.
+            await c.shadows.close(c.drain.remaining())
             await c.close()
 
     return lifespan

@@ -92,6 +92,18 @@ class EngineResponse:
             self.member.outstanding -= 1
 
 
+async def read_json(response: EngineResponse) -> tuple[bytes, dict[str, Any]]:
+    """A non-stream answer's body, raw and parsed; EngineError when it is not a JSON object."""
+    raw = await response.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise EngineError(f"Engine {response.engine!r} answered with a body that is not a JSON object.")
+    return raw, data
+
+
 def _mid_body(exc: BaseException, engine: str) -> BaseException:
     if isinstance(exc, GatewayError | asyncio.CancelledError):
         return exc

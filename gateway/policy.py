@@ -9,6 +9,11 @@ total weight. A sticky key's bucket (`bucket(key, salt)`) always falls in the sa
 raising a variant's weight only widens its slice, so the users it had stay with it (with two variants, the only
 users who move are the ones moving into it). A killed variant's slice is served by the route's first live fallback,
 so killing and reviving never reshuffles anyone else.
+
+Shadow copies: a route's `[shadow]` (`ShadowSpec`) names a variant that answers copies of a share of the route's
+requests, never returned to anyone. `ShadowPlan.decide` is the per-request choice, from a draw of its own (never the
+routing draw, so sticky buckets and the split are untouched): copy, no copy, or no copy because the kill switches
+take the shadow variant out (the copy is then counted as dropped). The copy itself is `shadow.copies`'.
 """
 
 from __future__ import annotations
@@ -70,6 +75,22 @@ class ReleaseGate:
     require_approvers: bool = False
 
 
+ShadowStream = Literal["as_sent", "non_stream"]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSpec:
+    """A route's `[shadow]`: `variant` answers copies of `share` percent of the route's requests, at most
+    `max_in_flight` at once per process, within `max_cost_per_hour` (the variant's price currency; None: no budget).
+    `stream`: a streamed request is copied as a stream (`as_sent`) or as a non-stream request."""
+
+    variant: str
+    share: float  # percent, 0..100
+    max_in_flight: int = 8
+    max_cost_per_hour: float | None = None
+    stream: ShadowStream = "as_sent"
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -81,6 +102,7 @@ class Route:
     salt: str = ""
     release: ReleaseGate = ReleaseGate()
     canary: CanarySpec | None = None  # a candidate ramped through steps (canary_spec.py)
+    shadow: ShadowSpec | None = None  # a variant answering copies of the route's requests
 
     def variant(self, name: str) -> Variant | None:
         for v in self.variants:
@@ -145,6 +167,25 @@ class Decision:
     share: float  # the variant's effective share of the route's traffic when it was chosen
 
 
+ShadowAction = Literal["copy", "killed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowPlan:
+    """A route's shadow under one set of switches: the variant (pins applied) and whether a switch has it out."""
+
+    spec: ShadowSpec
+    variant: Variant
+    killed: bool  # the variant, its route or every route is killed: no copies (each counted as dropped)
+
+    def decide(self, u: float, served: str) -> ShadowAction | None:
+        """For a request routed to `served`, with `u` drawn in [0, 1) for this decision alone: copy it, drop the
+        copy (`killed`), or None (not drawn, or the shadow variant is the one that serves it: nothing to compare)."""
+        if u * 100.0 >= self.spec.share or served == self.spec.variant:
+            return None
+        return "killed" if self.killed else "copy"
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The effective routing of one route under one set of switches."""
@@ -156,6 +197,7 @@ class Plan:
     fallback: Variant | None  # the first live fallback variant
     down: bool  # the route is killed (or everything is): all traffic goes to `fallback`
     alive: frozenset[str]  # variants that may serve now (a zero-weight one only when forced or as fallback)
+    shadow: ShadowPlan | None = None  # the route's `[shadow]`, if any
 
     @property
     def live(self) -> bool:
@@ -259,6 +301,21 @@ def build_view(policy: PolicySnapshot, switches: Switches) -> View:
 
 
 def plan(route: Route, switches: Switches) -> Plan:
+    routing = _routing(route, switches)
+    if route.shadow is None:
+        return routing
+    return replace(routing, shadow=_shadow_plan(route, route.shadow, switches))
+
+
+def _shadow_plan(route: Route, spec: ShadowSpec, switches: Switches) -> ShadowPlan:
+    variant = route.variant(spec.variant)
+    if variant is None:  # control.policies refuses such a file; only a route built by hand gets here
+        raise ValueError(f"route {route.name!r}: shadow variant {spec.variant!r} is not one of its variants")
+    killed = switches.route_down(route.name) or switches.variant_killed(route.name, spec.variant)
+    return ShadowPlan(spec, variant, killed)
+
+
+def _routing(route: Route, switches: Switches) -> Plan:
     fallback = _first_live_fallback(route, switches)
     down = switches.route_down(route.name)
     if down:

@@ -9,6 +9,10 @@ failure, a client that hung up, a stream that broke mid-way, or a bug (which ans
 the traceback). Errors before the response started are sent as a status and OpenAI's envelope; after a stream
 started, as an SSE error event. A failure before the engine's first byte is tried once more on another member of the
 engine's pool (`engine`), then falls back once to the route's first live fallback variant.
+
+A route with a `[shadow]` hands each request, once routed, to `shadow.copies`, which decides and sends the copy on
+a task of its own: nothing it does reaches this request's answer, headers or record. Without one, the only cost is
+the `plan.shadow is not None` test.
 """
 
 from __future__ import annotations
@@ -24,12 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from gateway import relay, sse
 from gateway.control.live import LiveView
 from gateway.drain import Drain
-from gateway.engine import EnginePool, EngineResponse
+from gateway.engine import EnginePool, EngineResponse, read_json
 from gateway.errors import (
     BadRequest,
     ClientDisconnected,
@@ -47,6 +49,7 @@ from gateway.policy import Decision, Plan, Route, Variant, bucket
 from gateway.pricing import cost
 from gateway.records import Record
 from gateway.rewrite import engine_body
+from gateway.shadow.copies import ShadowCopies
 from gateway.store.api import RequestLog
 from gateway.telemetry import Telemetry
 from gateway.toolcalls import (
@@ -119,6 +122,7 @@ class Deps:
     clock: Callable[[], float] = time.perf_counter
     wallclock: Callable[[], float] = time.time
     draw: Callable[[], float] = random.random
+    shadows: ShadowCopies | None = None  # sends the copies of routes with a `[shadow]`
 
 
 def _refuse_unsupported(body: dict[str, Any], unsupported: frozenset[str]) -> None:
@@ -204,12 +208,16 @@ class ChatEndpoint:
         forced = self._forced(x, key)
         x.rec.forced = forced is not None
         decision = plan.decide(self._draw(x, plan.route, req), forced)
+        exp = expectation_from_request(req.body, self.d.schemas)  # a bad or oversized schema: 400 here
+        if plan.shadow is not None and forced is None and self.d.shadows is not None:
+            # Routed, and about to be sent: the copy goes on its own task (it never raises here).
+            self.d.shadows.offer(x.rec, req, plan.route, plan.shadow, decision.variant, exp)
         watch = _DisconnectWatch(receive, x)
         try:
             if req.stream:
-                await self._stream(x, req, plan, decision)
+                await self._stream(x, req, plan, decision, exp)
             else:
-                await self._unary(x, req, plan, decision)
+                await self._unary(x, req, plan, decision, exp)
         finally:
             watch.stop()
         if x.disconnected:  # the reply was complete, but the client had already gone
@@ -303,10 +311,11 @@ class ChatEndpoint:
 
     # -- non-stream -------------------------------------------------------------------------------------------
 
-    async def _unary(self, x: Exchange, req: ChatRequest, plan: Plan, decision: Decision) -> None:
-        exp = expectation_from_request(req.body, self.d.schemas)  # a bad or oversized schema: 400 here
+    async def _unary(
+        self, x: Exchange, req: ChatRequest, plan: Plan, decision: Decision, exp: Expectation
+    ) -> None:
         variant, response = await self._open(x, req, plan, decision.variant)
-        raw, data = await _read_json(response)
+        raw, data = await read_json(response)
         x.response = None
         verdict = self._verdict(x, completions_from_response(data), exp)
         if verdict.status == "invalid" and plan.route.tool_calls == "enforce":
@@ -325,7 +334,7 @@ class ChatEndpoint:
         x.rec.fallback_from, x.rec.fallback_reason = variant.name, verdict.reason
         _assign(x.rec, fallback, plan)
         x.response = response = await self._send_to(x, req, plan, fallback)
-        raw, data = await _read_json(response)
+        raw, data = await read_json(response)
         x.response = None
         retried = self._verdict(x, completions_from_response(data), exp)
         if retried.status == "invalid":
@@ -334,8 +343,9 @@ class ChatEndpoint:
 
     # -- stream -----------------------------------------------------------------------------------------------
 
-    async def _stream(self, x: Exchange, req: ChatRequest, plan: Plan, decision: Decision) -> None:
-        exp = expectation_from_request(req.body, self.d.schemas)  # a bad or oversized schema: 400 here
+    async def _stream(
+        self, x: Exchange, req: ChatRequest, plan: Plan, decision: Decision, exp: Expectation
+    ) -> None:
         enforce = plan.route.tool_calls == "enforce" and exp.active
         variant, response = await self._open(x, req, plan, decision.variant)
         stream = relay.StreamRelay(
@@ -412,7 +422,7 @@ class ChatEndpoint:
         _assign(x.rec, fallback, plan)
         unary = ChatRequest({**req.body, "stream": False}, req.model, False, False, req.user)
         x.response = response = await self._send_to(x, unary, plan, fallback)
-        _, data = await _read_json(response)
+        _, data = await read_json(response)
         x.response = None
         completions = completions_from_response(data)
         retried = self._verdict(x, completions, exp)
@@ -557,17 +567,6 @@ async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) 
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _read_json(response: EngineResponse) -> tuple[bytes, dict[str, Any]]:
-    raw = await response.read()
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
-        raise EngineError(f"Engine {response.engine!r} answered with a body that is not a JSON object.")
-    return raw, data
-
-
 def _assign(rec: Record, variant: Variant, plan: Plan) -> None:
     rec.variant = variant.name
     rec.engine_model = variant.model
@@ -576,13 +575,11 @@ def _assign(rec: Record, variant: Variant, plan: Plan) -> None:
 
 
 def _timing(x: Exchange, stream: relay.StreamRelay) -> None:
-    first, last = stream.first_token_at, stream.last_token_at
-    if first is None or last is None:
-        return
-    x.rec.ttft_s = first - x.t0
-    tokens = (stream.acc.usage or {}).get("completion_tokens")
-    if isinstance(tokens, int) and tokens > 1:
-        x.rec.tpot_s = (last - first) / (tokens - 1)
+    ttft, tpot = stream.timing(x.t0)
+    if ttft is not None:
+        x.rec.ttft_s = ttft
+    if tpot is not None:
+        x.rec.tpot_s = tpot
 
 
 def _set_outcome(rec: Record, err: GatewayError) -> None:

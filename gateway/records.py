@@ -1,5 +1,6 @@
 """The per-request record: the one row written per request, plain data filled in along the request path (its cost
-comes from `pricing.cost`). Pure: the request log that stores it is `store.request_log`.
+comes from `pricing.cost`), and one per shadow copy (`shadow.copies`). Pure: the request log that stores it is
+`store.request_log`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class Record:
     # Added by schema version 3 (engine pools): the URL of the pool member that answered, or the last one tried
     # when none did (None when no engine was asked).
     engine_url: str | None = None
+    # Added by schema version 4 (shadow traffic): a shadow copy's answer (or a copy dropped, outcome
+    # `shadow_dropped`), never returned to anyone, and the request id of the request it copied. Served-traffic
+    # figures (reports, canaries, the metrics' shadow="false" series) never include these.
+    shadow: bool = False
+    primary_id: str | None = None
 
 
+SHADOW_DROPPED: Final = "shadow_dropped"  # the outcome of a shadow copy's record when the copy was not sent
 FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(Record))

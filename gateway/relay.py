@@ -90,6 +90,15 @@ class StreamRelay:
             return None
         return event
 
+    def timing(self, started: float) -> tuple[float | None, float | None]:
+        """Time to first token since `started`, and mean time per output token after the first (None: unknown)."""
+        first, last = self.first_token_at, self.last_token_at
+        if first is None or last is None:
+            return None, None
+        tokens = (self.acc.usage or {}).get("completion_tokens")
+        per_token = (last - first) / (tokens - 1) if isinstance(tokens, int) and tokens > 1 else None
+        return first - started, per_token
+
     def release(self) -> list[bytes]:
         """The held events, once the verdict allows them through."""
         out = self.held

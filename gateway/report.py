@@ -132,7 +132,8 @@ class _Group:
 
 
 def summarize(records: Iterable[Record]) -> list[VariantSummary]:
-    """One summary per (route, variant), sorted by route then variant (records with none sort first).
+    """One summary per (route, variant) of served traffic, sorted by route then variant (records with none sort
+    first). Shadow copies' records are left out: they were answered to nobody.
 
     - errors: outcomes in `ERROR_OUTCOMES`; client_error and client_disconnected are counted apart and are
       not errors. error_rate = errors / requests.
@@ -146,6 +147,8 @@ def summarize(records: Iterable[Record]) -> list[VariantSummary]:
     """
     groups: dict[tuple[str | None, str | None], _Group] = defaultdict(_Group)
     for record in records:
+        if record.shadow:  # a shadow copy served nobody (`shadow.pairs` reads them)
+            continue
         groups[record.route, record.variant].add(record)
         if record.fallback_from is not None:
             groups[record.route, record.fallback_from].fallbacks += 1

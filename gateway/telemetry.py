@@ -4,8 +4,10 @@ Owns `Telemetry`, which aggregates each finished request's `Record` in the proce
 cumulative totals in the OpenTelemetry SDK's data model (`collect`), renders them in the Prometheus text
 exposition format (0.0.4) for `/metrics` without `prometheus_client` and its global registry, and, when an
 OTLP endpoint is configured, exports them from a background thread. Metric labels come only from
-configuration and known enums (route, variant, model, outcome, verdict, reason, currency), never from request
-content.
+configuration and known enums (route, variant, model, outcome, verdict, reason, currency, shadow), never from
+request content. Every per-request series carries `shadow` ("true" for a shadow copy's answer, `shadow.copies`;
+"false" for served traffic), so served-traffic totals are the `shadow="false"` series; copies dropped are counted
+by reason in `gateway.shadow.dropped`.
 
 Why no SDK instruments (a deliberate deviation from "use the OTel SDK", by measurement): in SDK 1.45 each
 synchronous `histogram.record()` costs about 16–20 µs of CPU (the attributes are cleaned, copied and hashed
@@ -66,7 +68,8 @@ _MAX_POINTS: Final = 2000
 _OVERFLOW_KEY: Final[tuple[()]] = ()
 _OVERFLOW_ATTRIBUTES: Final[Mapping[str, AttributeValue]] = {"otel.metric.overflow": True}
 _MISSING: Final = "none"  # label value for a field the record does not have (e.g. no variant was chosen)
-_REQUEST_LABELS: Final = ("route", "variant", "model", "outcome", "verdict")
+_REQUEST_LABELS: Final = ("route", "variant", "model", "outcome", "verdict", "shadow")
+_SHADOW: Final = {False: "false", True: "true"}  # the `shadow` label's values
 _SNAPSHOT_TRIES: Final = 10
 _CUMULATIVE: Final = AggregationTemporality.CUMULATIVE
 
@@ -190,24 +193,30 @@ class _Counter:
 
 
 class _Series:
-    """The histogram points one (route, variant, model, outcome) records into, looked up once and reused."""
+    """The histogram points one (route, variant, model, outcome, shadow) records into, looked up once and reused."""
 
     __slots__ = ("duration", "tokens_in", "tokens_out", "tpot", "ttfb", "ttft")
 
-    def __init__(self, t: Telemetry, route: str, variant: str, model: str, outcome: str) -> None:
+    def __init__(self, t: Telemetry, route: str, variant: str, model: str, outcome: str, shadow: str) -> None:
         op: dict[str, AttributeValue] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.request.model": route,
             "route": route,
             "variant": variant,
             "model": model,
+            "shadow": shadow,
         }
         done: dict[str, AttributeValue] = {**op, "outcome": outcome}
         if outcome != "ok":  # GenAI semconv: error.type is required when the operation failed
             done["error.type"] = outcome
         # gateway.* histograms have no semantic convention to follow, so they skip the two gen_ai.* keys:
         # every attribute multiplies the exported series.
-        short: dict[str, AttributeValue] = {"route": route, "variant": variant, "model": model}
+        short: dict[str, AttributeValue] = {
+            "route": route,
+            "variant": variant,
+            "model": model,
+            "shadow": shadow,
+        }
         self.duration = t._duration.point(done)
         self.tokens_in = t._tokens.point({**op, "gen_ai.token.type": "input"})
         self.tokens_out = t._tokens.point({**op, "gen_ai.token.type": "output"})
@@ -300,7 +309,7 @@ class Telemetry:
         self._resource = Resource({"service.name": service_name})
         self._scope = InstrumentationScope("gateway")
         self._create_instruments()
-        self._series: dict[tuple[str, str, str, str], _Series] = {}
+        self._series: dict[tuple[str, str, str, str, str], _Series] = {}
         self._seq = 0  # odd while observe() is updating the aggregates: see _snapshot()
         self._closed = False
         self._export: _ExportLoop | None = None
@@ -331,13 +340,19 @@ class Telemetry:
             "gateway.tool_calls.invalid",
             "{request}",
             "Requests with an invalid tool call, by the first reason",
-            ("route", "variant", "reason"),
+            ("route", "variant", "reason", "shadow"),
         )
         self._cost = _Counter(
-            "gateway.cost", "{currency}", "Cost of requests", ("route", "variant", "currency")
+            "gateway.cost", "{currency}", "Cost of requests", ("route", "variant", "currency", "shadow")
+        )
+        self._dropped = _Counter(
+            "gateway.shadow.dropped",
+            "{request}",
+            "Shadow copies not sent, by reason (in_flight_limit, budget, killed)",
+            ("route", "variant", "reason"),
         )
         self._histograms = (self._duration, self._tokens, self._ttft, self._tpot, self._ttfb)
-        self._counters = (self._requests, self._invalid, self._cost)
+        self._counters = (self._requests, self._invalid, self._cost, self._dropped)
 
     def observe(self, record: Record) -> None:
         """Record one finished request. Call it from one thread only (the event loop's): see `_snapshot`.
@@ -347,10 +362,10 @@ class Telemetry:
         self._seq += 1
         try:
             route, variant = record.route or _MISSING, record.variant or _MISSING
-            model, outcome = record.engine_model or _MISSING, record.outcome
-            series = self._series.get((route, variant, model, outcome))
+            model, outcome, shadow = record.engine_model or _MISSING, record.outcome, _SHADOW[record.shadow]
+            series = self._series.get((route, variant, model, outcome, shadow))
             if series is None:
-                series = self._new_series(route, variant, model, outcome)
+                series = self._new_series(route, variant, model, outcome, shadow)
             if (e2e := record.e2e_s) is not None:
                 series.duration.add(e2e)
             if (tokens_in := record.input_tokens) is not None:
@@ -363,18 +378,27 @@ class Telemetry:
                 series.tpot.add(tpot)
             if (ttfb := record.engine_first_byte_s) is not None:
                 series.ttfb.add(ttfb)
-            self._requests.add((route, variant, model, outcome, record.tool_verdict), 1)
+            self._requests.add((route, variant, model, outcome, record.tool_verdict, shadow), 1)
             if record.tool_verdict == "invalid":
-                self._invalid.add((route, variant, record.tool_reason or _MISSING), 1)
+                self._invalid.add((route, variant, record.tool_reason or _MISSING, shadow), 1)
             if record.cost is not None and record.currency and record.cost >= 0:  # NaN fails >= 0
-                self._cost.add((route, variant, record.currency), record.cost)
+                self._cost.add((route, variant, record.currency, shadow), record.cost)
         finally:
             self._seq += 1
 
-    def _new_series(self, route: str, variant: str, model: str, outcome: str) -> _Series:
+    def shadow_dropped(self, route: str, variant: str, reason: str) -> None:
+        """Count one shadow copy not sent (`reason`: in_flight_limit, budget, killed). Event-loop thread only."""
+        self._seq += 1
+        try:
+            self._dropped.add((route, variant, reason), 1)
+        finally:
+            self._seq += 1
+
+    def _new_series(self, route: str, variant: str, model: str, outcome: str, shadow: str) -> _Series:
         if len(self._series) >= _CACHE_MAX:  # only the cache: the points stay in their instruments
             self._series.clear()
-        series = self._series[route, variant, model, outcome] = _Series(self, route, variant, model, outcome)
+        series = _Series(self, route, variant, model, outcome, shadow)
+        self._series[route, variant, model, outcome, shadow] = series
         return series
 
     def collect(self) -> MetricsData:

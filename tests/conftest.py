@@ -214,10 +214,12 @@ class Gateway(abc.ABC):
         return self.http.request(method, path, headers=headers, **kwargs)
 
     def records(self, **kwargs: Any) -> list[Any]:
-        """Every record so far, once the requests in flight have submitted theirs (a reply can reach the client
-        a moment before its request's record is queued)."""
+        """Every record so far, once the requests and shadow copies in flight have submitted theirs (a reply can
+        reach the client a moment before its request's record is queued)."""
         deadline = time.monotonic() + 5
-        while self.app.chat.inflight and time.monotonic() < deadline:
+        while (
+            self.app.chat.inflight or self.app.components.shadows.inflight
+        ) and time.monotonic() < deadline:
             time.sleep(0.002)
         self.app.components.records.flush()
         return read_records(self.app.components.records.where, **kwargs)
@@ -308,9 +310,9 @@ def start_gateway(settings: Settings, **app_kwargs: Any) -> RunningGateway:
     return RunningGateway(url, settings, app, httpx.Client(base_url=url, timeout=10.0), server, thread)
 
 
-def start_app_gateway(settings: Settings) -> InProcessGateway:
-    """The gateway app for `settings`, in process, its lifespan started."""
-    app = create_app(settings)
+def start_app_gateway(settings: Settings, **app_kwargs: Any) -> InProcessGateway:
+    """The gateway app for `settings` (and `create_app`'s other arguments), in process, its lifespan started."""
+    app = create_app(settings, **app_kwargs)
     with contextlib.ExitStack() as stack:
         portal = stack.enter_context(start_blocking_portal())
         stack.enter_context(

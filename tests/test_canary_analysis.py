@@ -55,6 +55,8 @@ def test_a_record_counts_for_the_arm_the_policy_routed_it_to() -> None:
     retried = observation(SPEC, rec("old", 0.9, fallback_from="new", fallback_reason="schema_violation"))
     assert retried is not None and (retried.arm, retried.invalid, retried.error) == ("candidate", True, False)
     assert observation(SPEC, rec("new", 0.1, forced=True)) is None  # the client chose: not routed by policy
+    # A shadow copy answered nobody: never evidence, whichever variant answered it.
+    assert observation(SPEC, rec("new", 0.1, tool_verdict="invalid", shadow=True, primary_id="p")) is None
     assert observation(SPEC, rec("third", 0.1)) is None
     assert observation(SPEC, rec("new", 0.0)) is None  # inconsistent with any canary routing
     assert observation(SPEC, rec("new", 0.1, outcome="client_error")) == Observation(100.0, "candidate", 0.1)
@@ -220,7 +222,9 @@ def test_weights_always_give_the_route_whole(step: int, status: str) -> None:
 
 def test_an_older_request_log_gains_the_canary_columns(tmp_path: Path) -> None:
     path = tmp_path / "requests.db"
-    old = [f for f in FIELDS if f not in ("forced", "bucket", "engine_url")]  # a version-1 file's columns
+    old = [
+        f for f in FIELDS if f not in ("forced", "bucket", "engine_url", "shadow", "primary_id")
+    ]  # version 1
     with sqlite3.connect(path) as db:
         db.execute(f"CREATE TABLE records ({', '.join(old)})")
         db.execute("INSERT INTO records (ts, request_id, route, stream) VALUES (1.0, 'old', 'crm', 0)")

@@ -27,6 +27,7 @@ PURE = [
     "canary.stats",
     "canary.machine",
     "canary.analysis",
+    "shadow.pairs",
     "store.api",
 ]
 # Top-level modules that mean I/O: SQLite, threads and queues (the request log's writer), event loops, HTTP

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.records import FIELDS, Record
-from gateway.store.request_log import SCHEMA_VERSION, RecordWriter, connect, read_records
+from gateway.store.request_log import SCHEMA_VERSION, RecordWriter, Tail, connect, read_records
 
 
 def make(i: int, **fields: object) -> Record:
@@ -78,6 +78,7 @@ def test_every_field_round_trips(writer: RecordWriter, db: Path) -> None:
         output_tokens=20, cost=0.0003, currency="USD", tool_verdict="invalid", tool_reason="schema",
         tool_path="/arguments/id", tool_detail="not an integer", tool_calls=2, tool_choice="auto", share=0.05,
         policy_version="v7", retrieval_s=0.003, forced=True, bucket=0.25, engine_url="http://10.0.0.5:8001",
+        shadow=True, primary_id="r0",
     )  # fmt: skip
     minimal = Record(ts=2.0, request_id="r2")
     writer.submit(full)
@@ -270,7 +271,7 @@ def test_read_records_fills_columns_an_older_file_lacks(db: Path) -> None:
 
 
 def test_a_version_2_file_gains_the_engine_url_column_and_keeps_its_rows(db: Path) -> None:
-    columns = [f for f in FIELDS if f != "engine_url"]
+    columns = [f for f in FIELDS if f not in ("engine_url", "shadow", "primary_id")]
     with sqlite3.connect(db) as conn:
         conn.execute(f"CREATE TABLE records ({', '.join(columns)})")
         conn.execute("INSERT INTO records (ts, request_id, route) VALUES (1.0, 'before', 'crm')")
@@ -285,8 +286,49 @@ def test_a_version_2_file_gains_the_engine_url_column_and_keeps_its_rows(db: Pat
         ("after", "http://10.0.0.6:8001"),
     ]
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()
+
+
+def test_a_version_3_file_gains_the_shadow_columns_and_keeps_its_rows(db: Path) -> None:
+    columns = [f for f in FIELDS if f not in ("shadow", "primary_id")]
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE records ({', '.join(columns)})")
+        conn.execute("INSERT INTO records (ts, request_id, route) VALUES (1.0, 'before', 'crm')")
+        conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    writer = RecordWriter(db)
+    writer.start()
+    writer.submit(Record(ts=2.0, request_id="after-shadow", route="crm", shadow=True, primary_id="after"))
+    writer.close()
+    assert [(r.request_id, r.shadow, r.primary_id) for r in read_records(db)] == [
+        ("before", False, None),
+        ("after-shadow", True, "after"),
+    ]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    conn.close()
+
+
+def test_tail_reads_a_file_an_older_gateway_wrote(db: Path) -> None:
+    """`gateway report` looks at a running canary through `Tail`, maybe on a log no newer gateway has migrated."""
+    columns = [f for f in FIELDS if f not in ("shadow", "primary_id")]  # a version-3 file
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TABLE records ({', '.join(columns)})")
+        conn.execute("INSERT INTO records (ts, request_id, route, variant) VALUES (1.0, 'old', 'crm', 'ft')")
+        conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    tail = Tail(db, ["ts", "variant", "shadow"])
+    try:
+        ((cursor, record),) = tail.after("crm", 0.0, 0)
+        assert (cursor, record.variant, record.shadow) == (1, "ft", False)
+        connect(db).close()  # a newer gateway migrates it meanwhile and writes a copy's record
+        with sqlite3.connect(db) as conn:
+            conn.execute("INSERT INTO records (ts, request_id, route, shadow) VALUES (2.0, 'new', 'crm', 1)")
+        conn.close()
+        assert [(c, r.request_id, r.shadow) for c, r in tail.after("crm", 0.0, cursor)] == [(2, "", True)]
+    finally:
+        tail.close()
 
 
 def test_a_file_from_a_newer_gateway_is_written_without_downgrading(db: Path) -> None:

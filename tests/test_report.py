@@ -39,6 +39,15 @@ def test_summarize_groups_by_route_and_variant_in_order() -> None:
     assert keys == [(None, None), ("crm", "base"), ("crm", "ft"), ("search", "base")]
 
 
+def test_summarize_leaves_shadow_copies_out() -> None:
+    copies = [
+        rec("crm", "ft", shadow=True, primary_id="r", tool_verdict="invalid", cost=1.0, currency="USD"),
+        rec("crm", "base", shadow=True, primary_id="r", outcome="shadow_dropped", error_code="budget"),
+        rec("crm", "shadow-only", shadow=True, primary_id="r", e2e_s=0.1),
+    ]
+    assert summarize(RECORDS + copies) == summarize(RECORDS)
+
+
 def test_summarize_counts_errors_apart_from_client_outcomes() -> None:
     base = {(s.route, s.variant): s for s in summarize(RECORDS)}["crm", "base"]
     assert base.requests == 5

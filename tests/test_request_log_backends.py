@@ -13,7 +13,8 @@ import pytest
 
 from gateway.devtools.postgres import PostgresServer
 from gateway.records import FIELDS
-from gateway.store.request_log import RecordWriter, Tail, Where, read_records
+from gateway.store.postgres import migrate
+from gateway.store.request_log import PG_MIGRATIONS, RecordWriter, Tail, Where, read_records
 from tests.test_records import make
 
 
@@ -38,7 +39,14 @@ def _write(where: Where, *records: object, batch: int = 512) -> RecordWriter:
 def test_what_is_written_is_read_back_field_for_field(where: Where) -> None:
     written = [
         make(
-            i, stream=bool(i % 2), forced=i == 3, bucket=None if i % 3 else i / 10, cost=i * 1e-6, ttft_s=None
+            i,
+            stream=bool(i % 2),
+            forced=i == 3,
+            bucket=None if i % 3 else i / 10,
+            cost=i * 1e-6,
+            ttft_s=None,
+            shadow=i == 5,
+            primary_id="req-4" if i == 5 else None,
         )
         for i in range(40)
     ]
@@ -50,6 +58,24 @@ def test_what_is_written_is_read_back_field_for_field(where: Where) -> None:
     ]
     assert [r.request_id for r in read_records(where, since=1_010.0, until=1_012.0)] == ["req-10", "req-11"]
     assert read_records(where, route="other") == []
+
+
+def test_a_postgres_log_of_the_first_version_gains_the_shadow_columns(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    assert migrate(url, "requests", PG_MIGRATIONS[:1]) == 0
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO records (ts, request_id, route) VALUES (1000.0, 'before', 'crm')")
+    assert [(r.request_id, r.shadow) for r in read_records(url)] == [
+        ("before", False)
+    ]  # read before migrating
+    _write(url, make(1, shadow=True, primary_id="req-0"))
+    assert [(r.request_id, r.shadow, r.primary_id) for r in read_records(url)] == [
+        ("before", False, None),
+        ("req-1", True, "req-0"),
+    ]
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT version FROM schema_versions WHERE component = 'requests'").fetchone()
+    assert row == (len(PG_MIGRATIONS),) == (2,)
 
 
 def test_a_row_the_database_rejects_costs_only_that_row(where: Where) -> None:

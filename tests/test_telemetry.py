@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import threading
@@ -73,6 +74,7 @@ def test_duration_histogram_has_genai_and_config_attributes(telemetry: Telemetry
         "route": "crm",
         "variant": "ft",
         "model": "crm-ft",
+        "shadow": "false",
         "outcome": "ok",
     }
     assert (ok.count, ok.sum) == (1, 1.5)
@@ -99,7 +101,7 @@ def test_stream_timings_are_recorded_only_when_present(telemetry: Telemetry) -> 
     ttft = points(seen["gen_ai.client.operation.time_to_first_chunk"])
     assert [(p.count, p.sum) for p in ttft] == [(1, 0.2)]
     tpot = points(seen["gateway.time_per_output_token"])
-    assert dict(tpot[0].attributes) == {"route": "crm", "variant": "ft", "model": "crm-ft"}
+    assert dict(tpot[0].attributes) == {"route": "crm", "variant": "ft", "model": "crm-ft", "shadow": "false"}
     assert [p.sum for p in points(seen["gateway.engine.time_to_first_byte"])] == [0.1]
 
 
@@ -115,11 +117,31 @@ def test_counters_count_requests_invalid_calls_and_cost(telemetry: Telemetry) ->
     assert counts == {("ft", "ok", "invalid"): 3, ("base", "engine_error", "none"): 1}
     invalid: list[NumberDataPoint] = points(seen["gateway.tool_calls.invalid"])
     assert [(dict(p.attributes or {}), p.value) for p in invalid] == [
-        ({"route": "crm", "variant": "ft", "reason": "schema"}, 3)
+        ({"route": "crm", "variant": "ft", "reason": "schema", "shadow": "false"}, 3)
     ]
     cost: list[NumberDataPoint] = points(seen["gateway.cost"])
-    assert [dict(p.attributes or {}) for p in cost] == [{"route": "crm", "variant": "ft", "currency": "USD"}]
+    assert [dict(p.attributes or {}) for p in cost] == [
+        {"route": "crm", "variant": "ft", "currency": "USD", "shadow": "false"}
+    ]
     assert cost[0].value == pytest.approx(3 * 0.0012)
+
+
+def test_a_shadow_copy_has_series_of_its_own_and_drops_are_counted_by_reason(telemetry: Telemetry) -> None:
+    telemetry.observe(STREAM)
+    telemetry.observe(dataclasses.replace(STREAM, request_id="s-shadow", shadow=True, primary_id="s"))
+    telemetry.shadow_dropped("crm", "ft", "in_flight_limit")
+    telemetry.shadow_dropped("crm", "ft", "in_flight_limit")
+    telemetry.shadow_dropped("crm", "ft", "killed")
+    seen = metrics(telemetry)
+    requests = {p.attributes["shadow"]: p.value for p in points(seen["gateway.requests"])}
+    assert requests == {"false": 1, "true": 1}  # served totals (shadow="false") leave the copy out
+    cost = {p.attributes["shadow"]: p.value for p in points(seen["gateway.cost"])}
+    assert cost == {"false": pytest.approx(0.0012), "true": pytest.approx(0.0012)}
+    durations = {p.attributes["shadow"]: p.count for p in points(seen["gen_ai.client.operation.duration"])}
+    assert durations == {"false": 1, "true": 1}
+    dropped = {p.attributes["reason"]: p.value for p in points(seen["gateway.shadow.dropped"])}
+    assert dropped == {"in_flight_limit": 2, "killed": 1}
+    assert b"gateway_shadow_dropped_total" in telemetry.prometheus_text()
 
 
 def test_counters_are_cumulative_across_collections(telemetry: Telemetry) -> None:
@@ -133,7 +155,8 @@ def test_missing_config_fields_become_none_labels(telemetry: Telemetry) -> None:
     telemetry.observe(Record(ts=0.0, request_id="r", status=404, outcome="client_error", e2e_s=0.001))
     (point,) = points(metrics(telemetry)["gateway.requests"])
     assert point.attributes == {
-        "route": "none", "variant": "none", "model": "none", "outcome": "client_error", "verdict": "none"
+        "route": "none", "variant": "none", "model": "none", "outcome": "client_error", "verdict": "none",
+        "shadow": "false",
     }  # fmt: skip
 
 

@@ -95,6 +95,8 @@ def _served(where: Where, route: str, since: float, until: float) -> list[dict[s
     if isinstance(where, Path) and not where.exists():
         return []
     for rec in read_records(where, route=route, since=since, until=until if until != float("inf") else None):
+        if rec.shadow:  # a shadow copy served nobody
+            continue
         key = (rec.variant, rec.adapter, rec.policy_version)
         row = groups.setdefault(
             key,

@@ -52,6 +52,7 @@ class AdminContext:
     replica_id: str  # this process, as the replicas table names it
     replica_window_s: float  # a replica whose last heartbeat is older is not listed
     engines: Callable[[], dict[str, list[dict[str, Any]]]]  # each pool's members (`EnginePool.status`)
+    shadow_in_flight: Callable[[str], int]  # a route's shadow copies running in this process
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -1,6 +1,7 @@
 """The canary's evidence and what one look at it concludes: fail, pass or hold. Pure: no I/O, no clock.
 
 Units and attribution (docs/canary-statistics.md, "Units and traps"):
+- Shadow copies (`shadow` records) were never served to anyone and are never evidence of a canary.
 - A request belongs to the arm the policy routed it to: its `fallback_from` when the routed variant failed and
   another answered (a failure before the first byte is an error of the routed arm; an enforce-mode retry after an
   invalid tool call is an invalid call of the routed arm), else its `variant`. Requests whose variant the client
@@ -55,9 +56,10 @@ class Observation:
 
 
 def observation(spec: CanarySpec, rec: Record) -> Observation | None:
-    """What a record says about the canary, or None when it is not evidence (forced, another variant)."""
+    """What a record says about the canary, or None when it is not evidence (a shadow copy, forced, another
+    variant)."""
     routed = rec.fallback_from or rec.variant
-    if rec.forced or rec.share is None or routed not in (spec.candidate, spec.baseline):
+    if rec.shadow or rec.forced or rec.share is None or routed not in (spec.candidate, spec.baseline):
         return None
     arm: Arm = "candidate" if routed == spec.candidate else "baseline"
     rho = rec.share if rec.variant == spec.candidate else 1.0 - rec.share

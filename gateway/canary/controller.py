@@ -49,6 +49,7 @@ _FIELDS: Final = [
     "cost",
     "forced",
     "bucket",
+    "shadow",  # shadow copies are read, then left out (`analysis.observation`)
 ]
 ACTOR: Final = "canary"  # the actor of automatic decisions in the audit log
 

@@ -1,5 +1,5 @@
-"""`gateway report`: per route and variant figures, and the canaries' steps, from the request log and the state
-database. It reads them directly (the SQLite files, or Postgres with GATEWAY_DATABASE_URL), not the admin API, so
+"""`gateway report`: per route and variant figures, the shadow comparisons and the canaries' steps, from the
+request log and the state database. It reads them directly (the SQLite files, or Postgres with GATEWAY_DATABASE_URL), not the admin API, so
 it also works while the gateway is down.
 """
 
@@ -27,6 +27,9 @@ def add_commands(sub: Any) -> None:
     report.add_argument("--until", help="ISO time (exclusive), e.g. the end of a load test's window")
     report.add_argument("--json", action="store_true")
     report.add_argument(
+        "--shadow", action="store_true", help="only the shadow comparisons (with --json: as JSON)"
+    )
+    report.add_argument(
         "--db",
         type=Path,
         help="a request log file (default: GATEWAY_DATABASE_URL's database, else $GATEWAY_DATA_DIR/requests.db)",
@@ -36,6 +39,7 @@ def add_commands(sub: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from gateway import report
+    from gateway.shadow import pairs
     from gateway.store.request_log import read_records
 
     settings = Settings()
@@ -46,11 +50,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CommandError(f"no request log at {db}")
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until) if args.until else None
-    summaries = report.summarize(read_records(db, route=args.route, since=since, until=until))
-    if args.json:
-        sys.stdout.buffer.write(report.to_json(summaries) + b"\n")
+    records = read_records(db, route=args.route, since=since, until=until)
+    shadows = pairs.summarize(records)
+    if args.shadow and args.json:
+        sys.stdout.buffer.write(pairs.to_json(shadows) + b"\n")
+    elif args.shadow:
+        print(pairs.format_text(shadows) or "no shadow copies in the request log")
+    elif args.json:
+        sys.stdout.buffer.write(report.to_json(report.summarize(records)) + b"\n")
     else:
-        print(report.format_table(summaries))
+        print(report.format_table(report.summarize(records)))
+        if shadows:
+            print(pairs.format_text(shadows))
         _print_canaries(db, _state_where(args.db, settings), args.route, since)
     return 0
 

@@ -2,7 +2,7 @@
 
 Loading is all-or-nothing: every file is parsed into strict pydantic models (unknown keys are errors, so a typo
 never silently changes routing), cross-checked (engines exist, fallbacks name variants of the route, no two files
-claim one route, some weight is positive), and only then turned into frozen `policy` objects. Any failure raises
+claim one route, some weight is positive, a `[shadow]` names a variant of the route, priced when it has a budget), and only then turned into frozen `policy` objects. Any failure raises
 `ConfigError` naming the file and field; the caller keeps the old snapshot. The version is a content hash of the
 files, so the same files always give the same version on every gateway process.
 """
@@ -25,6 +25,7 @@ from gateway.policy import (
     PolicySnapshot,
     ReleaseGate,
     Route,
+    ShadowSpec,
     Sticky,
     Timeouts,
     Variant,
@@ -93,6 +94,16 @@ class TimeoutsModel(_Strict):
     total: Positive | None = None
 
 
+class ShadowModel(_Strict):
+    """A route's `[shadow]`: a variant that answers copies of a share of the route's requests (`policy.ShadowSpec`)."""
+
+    variant: Name
+    share: Annotated[float, Field(strict=True, ge=0, le=100, allow_inf_nan=False)]  # percent of requests
+    max_in_flight: Annotated[int, Field(strict=True, ge=1)] = 8  # per gateway process
+    max_cost_per_hour: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | None = None
+    stream: Literal["as_sent", "non_stream"] = "as_sent"
+
+
 class PolicyModel(_Strict):
     route: Name
     sticky: str = "none"
@@ -104,6 +115,7 @@ class PolicyModel(_Strict):
     release: ReleaseModel = ReleaseModel()
     variants: dict[Name, VariantModel] = Field(min_length=1)
     canary: CanaryModel | None = None
+    shadow: ShadowModel | None = None
 
     @field_validator("sticky")
     @classmethod
@@ -120,7 +132,20 @@ class PolicyModel(_Strict):
             raise ValueError("at least one variant needs a positive weight")
         if self.canary is not None:
             check_canary(self.canary, self.variants, self.fallback, self.sticky)
+        if self.shadow is not None:
+            _check_shadow(self.shadow, self.variants)
         return self
+
+
+def _check_shadow(shadow: ShadowModel, variants: Mapping[str, VariantModel]) -> None:
+    """Cross-checks against the route; raises ValueError naming the field."""
+    variant = variants.get(shadow.variant)
+    if variant is None:
+        raise ValueError(f"shadow.variant: {shadow.variant!r} is not a variant of this route")
+    if shadow.max_cost_per_hour is not None and variant.price is None:
+        raise ValueError(
+            f"shadow.max_cost_per_hour: variant {shadow.variant!r} has no price, so its cost cannot be counted"
+        )
 
 
 def parse_sticky(spec: str) -> Sticky:
@@ -251,4 +276,15 @@ def _route(model: PolicyModel, defaults: Timeouts, indexes: Mapping[str, Retriev
         salt=model.salt if model.salt is not None else model.route,
         release=_gate(model.release),
         canary=canary_spec(model.canary) if model.canary is not None else None,
+        shadow=_shadow(model.shadow) if model.shadow is not None else None,
+    )
+
+
+def _shadow(model: ShadowModel) -> ShadowSpec:
+    return ShadowSpec(
+        variant=model.variant,
+        share=float(model.share),
+        max_in_flight=model.max_in_flight,
+        max_cost_per_hour=model.max_cost_per_hour,
+        stream=model.stream,
     )

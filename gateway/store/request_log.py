@@ -62,7 +62,7 @@ def _columns(types: tuple[tuple[str, str], ...], added_later: frozenset[str]) ->
 
 # Fields added after the first schema version: each is added by its own step below, so the first step must not
 # create them (a new file runs every step).
-_ADDED_LATER: Final = frozenset({"forced", "bucket", "engine_url"})
+_ADDED_LATER: Final = frozenset({"forced", "bucket", "engine_url", "shadow", "primary_id"})
 _COLUMNS: Final = _columns(_SQLITE_TYPES, _ADDED_LATER)
 
 # _MIGRATIONS[i] takes a file from user_version i to i + 1. Later versions append statements here (for example
@@ -78,13 +78,17 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE records ADD COLUMN bucket REAL",
     ),
     ("ALTER TABLE records ADD COLUMN engine_url TEXT",),
+    (
+        "ALTER TABLE records ADD COLUMN shadow INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE records ADD COLUMN primary_id TEXT",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
 # Postgres: fields added after its first version get a step of their own here, as in SQLite. `xid` is the writing
 # transaction's id: `Tail` reads in its order, which (unlike a sequence) says which rows can no longer appear.
-_PG_ADDED_LATER: Final[frozenset[str]] = frozenset()
+_PG_ADDED_LATER: Final[frozenset[str]] = frozenset({"shadow", "primary_id"})
 _PG_COLUMNS: Final = _columns(_POSTGRES_TYPES, _PG_ADDED_LATER)
 # Partitioned by day on `ts` (retention drops a whole day at once); `records_default` takes rows of a day whose
 # partition does not exist (yet): the writer creates each day's ahead (`_PostgresSink.maintain`).
@@ -96,6 +100,10 @@ PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX IF NOT EXISTS records_route_ts ON records (route, ts)",
         "CREATE INDEX IF NOT EXISTS records_ts ON records (ts)",
         "CREATE INDEX IF NOT EXISTS records_route_xid ON records (route, xid)",
+    ),
+    (  # shadow traffic; on the partitioned table, so every partition gets the columns
+        "ALTER TABLE records ADD COLUMN IF NOT EXISTS shadow BOOLEAN NOT NULL DEFAULT false",
+        "ALTER TABLE records ADD COLUMN IF NOT EXISTS primary_id TEXT",
     ),
 )
 _COPY: Final = f"COPY records ({', '.join(FIELDS)}) FROM STDIN"
@@ -571,12 +579,21 @@ def read_records(
 
 def _read_postgres(url: str, route: str | None, since: float | None, until: float | None) -> list[Record]:
     with psycopg.connect(url, connect_timeout=10) as conn:
-        (table,) = conn.execute("SELECT to_regclass('records')").fetchone() or (None,)
-        if table is None:  # a database no gateway has written to yet
+        present = {
+            name
+            for (name,) in conn.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = 'records'"
+            )
+        }
+        if not present:  # a database no gateway has written to yet
             return []
+        names = [
+            name for name in FIELDS if name in present
+        ]  # a database an older gateway migrated lacks some
         where, params = _filters(route, since, until)
-        sql = f"SELECT {', '.join(FIELDS)} FROM records{where} ORDER BY ts, xid"
-        return [_record(FIELDS, row) for row in conn.execute(sql.replace("?", "%s"), params)]
+        sql = f"SELECT {', '.join(names)} FROM records{where} ORDER BY ts, xid"
+        return [_record(names, row) for row in conn.execute(sql.replace("?", "%s"), params)]
 
 
 def _filters(route: str | None, since: float | None, until: float | None) -> tuple[str, list[object]]:
@@ -591,7 +608,7 @@ def _filters(route: str | None, since: float | None, until: float | None) -> tup
 
 def _record(names: Sequence[str], row: Sequence[Any]) -> Record:
     values = dict(zip(names, row, strict=True))
-    for flag in ("stream", "forced"):
+    for flag in ("stream", "forced", "shadow"):
         if flag in values:
             values[flag] = bool(values[flag])
     return Record(**values)
@@ -604,13 +621,15 @@ class Tail:
     SQLite assigns rowids in commit order, so `rowid > last` skips nothing whichever process wrote the rows.
     Postgres's sequences do not (a transaction may commit after a later one), so there the cursor is a horizon of
     transaction ids: the rows of every transaction below `pg_snapshot_xmin` (all finished) and at or above the last
-    horizon, whichever replica wrote them. Reads only `fields` (the others keep their defaults). A file is opened
-    read-only on the first read that finds it (before the first request there is none).
+    horizon, whichever replica wrote them. Reads only `fields` (the others keep their defaults), and of those only
+    the columns the table has (a log an older gateway wrote, read by `gateway report`, lacks the newer ones). A file
+    is opened read-only on the first read that finds it (before the first request there is none).
     """
 
     def __init__(self, where: Where, fields: Sequence[str]) -> None:
         self._where = where
         self._fields = tuple(fields)
+        self._present: tuple[str, ...] = ()  # the fields the table has, once a read found all of them
         self._sqlite: sqlite3.Connection | None = None
         self._postgres: psycopg.Connection[Any] | None = None
 
@@ -622,33 +641,59 @@ class Tail:
 
     def after(self, route: str, since: float, cursor: int) -> list[tuple[int, Record]]:
         """(cursor, record) of `route` from `since` (epoch seconds), after `cursor` (0: from the start)."""
-        names = ("request_id", "route", *self._fields)
         if isinstance(self._where, str):
-            found = self._after_postgres(self._where, route, since, cursor)
+            fields, found = self._after_postgres(self._where, route, since, cursor)
         else:
-            found = self._after_sqlite(self._where, route, since, cursor)
+            fields, found = self._after_sqlite(self._where, route, since, cursor)
+        names = ("request_id", "route", *fields)
         return [(row[0], _record(names, ("", route, *row[1:]))) for row in found]
 
-    def _after_sqlite(self, path: Path, route: str, since: float, cursor: int) -> list[tuple[Any, ...]]:
+    def _fields_of(self, columns: list[str]) -> tuple[str, ...]:
+        present = tuple(f for f in self._fields if f in columns)
+        if present == self._fields:
+            self._present = present  # complete: no need to look again
+        return present
+
+    def _after_sqlite(
+        self, path: Path, route: str, since: float, cursor: int
+    ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
         if self._sqlite is None:
             if not path.exists():
-                return []
+                return (), []
             self._sqlite = open_readonly(path)
+        fields = self._present or self._fields_of(
+            [row[1] for row in self._sqlite.execute("PRAGMA table_info(records)")]
+        )
+        if not fields:  # no table yet
+            return (), []
         sql = (
-            f"SELECT rowid, {', '.join(self._fields)} FROM records"
+            f"SELECT rowid, {', '.join(fields)} FROM records"
             " WHERE route = ? AND ts >= ? AND rowid > ? ORDER BY rowid"
         )
-        return list(self._sqlite.execute(sql, (route, since, cursor)))
+        return fields, list(self._sqlite.execute(sql, (route, since, cursor)))
 
-    def _after_postgres(self, url: str, route: str, since: float, cursor: int) -> list[tuple[Any, ...]]:
+    def _after_postgres(
+        self, url: str, route: str, since: float, cursor: int
+    ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
         if self._postgres is None or self._postgres.closed:
             self._postgres = psycopg.connect(url, autocommit=True, connect_timeout=10)
         conn = self._postgres
+        fields = self._present or self._fields_of(
+            [
+                name
+                for (name,) in conn.execute(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema() AND table_name = 'records'"
+                )
+            ]
+        )
+        if not fields:  # no table yet
+            return (), []
         (horizon,) = conn.execute(
             "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
         ).fetchone() or (0,)
         sql = (
-            f"SELECT %s::bigint, {', '.join(self._fields)} FROM records WHERE route = %s AND ts >= %s"
+            f"SELECT %s::bigint, {', '.join(fields)} FROM records WHERE route = %s AND ts >= %s"
             " AND xid >= %s::text::xid8 AND xid < %s::text::xid8 ORDER BY xid"
         )
-        return list(conn.execute(sql, (horizon, route, since, str(cursor), str(horizon))))
+        return fields, list(conn.execute(sql, (horizon, route, since, str(cursor), str(horizon))))
