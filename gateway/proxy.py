@@ -46,7 +46,6 @@ from gateway.errors import (
 from gateway.keys import ANONYMOUS, ApiKey, KeyRing, route_not_found
 from gateway.openai_types import ChatRequest, parse_chat_request
 from gateway.policy import Decision, Plan, Route, Variant, bucket
-from gateway.pricing import cost
 from gateway.records import Record
 from gateway.rewrite import engine_body
 from gateway.shadow.copies import ShadowCopies
@@ -445,10 +444,7 @@ class ChatEndpoint:
         if not exp.active:
             return NO_VERDICT
         verdict = check(completions, exp, self.d.schemas)
-        rec = x.rec
-        rec.tool_verdict, rec.tool_reason = verdict.status, verdict.reason
-        rec.tool_path, rec.tool_detail, rec.tool_calls = verdict.path, verdict.detail, verdict.calls
-        rec.tool_choice = exp.tool_choice
+        x.rec.note_verdict(verdict, exp.tool_choice)
         return verdict
 
     def _verdict_headers(self, plan: Plan, verdict: Verdict) -> list[tuple[bytes, bytes]]:
@@ -467,13 +463,7 @@ class ChatEndpoint:
         return str(code)
 
     def _account(self, x: Exchange, variant: Variant, usage: Any) -> None:
-        rec = x.rec
-        if isinstance(usage, dict):
-            rec.input_tokens = usage.get("prompt_tokens")
-            rec.output_tokens = usage.get("completion_tokens")
-        rec.cost = cost(variant.price, rec.input_tokens, rec.output_tokens)
-        rec.currency = variant.price.currency if variant.price else None
-        rec.status = 200
+        x.rec.note_usage(variant.price, usage)
 
     async def _start(self, x: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         x.started = True

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+from gateway.pricing import Price, cost
+
+if TYPE_CHECKING:
+    from gateway.toolcalls import Verdict
 
 
 @dataclass(slots=True)
@@ -62,6 +67,20 @@ class Record:
     # figures (reports, canaries, the metrics' shadow="false" series) never include these.
     shadow: bool = False
     primary_id: str | None = None
+
+    def note_usage(self, price: Price | None, usage: object) -> None:
+        """An answer came: the engine's token counts (when it gave them), their cost at `price`, status 200."""
+        if isinstance(usage, dict):
+            self.input_tokens = usage.get("prompt_tokens")
+            self.output_tokens = usage.get("completion_tokens")
+        self.cost = cost(price, self.input_tokens, self.output_tokens)
+        self.currency = price.currency if price else None
+        self.status = 200
+
+    def note_verdict(self, verdict: Verdict, tool_choice: str | None) -> None:
+        self.tool_verdict, self.tool_reason = verdict.status, verdict.reason
+        self.tool_path, self.tool_detail, self.tool_calls = verdict.path, verdict.detail, verdict.calls
+        self.tool_choice = tool_choice
 
 
 SHADOW_DROPPED: Final = "shadow_dropped"  # the outcome of a shadow copy's record when the copy was not sent

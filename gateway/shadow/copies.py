@@ -38,7 +38,6 @@ from gateway.engine import EnginePool, EngineResponse, read_json
 from gateway.errors import EngineError, EngineRejected, GatewayError
 from gateway.openai_types import ChatRequest
 from gateway.policy import Route, ShadowPlan, Variant
-from gateway.pricing import cost
 from gateway.records import SHADOW_DROPPED, Record
 from gateway.rewrite import engine_body
 from gateway.store.api import RequestLog
@@ -239,16 +238,8 @@ class ShadowCopies:
             return
         completions, usage = answer
         if exp.active:
-            verdict = check(completions, exp, self._schemas)
-            rec.tool_verdict, rec.tool_reason = verdict.status, verdict.reason
-            rec.tool_path, rec.tool_detail, rec.tool_calls = verdict.path, verdict.detail, verdict.calls
-            rec.tool_choice = exp.tool_choice
-        if isinstance(usage, dict):
-            rec.input_tokens = usage.get("prompt_tokens")
-            rec.output_tokens = usage.get("completion_tokens")
-        rec.cost = cost(variant.price, rec.input_tokens, rec.output_tokens)
-        rec.currency = variant.price.currency if variant.price else None
-        rec.status = 200
+            rec.note_verdict(check(completions, exp, self._schemas), exp.tool_choice)
+        rec.note_usage(variant.price, usage)
 
     async def _read_stream(
         self, rec: Record, response: EngineResponse, t0: float
