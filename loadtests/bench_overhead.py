@@ -228,7 +228,10 @@ class Processes:
         return proc
 
     def start_client(self, spec: ClientSpec) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, __file__, "--client", json.dumps(asdict(spec))]
+        return self.start_piped([sys.executable, __file__, "--client", json.dumps(asdict(spec))])
+
+    def start_piped(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        """A load client: commands on its stdin, answers on its stdout (`_ask`)."""
         proc = subprocess.Popen(
             argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_die_with_parent
         )

@@ -563,3 +563,53 @@ def test_an_engine_restart_is_reconciled_and_requests_fall_back_meanwhile(
     assert all(r.outcome == "ok" for r in gw.records())
     reloads = [e for e in audit_actions(gw)[before:] if e["action"] == "adapter_load"]
     assert reloads and "crm-formatter@2" in json.dumps(reloads)  # loaded again after the restart
+
+
+SHADOW = """
+[shadow]
+variant = "v3"
+share = 100
+max_in_flight = 64
+"""
+SHADOW_PAIRS = 120
+
+
+def behind_the_baseline(policy: str) -> str:
+    """The shipped route with the whole traffic on its RAG baseline and @3 as a zero-weight variant. The release
+    gate stays on: @3 fails it, and a zero-weight shadow variant is not gated (it serves nobody)."""
+    return (
+        policy.replace("weight = 90", "weight = 100").replace("weight = 10", "weight = 0")
+        + '\n[variants.v3]\nadapter = "crm-formatter@3"\nweight = 0\n'
+    )
+
+
+def shadow_summary(gw: RunningGateway) -> dict[str, Any] | None:
+    found = gw.admin("GET", "/admin/shadow/crm-assistant").json()["summaries"]
+    return found[0] if found else None
+
+
+def test_a_shadow_of_the_regressed_version_shows_it_worse_without_serving_anyone(
+    make_gateway: GatewayMaker, engine: EngineProcess
+) -> None:
+    """@3 answers a copy of every live request while the baseline serves them: its answers are checked and
+    recorded, never returned, and the paired comparison shows it worse than what users got (McNemar p < 0.01)."""
+    gw = make_gateway(behind_the_baseline(SHIPPED) + SHADOW)
+    wait_for(lambda: "crm-formatter@3" in engine_models(engine.spec.base_url), timeout=ENGINE_WAIT_S)
+    tally: Tally = {}
+    sent = drive(
+        gw.url, lambda: sum(v[0] for t in tally.values() for v in t.values()) >= SHADOW_PAIRS, tally=tally
+    )
+    assert set(tally) == {"baseline"}, tally  # every user was served by the baseline
+    wait_for(lambda: (shadow_summary(gw) or {}).get("pairs", 0) >= sent, timeout=ENGINE_WAIT_S)
+    summary = shadow_summary(gw)
+    assert summary is not None
+    print(
+        f"\nshadow crm-formatter@3 behind the baseline, {summary['pairs']} pairs: invalid served"
+        f" {summary['served']['invalid_rate']:.3f}, shadow {summary['shadow']['invalid_rate']:.3f},"
+        f" table {summary['table']}, McNemar p = {summary['mcnemar_p']:.2g}; e2e {summary['latency_ratio']}"
+    )
+    assert summary["variant"] == "v3" and summary["served_by"] == {"baseline": sent}
+    assert summary["difference"] > 0 and summary["difference_ci"][0] > 0
+    assert summary["mcnemar_p"] < 0.01
+    served = [r for r in gw.records() if not r.shadow]
+    assert len(served) == sent and {r.variant for r in served} == {"baseline"}
