@@ -24,7 +24,7 @@ class LiveView:
         canaries: Mapping[str, CanaryState] | None = None,
         shadow_overrides: Mapping[str, ShadowOverride] | None = None,
     ) -> None:
-        self.files = policy  # as loaded from the policy files; `view.policy` has pins and canaries applied
+        self.files = policy  # as the policy files say; `view.policy` has pins, canaries, overrides applied
         self.pins: Mapping[tuple[str, str], str] = dict(pins or {})
         self.canaries: Mapping[str, CanaryState] = dict(canaries or {})
         self.shadow_overrides: Mapping[str, ShadowOverride] = dict(shadow_overrides or {})
