@@ -141,7 +141,13 @@ class Components:
         self.keys = _load_keys(settings)
         policy = self.load_policy()
         self.state = _open_state(settings)
-        self.live = LiveView(policy, self.state.switches(), self.state.pins(), self.state.canary_states())
+        self.live = LiveView(
+            policy,
+            self.state.switches(),
+            self.state.pins(),
+            self.state.canary_states(),
+            self.state.shadow_overrides(),
+        )
         self.canary = CanaryController(self.state, self.live, _records_where(settings))
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")
         self.engines = engines or EnginePool(

@@ -25,6 +25,10 @@ ADMIN_ROUTES = [
     ("POST", "/admin/reload"),
     ("GET", "/admin/status"),
     ("GET", "/admin/audit"),
+    ("GET", "/admin/shadow/crm-assistant"),
+    ("POST", "/admin/shadow/crm-assistant/start"),
+    ("POST", "/admin/shadow/crm-assistant/stop"),
+    ("POST", "/admin/shadow/crm-assistant/clear"),
 ]
 
 

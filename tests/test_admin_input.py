@@ -27,6 +27,9 @@ BODY_ENDPOINTS = [
     ("/admin/routes/crm-assistant/variants/formatter/adapter", {"reason": "r", "adapter": "crm-formatter@2"}),
     ("/admin/routes/crm-assistant/variants/formatter/adapter/rollback", {"reason": "r"}),
     (DRILL, {"reason": "r", **GOOD_DRILL}),
+    ("/admin/shadow/crm-assistant/start", {"reason": "r", "variant": "formatter", "share": 10}),
+    ("/admin/shadow/crm-assistant/stop", {"reason": "r", "variant": "formatter"}),
+    ("/admin/shadow/crm-assistant/clear", {"reason": "r"}),
 ]
 
 # (change to the body, param, code): each must be a 400 naming the field before anything is done.

@@ -35,7 +35,7 @@ def gateway_cmd(
     if gw is not None:
         full_env.setdefault("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
         full_env.setdefault("GATEWAY_DATA_DIR", str(gw.settings.data_dir))
-        admin = ("kill", "revive", "status", "audit", "reload", "adapters", "lineage")
+        admin = ("kill", "revive", "status", "audit", "reload", "adapters", "lineage", "shadow")
         args = (*args, "--url", gw.url) if args[0] in admin else args
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli.main", *args],
@@ -136,6 +136,61 @@ def test_report_reads_the_request_log(make_gateway: GatewayFactory) -> None:
     assert {r["variant"] for r in rows} <= {"baseline", "formatter"}
     text = gateway_cmd("report", "--route", "crm-assistant", "--since", "1h", gw=gw).stdout
     assert "baseline" in text
+
+
+def test_shadow_start_stop_clear_and_status_from_the_command_line(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway()  # CRM_POLICY: baseline 90, formatter 10, no [shadow]
+    started = gateway_cmd(
+        "shadow", "start", "crm-assistant", "formatter", "--reason", "try it", gw=gw, USER="ops-bob"
+    )
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.splitlines()[:3] == [
+        "shadow_start: done",
+        "crm-assistant: copies 100% to formatter (max_in_flight 8, budget none, stream as_sent)",
+        "  policy: no shadow",
+    ]
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_TOKEN, max_retries=0)
+    for i in range(12):
+        c.chat.completions.create(
+            model="crm-assistant",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-user-id": f"u{i}"},
+        )
+    records = gw.records()
+    copied = {r.primary_id for r in records if r.shadow}
+    assert copied == {r.request_id for r in records if not r.shadow and r.variant == "baseline"} != set()
+    shared = gateway_cmd(
+        "shadow", "start", "crm-assistant", "formatter", "--share", "25", "--reason", "less", "--json", gw=gw
+    )
+    assert json.loads(shared.stdout)["shadow"]["share"] == 25.0
+    status = gateway_cmd("shadow", "status", "crm-assistant", gw=gw).stdout
+    assert "copies 25% to formatter" in status and "  override: start formatter 25% by " in status
+    assert f"  formatter: {len(copied)} pairs" in status and "copies in flight here: 0" in status
+    assert "  crm-assistant: start formatter 25% by " in gateway_cmd("status", gw=gw).stdout
+    wrong = gateway_cmd("shadow", "stop", "crm-assistant", "baseline", "--reason", "x", gw=gw)
+    assert (
+        wrong.returncode == 1 and "409: The shadow in force on 'crm-assistant' is 'formatter'" in wrong.stderr
+    )
+    stopped = gateway_cmd(
+        "shadow", "stop", "crm-assistant", "formatter", "--reason", "enough", "--json", gw=gw
+    )
+    assert json.loads(stopped.stdout)["override"]["mode"] == "stop"
+    unexplained = gateway_cmd("shadow", "clear", "crm-assistant", gw=gw)
+    assert unexplained.returncode == 2 and "--reason" in unexplained.stderr
+    cleared = gateway_cmd("shadow", "clear", "crm-assistant", "--reason", "back to the file", gw=gw)
+    assert cleared.returncode == 0 and cleared.stdout.splitlines()[-1] == "  override: none"
+    too_much = gateway_cmd(
+        "shadow", "start", "crm-assistant", "formatter", "--share", "150", "--reason", "x", gw=gw
+    )
+    assert too_much.returncode == 1 and "'share' must be between 0 and 100" in too_much.stderr
+    entries = json.loads(gateway_cmd("audit", "--json", gw=gw).stdout)["entries"]
+    assert [(e["action"], e["reason"]) for e in entries] == [
+        ("shadow_clear", "back to the file"),
+        ("shadow_stop", "enough"),
+        ("shadow_start", "less"),
+        ("shadow_start", "try it"),
+    ]
+    assert entries[-1]["actor"] == "ops-bob"
 
 
 def test_adapters_list_swap_rollback_and_lineage_from_the_command_line(

@@ -28,6 +28,7 @@ PURE = [
     "canary.machine",
     "canary.analysis",
     "shadow.pairs",
+    "shadow.overrides",
     "store.api",
 ]
 # Top-level modules that mean I/O: SQLite, threads and queues (the request log's writer), event loops, HTTP

@@ -85,6 +85,28 @@ def test_a_kill_through_one_replica_is_honoured_by_the_others(
     assert ask(one, canary_user) == "formatter"
 
 
+def test_a_shadow_override_through_one_replica_is_honoured_by_the_others(
+    make_app_gateway: AppGatewayFactory, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    one, two = _replicas(make_app_gateway, postgres, tmp_path, 2)
+
+    def share_on(gw: Gateway) -> float | None:
+        shadow = gw.app.components.live.view.plans["crm-assistant"].shadow
+        return None if shadow is None else shadow.spec.share
+
+    start = {"variant": "formatter", "share": 30, "reason": "try", "actor": "alice"}
+    assert one.admin("POST", "/admin/shadow/crm-assistant/start", json=start).status_code == 200
+    wait_for(lambda: share_on(two) == 30.0, timeout=2.0)
+    stop = {"variant": "formatter", "reason": "enough"}
+    assert two.admin("POST", "/admin/shadow/crm-assistant/stop", json=stop).status_code == 200
+    wait_for(lambda: share_on(one) is None and one.app.components.live.shadow_overrides != {}, timeout=2.0)
+    entries = one.admin("GET", "/admin/audit").json()["entries"]
+    assert [(e["action"], e["actor"]) for e in entries] == [
+        ("shadow_stop", "admin"),
+        ("shadow_start", "alice"),
+    ]
+
+
 def test_an_unreachable_database_stops_the_gateway_from_starting(tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "crm.toml").write_text(CRM_POLICY)

@@ -15,7 +15,9 @@ import pytest
 from gateway.canary.machine import CanaryState, Transition, initial
 from gateway.devtools.postgres import PostgresServer
 from gateway.policy import Flip
+from gateway.shadow.overrides import ShadowOverride
 from gateway.store.api import AuditQuery, Entry, Replica, StoreError
+from gateway.store.postgres import migrate
 from gateway.store.state import POSTGRES_MIGRATIONS, TableStore, open_postgres, open_sqlite
 
 Opener = Callable[[], TableStore]
@@ -127,6 +129,47 @@ def test_pins_history_and_audit_queries(backend: Backend) -> None:
     assert later[0].action == "drill" and all(e.at >= oldest[-1].at for e in later)
 
 
+def test_shadow_overrides_are_written_with_their_entries_and_cleared(backend: Backend) -> None:
+    one, two = backend.open(), backend.open()
+    start = ShadowOverride("crm", "start", "ft", 20.0, "ops", "try it")
+    started = one.set_shadow_override(
+        "crm", start, Entry("shadow_start", "ops", route="crm", variant="ft", reason="try it")
+    )
+    assert (
+        started
+        == two.shadow_overrides()
+        == {"crm": ShadowOverride("crm", "start", "ft", 20.0, "ops", "try it", started["crm"].at)}
+    )
+    assert started["crm"].at == two.audit()[0].at  # the row's time is its audit entry's
+    stop = ShadowOverride("crm", "stop", "ft", None, "bob", "enough")
+    two.set_shadow_override(
+        "crm", stop, Entry("shadow_stop", "bob", route="crm", variant="ft", reason="enough")
+    )
+    default = ShadowOverride("other", "start", "x", None, "ops", "default share")
+    two.set_shadow_override("other", default, Entry("shadow_start", "ops", route="other", variant="x"))
+    now = one.shadow_overrides()
+    assert [(o.route, o.mode, o.variant, o.share, o.actor, o.reason) for o in now.values()] == [
+        ("crm", "stop", "ft", None, "bob", "enough"),
+        ("other", "start", "x", None, "ops", "default share"),
+    ]
+    assert one.set_shadow_override("crm", None, Entry("shadow_clear", "ops", route="crm")) == {
+        "other": now["other"]
+    }
+    assert [e.action for e in two.audit(AuditQuery(route="crm"))] == [
+        "shadow_clear",
+        "shadow_stop",
+        "shadow_start",
+    ]
+
+
+def test_a_shadow_override_whose_entry_is_refused_writes_nothing(backend: Backend) -> None:
+    store = backend.open()
+    _refuse(backend.where, "shadow_start")
+    with pytest.raises(StoreError, match="disk full"):
+        store.set_shadow_override("crm", ShadowOverride("crm", "start", "ft"), Entry("shadow_start", "ops"))
+    assert store.shadow_overrides() == {} and store.audit() == []
+
+
 def test_of_two_handles_moving_a_canary_only_one_writes(backend: Backend) -> None:
     one, two = backend.open(), backend.open()
     start = initial("crm", "k", 0.0)
@@ -170,6 +213,27 @@ def test_replicas_starting_together_migrate_once(postgres: PostgresServer) -> No
             store.close()
 
 
+def test_a_database_from_before_shadow_overrides_gains_the_table_and_keeps_its_state(
+    postgres: PostgresServer,
+) -> None:
+    url = postgres.new_database()
+    assert (
+        migrate(url, "state", POSTGRES_MIGRATIONS[:2]) == 0
+    )  # as the release before shadow overrides left it
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO switches (scope, route, variant, killed, reason, actor, at)"
+            " VALUES ('variant', 'crm', 'ft', 1, 'old', 'ops', 1.0)"
+        )
+    store = open_postgres(url)
+    try:
+        assert store.switches().variant_killed("crm", "ft") and store.shadow_overrides() == {}
+        stop = ShadowOverride("crm", "stop", "ft", None, "ops", "quiet")
+        assert store.set_shadow_override("crm", stop, Entry("shadow_stop", "ops"))["crm"].mode == "stop"
+    finally:
+        store.close()
+
+
 def test_a_cut_listen_connection_is_caught_by_the_poll_and_reopened(postgres: PostgresServer) -> None:
     url = postgres.new_database()
     writer, reader = open_postgres(url), open_postgres(url, poll_s=0.3)
@@ -206,6 +270,7 @@ def test_a_readonly_sqlite_file_from_before_a_table_reads_it_as_empty(tmp_path: 
     store = open_sqlite(path, readonly=True)
     try:
         assert store.canary_states() == {} and store.audit() == [] and not store.switches().global_kill
+        assert store.shadow_overrides() == {}
     finally:
         store.close()
 

@@ -133,6 +133,10 @@ class AdminBody:
             raise BadRequest(f"'{name}' must be between 0 and {maximum:g}.", param=name, code="invalid_value")
         return float(value)
 
+    def optional_number(self, name: str, *, maximum: float = 1e12) -> float | None:
+        """An optional finite number in [0, maximum]; None when absent."""
+        return self.number(name, maximum=maximum) if name in self._data else None
+
     def count(self, name: str, *, maximum: int = 1_000_000_000) -> int | None:
         """An optional integer in [0, maximum]."""
         if name not in self._data:

@@ -34,6 +34,7 @@ from gateway.admin.http import (
     read_body,
     reason_actor,
 )
+from gateway.admin.shadow import overrides_json
 from gateway.policy import Flip, View
 from gateway.store.api import AuditQuery, Replica
 
@@ -105,6 +106,7 @@ async def _status(ctx: AdminContext, request: Request) -> Response:
             "policy_version": view.policy.version,
             "switches": _switches_json(view),
             "routes": _routes_json(view, ctx.counters),
+            "shadow_overrides": overrides_json(ctx.ops.live),
             "answered_by": ctx.replica_id,
             "replicas": _replicas_json(replicas),
             "engines": ctx.engines(),

@@ -102,8 +102,19 @@ def _print_status(body: dict[str, Any]) -> None:
     switches = body["switches"]
     print(f"policy {body['policy_version']}   kill-all: {'ON' if switches['global_kill'] else 'off'}")
     _print_routes(body["routes"])
+    _print_shadow_overrides(body.get("shadow_overrides", []))
     _print_replicas(body.get("replicas", []), body.get("answered_by"))
     _print_engines(body.get("engines", {}))
+
+
+def _print_shadow_overrides(overrides: list[dict[str, Any]]) -> None:
+    """The operators' shadow overrides (`gateway shadow`); a stale one, not applied, says why."""
+    if overrides:
+        print("\nshadow overrides")
+    for o in overrides:
+        share = "" if o["share"] is None else f" {o['share']:g}%"
+        stale = f"  STALE, not applied: {o['problem']}" if o["stale"] else ""
+        print(f"  {o['route']}: {o['mode']} {o['variant']}{share} by {o['actor']}: {o['reason']}{stale}")
 
 
 def _print_replicas(replicas: list[dict[str, Any]], answered_by: str | None) -> None:

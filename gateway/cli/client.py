@@ -3,7 +3,7 @@
 client of the admin API (`admin`, with the flags it reads: `admin_args`), which turns an unreachable gateway or an
 error answer into a `CommandError` carrying the answer's message; `show`, which prints an answer as raw JSON with
 `--json`, else as the command's text; and `parse_since` for `--since`/`--until`. Command modules (`run`, `admin`,
-`report`, `canary`, `loadtest`) import this module and never each other.
+`report`, `canary`, `shadow`, `loadtest`) import this module and never each other.
 """
 
 from __future__ import annotations

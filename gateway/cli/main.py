@@ -1,7 +1,7 @@
 """The `gateway` command: `main`, the argument parser and the dispatch to a command; the commands live in one
 module per group: `run` (serve, demo, engine, sim-engine), `admin` (the commands that call the admin API),
-`report`, `loadtest` and `canary` (canary, drill). A command that fails raises `CommandError` (`client`, shared
-by every group), which `main` prints once.
+`report`, `loadtest`, `canary` (canary, drill) and `shadow` (shadow start, stop, clear, status). A command that
+fails raises `CommandError` (`client`, shared by every group), which `main` prints once.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from gateway.cli import admin, canary, loadtest, report, run
+from gateway.cli import admin, canary, loadtest, report, run, shadow
 from gateway.cli.client import CommandError
 from gateway.errors import ConfigError
 
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_adapter_commands(sub)
     loadtest.add_parser(sub)
     canary.add_commands(sub)
+    shadow.add_commands(sub)
     keys = sub.add_parser("hash-key", help="print the sha256 line for a keys file entry")
     keys.add_argument("token")
     keys.set_defaults(func=cmd_hash_key)

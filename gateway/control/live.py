@@ -1,5 +1,6 @@
 """`LiveView`: the one holder of what requests read, the `View` built from the policy files, the operators' adapter
-pins, the canaries' states and the kill switches. Only `control.operations` changes it.
+pins, the canaries' states, the operators' shadow overrides and the kill switches. Only `control.operations`
+changes it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from collections.abc import Mapping
 
 from gateway.canary.machine import CanaryState, with_canaries
 from gateway.policy import PolicySnapshot, Switches, View, build_view, with_pins
+from gateway.shadow.overrides import ShadowOverride, with_shadow_overrides
 
 
 class LiveView:
@@ -20,14 +22,18 @@ class LiveView:
         switches: Switches,
         pins: Mapping[tuple[str, str], str] | None = None,
         canaries: Mapping[str, CanaryState] | None = None,
+        shadow_overrides: Mapping[str, ShadowOverride] | None = None,
     ) -> None:
-        self.files = policy  # as loaded from the policy files; `view.policy` has pins and canaries applied
+        self.files = policy  # as the policy files say; `view.policy` has pins, canaries, overrides applied
         self.pins: Mapping[tuple[str, str], str] = dict(pins or {})
         self.canaries: Mapping[str, CanaryState] = dict(canaries or {})
+        self.shadow_overrides: Mapping[str, ShadowOverride] = dict(shadow_overrides or {})
+        self.declared = policy  # `view.policy` before the shadow overrides (set by `_compose`)
         self.view: View = build_view(self._compose(), switches)
 
     def _compose(self) -> PolicySnapshot:
-        return with_canaries(with_pins(self.files, self.pins), self.canaries)
+        self.declared = with_canaries(with_pins(self.files, self.pins), self.canaries)
+        return with_shadow_overrides(self.declared, self.shadow_overrides)
 
     def set_policy(self, policy: PolicySnapshot) -> View:
         self.files = policy
@@ -43,6 +49,12 @@ class LiveView:
         """The canaries' states (steps, promotions, aborts) as the state database says now."""
         if dict(canaries) != self.canaries:
             self.canaries = dict(canaries)
+            self.view = build_view(self._compose(), self.view.switches)
+        return self.view
+
+    def set_shadow_overrides(self, overrides: Mapping[str, ShadowOverride]) -> View:
+        if dict(overrides) != self.shadow_overrides:
+            self.shadow_overrides = dict(overrides)
             self.view = build_view(self._compose(), self.view.switches)
         return self.view
 

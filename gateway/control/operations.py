@@ -1,6 +1,6 @@
 """`Operations`: the one path for every change to what is served, whoever asks (the admin API, the CLI through it,
 the canary controller, later the console): kill and revive, policy reload, adapter swap and rollback, canary
-operations and ticks, drills, and picking up what another gateway process changed.
+operations and ticks, drills, shadow overrides, and picking up what another gateway process changed.
 
 Each change is checked against the live view first (unknown route or variant → `NotFound`; a kill that would
 leave a route dark → `Conflict` unless forced; a version that fails the route's release gate → `Conflict`), then
@@ -33,6 +33,7 @@ from gateway.policy import (
     served_adapters,
     with_pins,
 )
+from gateway.shadow.overrides import ShadowOverride, check_clear, check_start, check_stop, shadow_of
 from gateway.store.api import Entry, StateStore, StoreError
 
 P = ParamSpec("P")
@@ -209,14 +210,61 @@ class Operations:
         )
         await _written(self.store.record, entry)
 
+    # -- shadow overrides (`shadow.overrides`) ---------------------------------------------------------------
+
+    async def shadow_start(
+        self, route: str, variant: str, share: float | None, *, actor: str, reason: str
+    ) -> View:
+        """From now on copy `share` percent of the route's requests (None: the default) to `variant`, in place of
+        the policy's `[shadow]`, until cleared."""
+        async with self.lock:
+            check_start(self.live.declared, route, variant, share)
+            override = ShadowOverride(route, "start", variant, share, actor, reason)
+            spec = shadow_of(self.live.declared.routes[route], override)
+            detail = {"share": spec.share if spec else None}
+            return await self._set_shadow("shadow_start", route, override, variant, actor, reason, detail)
+
+    async def shadow_stop(self, route: str, variant: str, *, actor: str, reason: str) -> View:
+        """No copies for the route until cleared; `variant` must name the shadow in force."""
+        async with self.lock:
+            check_stop(self.live.view.policy, self.live.shadow_overrides, route, variant)
+            override = ShadowOverride(route, "stop", variant, None, actor, reason)
+            return await self._set_shadow("shadow_stop", route, override, variant, actor, reason, None)
+
+    async def shadow_clear(self, route: str, *, actor: str, reason: str) -> View:
+        """Remove the route's override (a stale one too): the policy's `[shadow]`, or none, applies again."""
+        async with self.lock:
+            held = check_clear(self.live.declared, self.live.shadow_overrides, route)
+            detail = {"cleared": held.mode}
+            return await self._set_shadow("shadow_clear", route, None, held.variant, actor, reason, detail)
+
+    async def _set_shadow(
+        self,
+        action: str,
+        route: str,
+        override: ShadowOverride | None,
+        variant: str,
+        actor: str,
+        reason: str,
+        detail: dict[str, Any] | None,
+    ) -> View:
+        version = self.live.view.policy.version
+        entry = Entry(
+            action, actor, route=route, variant=variant, reason=reason, policy_version=version, detail=detail
+        )
+        overrides = await _written(self.store.set_shadow_override, route, override, entry)
+        return self.live.set_shadow_overrides(overrides)
+
     # -- other processes -----------------------------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Publish what another gateway process sharing the store changed: switches and canary states at once,
-        not under `lock` (a reload may hold it while adapters load: a kill from elsewhere must apply within a
-        poll); then adapter pins (a swap or rollback made elsewhere), once their versions are loaded here too."""
+        """Publish what another gateway process sharing the store changed: switches, canary states and shadow
+        overrides at once, not under `lock` (a reload may hold it while adapters load: a kill from elsewhere must
+        apply within a poll); then adapter pins (a swap or rollback made elsewhere), once their versions are loaded
+        here too."""
         self.live.set_switches(await asyncio.to_thread(self.store.switches))
         self.live.set_canaries(await asyncio.to_thread(self.store.canary_states))
+        self.live.set_shadow_overrides(await asyncio.to_thread(self.store.shadow_overrides))
         pins = await asyncio.to_thread(self.store.pins)
         if pins != self.live.pins:
             async with self.lock:

@@ -1,11 +1,11 @@
 """The store's interfaces. `StateStore`: what the gateway reads and writes of operator state that must survive a
-restart (kill switches, adapter pins and history, canary rows, the audit log); `store.state.TableStore`
-implements it on a `Database`: one SQLite file (`store.sqlite`) or a Postgres database shared by every replica
-(`store.postgres`). `RequestLog`: where requests' records go.
+restart (kill switches, adapter pins and history, canary rows, shadow overrides, the audit log);
+`store.state.TableStore` implements it on a `Database`: one SQLite file (`store.sqlite`) or a Postgres database
+shared by every replica (`store.postgres`). `RequestLog`: where requests' records go.
 
-Every write that changes what is served is one transaction with its audit entry: there is never a flip, pin or
-canary decision without its entry, nor an entry for a change that did not happen. Methods are synchronous and
-thread-safe; async callers run them with `asyncio.to_thread`.
+Every write that changes what is served is one transaction with its audit entry: there is never a flip, pin,
+shadow override or canary decision without its entry, nor an entry for a change that did not happen. Methods
+are synchronous and thread-safe; async callers run them with `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from typing import Any, Protocol
 from gateway.canary.machine import CanaryState, Transition
 from gateway.policy import Flip, Switches
 from gateway.records import Record
+from gateway.shadow.overrides import ShadowOverride
 
 Pins = dict[tuple[str, str], str]  # (route, variant) → the adapter version an operator pinned
 Served = tuple[float, str, str, str]  # a version a variant served: (at, ref, actor, action)
+ShadowOverrides = dict[str, ShadowOverride]  # route → the operators' override of its `[shadow]`
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +167,16 @@ class StateStore(Protocol):
 
     def history(self, route: str, variant: str) -> list[Served]:
         """(at, ref, actor, action) of the versions a variant served, newest first."""
+        ...
+
+    # -- shadow overrides ----------------------------------------------------------------------------------
+    def shadow_overrides(self) -> ShadowOverrides: ...
+
+    def set_shadow_override(
+        self, route: str, override: ShadowOverride | None, entry: Entry
+    ) -> ShadowOverrides:
+        """Set (None: clear) a route's shadow override with its audit entry (the row's time is the entry's);
+        return the overrides now in force."""
         ...
 
     # -- audit log -----------------------------------------------------------------------------------------

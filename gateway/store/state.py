@@ -1,8 +1,8 @@
 """`TableStore`: the state store (`store.api.StateStore`) on a `Database`, SQLite's file or a shared Postgres.
 
-Each table's SQL lives in its own module (`switches`, `pins`, `canaries`, `audit`), in the dialect both backends
-share; this class composes them: every change is one write transaction with its audit entry. `open_sqlite` and
-`open_postgres` build it on each backend with the schema of every table.
+Each table's SQL lives in its own module (`switches`, `pins`, `canaries`, `shadow_overrides`, `audit`), in the
+dialect both backends share; this class composes them: every change is one write transaction with its audit
+entry. `open_sqlite` and `open_postgres` build it on each backend with the schema of every table.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import TypeVar
 
 from gateway.canary.machine import CanaryState, Transition
 from gateway.policy import Flip, Switches
-from gateway.store import audit, canaries, pins, replicas, switches
+from gateway.shadow.overrides import ShadowOverride
+from gateway.store import audit, canaries, pins, replicas, shadow_overrides, switches
 from gateway.store.api import (
     AuditEntry,
     AuditQuery,
@@ -26,15 +27,19 @@ from gateway.store.api import (
     Pins,
     Replica,
     Served,
+    ShadowOverrides,
 )
 from gateway.store.sqlite import SqliteDatabase
 
 T = TypeVar("T")
-SQLITE_SCHEMA = switches.SQLITE + pins.SQLITE + canaries.SQLITE + audit.SQLITE + replicas.SQLITE
+SQLITE_SCHEMA = (
+    switches.SQLITE + pins.SQLITE + canaries.SQLITE + audit.SQLITE + replicas.SQLITE + shadow_overrides.SQLITE
+)
 # Postgres migrations: step i takes a database from version i to i + 1; append, never edit a released step.
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (switches.POSTGRES, pins.POSTGRES, canaries.POSTGRES, audit.POSTGRES),
     (replicas.POSTGRES,),
+    (shadow_overrides.POSTGRES,),
 )
 
 
@@ -114,6 +119,19 @@ class TableStore:
 
     def history(self, route: str, variant: str) -> list[Served]:
         return self._read(lambda db: pins.history(db, route, variant), [])
+
+    # -- shadow overrides ----------------------------------------------------------------------------------
+
+    def shadow_overrides(self) -> ShadowOverrides:
+        return self._read(shadow_overrides.read, {})
+
+    def set_shadow_override(
+        self, route: str, override: ShadowOverride | None, entry: Entry
+    ) -> ShadowOverrides:
+        with self._write() as (db, at):
+            shadow_overrides.write(db, route, override, at=at)
+            audit.insert(db, entry, at=at)
+        return self.shadow_overrides()
 
     # -- audit log -----------------------------------------------------------------------------------------
 
