@@ -3,12 +3,13 @@ declared canary's records from the shared request log, looks at them (`canary.an
 look decides (`canary.machine.after_look`) through the state store, whose compare-and-set lets exactly one process make
 each decision. It also carries out the operators' actions and answers their status requests.
 
-Reading: one `_Feed` per canary holds its `Evidence` and the last rowid read, so a tick reads only new rows
+Reading: one `_Feed` per canary holds its evidence and the last rowid read, so a tick reads only new rows
 (`request_log.Tail`: rowids follow commit order, so nothing is skipped whichever process wrote them). When the
 canary's key, epoch, step or phase changes (here or in another process), the feed is rebuilt from the log: every
-process decides on all the records of the step, whoever wrote them. In the shadow phase the feed pairs the
-candidate's copies with the requests they copied (`canary.paired`) instead of counting served requests. The blocking work runs in a thread; the caller
-publishes the returned `Update` to the live view on the event loop (the kill then applies to the next request).
+process decides on all the records of the step, whoever wrote them. In a served step the evidence counts requests
+per arm (`canary.analysis`); in the shadow phase it pairs the candidate's copies with the requests they copied
+(`canary.paired`). The blocking work runs in a thread; the caller publishes the returned `Update` to the live view
+on the event loop (the kill then applies to the next request).
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@ Pure: no I/O, no clock (`now` is passed in).
 States: `shadow` (with `shadow_requests`, before the first step: the candidate serves nobody and answers copies;
 a pass on the pairs moves it to the first step with fresh evidence, a fail kills it, whatever `on_fail` says: it
 must end, and nobody was exposed to it), `running` (looks may advance, promote or fail it), `paused` (an operator
-stopped the advance; guardrails still fail it, safety first), `held` (a guardrail failed with `on_fail = "hold"`: the candidate keeps its share
-and nothing moves until an operator acts), and the final `killed`, `aborted`, `promoted`. Passing the step before
-100 % is the promotion. Resuming a held canary restarts its evidence (the sequential tests start again from zero:
-the old evidence already crossed its bound). A canary in its shadow phase may be promoted or aborted, not paused
-(it serves nobody, and it advances only on a pass). A canary is identified by `canary_key`: the route, the candidate's and
-the baseline's served models, and the steps; a new candidate version (or other steps) starts a new canary.
+stopped the advance; guardrails still fail it, safety first), `held` (a guardrail failed with `on_fail = "hold"`:
+the candidate keeps its share and nothing moves until an operator acts), and the final `killed`, `aborted`,
+`promoted`. Passing the step before 100 % is the promotion. Resuming a held canary restarts its evidence (the
+sequential tests start again from zero: the old evidence already crossed its bound). A canary in its shadow phase
+may be promoted or aborted, not paused (it serves nobody, and it advances only on a pass). A canary is identified by
+`canary_key`: the route, the candidate's and the baseline's served models, and the steps; a new candidate version
+(or other steps) starts a new canary.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _after_shadow(spec: CanarySpec, state: CanaryState, look: Look, now: float) 
             if look.candidate_requests == 0
             else f"{look.candidate_requests} requests were routed to the candidate"
         )
-        reason = f"{failed.guardrail}: {_compared(failed.statistic, failed.bound)} in the shadow phase ({pairs}): {served}"
+        compared = _compared(failed.statistic, failed.bound)
+        reason = f"{failed.guardrail}: {compared} in the shadow phase ({pairs}): {served}"
         return Transition(_moved(state, status="killed"), "canary_kill", reason, kill=True)
     if look.outcome != "pass":
         return None
