@@ -214,7 +214,10 @@ def test_operators_transitions() -> None:
         operate(SPEC, aborted, "resume", 9.0, "no")
 
 
-@given(st.integers(0, 3), st.sampled_from(["running", "paused", "held", "killed", "aborted", "promoted"]))
+@given(
+    st.integers(0, 3),
+    st.sampled_from(["shadow", "running", "paused", "held", "killed", "aborted", "promoted"]),
+)
 def test_weights_always_give_the_route_whole(step: int, status: str) -> None:
     cand, base = weights(SPEC, CanaryState("crm", "k", status, step, 0, 0, 0))  # type: ignore[arg-type]
     assert cand + base == 100.0 and (status not in ("running", "paused", "held") or cand == SPEC.steps[step])

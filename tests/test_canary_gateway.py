@@ -337,3 +337,133 @@ def test_a_drill_kills_measures_milliseconds_and_revives(make_gateway: GatewayFa
     )
     refused = gateway_cmd("drill", "crm-assistant", "--url", gw.url, "--api-key", CLIENT_TOKEN, gw=gw)
     assert refused.returncode == 1 and "403" in refused.stderr  # a key that may not name a variant
+
+
+# -- the shadow phase ([canary] shadow_requests) ----------------------------------------------------------------
+
+
+def shadow_gated_policy(candidate_model: str, *, shadow_requests: int = 30) -> str:
+    """The test route with a shadow phase of `shadow_requests` pairs before its first step (10 %, which never ends
+    here): every request the baseline serves is copied to the candidate. The latency tolerance is wide: a copy waits
+    its turn behind the test's requests, so its latency says little here."""
+    base = CRM_POLICY.replace('model = "crm-formatter"', f'model = "{candidate_model}"')
+    return (
+        base
+        + f"""
+[shadow]
+variant = "formatter"
+share = 100
+max_in_flight = 64
+
+[canary]
+candidate = "formatter"
+baseline = "baseline"
+steps = [10, 50, 100]
+min_requests_per_step = 1000000
+unit = "user"
+shadow_requests = {shadow_requests}
+
+[canary.guardrails]
+invalid_call_rate = {{ alpha = 0.05 }}
+error_rate = {{ alpha = 0.05 }}
+latency_per_output_token = {{ max_ratio = 10.0, min_samples = 5 }}
+cost_per_request = {{ max_ratio = 1.10, min_samples = 5 }}
+"""
+    )
+
+
+def shadow_config(gw: Gateway) -> Any:
+    """The route's [shadow] as the live policy has it (None: no copies)."""
+    return gw.admin("GET", "/admin/shadow/crm-assistant").json()["shadow"]
+
+
+def test_a_bad_candidate_is_killed_in_the_shadow_phase_before_any_user_sees_it(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway(policies={"crm.toml": shadow_gated_policy("always-invalid")}, canary_interval_s=0.1)
+    sdk = sdk_client(gw)
+    wait_for(lambda: canary_status(gw)["state"] is not None)
+    assert canary_status(gw)["state"]["status"] == "shadow" and canary_status(gw)["weights"]["formatter"] == 0
+    drive_until([sdk], lambda: bool(audit(gw.http, "canary_kill")))
+    (kill,) = audit(gw.http, "canary_kill")
+    assert (kill["actor"], kill["variant"]) == ("canary", "formatter")
+    assert kill["reason"].startswith("invalid_call_rate: ")
+    assert "in the shadow phase" in kill["reason"] and "no user was served by the candidate" in kill["reason"]
+    detail = kill["detail"]
+    assert (detail["phase"], detail["users_served"], detail["outcome"]) == ("shadow", 0, "fail")
+    assert (detail["from"]["status"], detail["to"]["status"]) == ("shadow", "killed")
+    check = next(c for c in detail["checks"] if c["guardrail"] == "invalid_call_rate")
+    assert check["verdict"] == "fail" and check["candidate_only"] > check["baseline_only"]
+    assert detail["candidate"]["invalid"] == detail["candidate"]["checked"] > 0  # always invalid
+    assert [e["action"] for e in audit(gw.http)] == ["canary_start", "canary_kill"]
+    # Nobody was ever served by the candidate; every one of its answers was a copy.
+    records = gw.records()
+    assert not [r for r in records if r.variant == "formatter" and not r.shadow]
+    assert any(r.variant == "formatter" and r.shadow for r in records)
+    # Killed: the switch is on, the route is the baseline's, and the copies stopped with the phase.
+    assert gw.admin("GET", "/admin/status").json()["switches"]["variants"] == [
+        {"route": "crm-assistant", "variant": "formatter"}
+    ]
+    assert shadow_config(gw) is None
+    before = len(gw.records())
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(ask, [sdk] * 16)) == {"baseline"}
+    assert len(gw.records()) == before + 16  # no copy, not even a dropped one
+
+
+def test_a_good_candidate_passes_the_shadow_phase_and_starts_its_first_step(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway(policies={"crm.toml": shadow_gated_policy("crm-formatter")}, canary_interval_s=0.1)
+    sdk = sdk_client(gw)
+    drive_until([sdk], lambda: bool(audit(gw.http, "canary_advance")))
+    start, advance = audit(gw.http)
+    assert start["detail"]["shadow_requests"] == 30
+    detail = advance["detail"]
+    assert advance["reason"].startswith("shadow phase passed (") and advance["reason"].endswith("now 10 %")
+    assert (detail["phase"], detail["outcome"], detail["users_served"]) == ("shadow", "pass", 0)
+    assert detail["minimums"]["pairs"][0] >= 30 and detail["to"]["status"] == "running"
+    assert {c["guardrail"]: c["verdict"] for c in detail["checks"]} == {
+        "invalid_call_rate": "pass",
+        "error_rate": "pass",
+        "latency_per_output_token": "pass",
+        "cost_per_request": "pass",
+    }
+    status = canary_status(gw)
+    assert (status["state"]["status"], status["state"]["step"]) == ("running", 0)
+    assert status["weights"] == {"baseline": 90, "formatter": 10}
+    assert status["look"].get("phase") is None and status["look"]["share"] == 0.1  # a served step's look
+    assert shadow_config(gw) is None  # the candidate serves its share: no more copies
+    served = {ask(sdk, f"after-{i}") for i in range(60)}
+    assert served == {"baseline", "formatter"}
+
+
+def test_the_shadow_phase_in_progress_in_the_status_the_cli_and_the_report(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = make_gateway(
+        policies={"crm.toml": shadow_gated_policy("crm-formatter", shadow_requests=10**6)},
+        canary_interval_s=0.1,
+    )
+    wait_for(lambda: canary_status(gw)["state"] is not None)
+    drive_until([sdk_client(gw)], lambda: canary_status(gw)["look"]["minimums"]["pairs"][0] >= 10)
+    seen = canary_status(gw)["look"]
+    assert (seen["phase"], seen["outcome"], seen["users_served"]) == ("shadow", "hold", 0)
+    assert seen["minimums"]["pairs"][1] == 10**6
+    status = gateway_cmd("canary", "status", "crm-assistant", "--url", gw.url, gw=gw)
+    assert status.returncode == 0, status.stderr
+    assert "[shadow]  before step 1" in status.stdout
+    assert re.search(
+        r"look \(shadow phase\): hold; pairs \d+/1000000; requests routed to the candidate 0", status.stdout
+    )
+    assert re.search(r"invalid_call_rate\s+pass", status.stdout)
+    report = gateway_cmd("report", gw=gw)
+    assert report.returncode == 0, report.stderr
+    (line,) = [
+        ln for ln in report.stdout.splitlines() if ln.startswith("crm-assistant ") and " running " in ln
+    ]
+    assert " shadow " in line and "shadow phase in progress" in line and re.search(r"\S+/20 pass", line)
+    paused = gw.admin("POST", "/admin/routes/crm-assistant/canary/pause", json={"reason": "x"})
+    assert paused.status_code == 409 and paused.json()["error"]["code"] == "canary_state"
+    promoted = gw.admin("POST", "/admin/routes/crm-assistant/canary/promote", json={"reason": "seen enough"})
+    assert promoted.status_code == 200 and promoted.json()["weights"]["formatter"] == 100

@@ -27,6 +27,7 @@ PURE = [
     "canary.stats",
     "canary.machine",
     "canary.analysis",
+    "canary.paired",
     "shadow.pairs",
     "shadow.overrides",
     "store.api",

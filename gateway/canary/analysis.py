@@ -262,8 +262,9 @@ class Look:
     share: float
     checks: tuple[Check, ...]
     minimums_met: bool
-    candidate_requests: int
+    candidate_requests: int  # in the step; in the shadow phase, those the policy routed to the candidate (0)
     minutes: float
+    pairs: int | None = None  # the shadow phase's pairs (`canary.paired`); None in a served step
 
     @property
     def failed(self) -> Check | None:

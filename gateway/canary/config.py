@@ -4,7 +4,9 @@ conversion into a frozen `CanarySpec`. Loaded by `control.policies`; everything 
 Checks beyond the field types: steps strictly increase, lie in (0, 100] and end at 100, with at least one step
 below 100; candidate and baseline are two different variants of the route; no other variant has a weight (so the
 candidate's share is exactly the step); the candidate is not a fallback (a fallback must be trusted); `unit =
-"user"` needs a sticky key; a cost guardrail needs both variants priced in one currency; at least one guardrail.
+"user"` needs a sticky key; a cost guardrail needs both variants priced in one currency; at least one guardrail;
+`shadow_requests` needs the route's `[shadow]` to name the candidate with a share above 0 (the shadow phase's pairs
+are its copies).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class CanaryModel(_Strict):
     unit: Literal["request", "user"] = "request"
     on_fail: Literal["kill", "hold"] = "kill"
     guardrails: GuardrailsModel = GuardrailsModel()
+    shadow_requests: Annotated[int, Field(strict=True, ge=1)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CanaryModel:
@@ -70,8 +73,19 @@ class _VariantLike(Protocol):
     def price(self) -> Any: ...
 
 
+class _ShadowLike(Protocol):
+    @property
+    def variant(self) -> str: ...
+    @property
+    def share(self) -> float: ...
+
+
 def check_canary(
-    canary: CanaryModel, variants: Mapping[str, _VariantLike], fallback: list[str], sticky: str
+    canary: CanaryModel,
+    variants: Mapping[str, _VariantLike],
+    fallback: list[str],
+    sticky: str,
+    shadow: _ShadowLike | None = None,
 ) -> None:
     """Cross-checks against the route; raises ValueError naming the field."""
     for role in ("candidate", "baseline"):
@@ -98,6 +112,20 @@ def check_canary(
             raise ValueError(
                 "canary.guardrails.cost_per_request: candidate and baseline need a price in the same currency"
             )
+    if canary.shadow_requests is not None:
+        _check_shadow_phase(canary.candidate, shadow)
+
+
+def _check_shadow_phase(candidate: str, shadow: _ShadowLike | None) -> None:
+    if shadow is None or shadow.variant != candidate:
+        raise ValueError(
+            f"canary.shadow_requests: the shadow phase pairs copies answered by the candidate: add a [shadow] "
+            f"table with variant = {candidate!r}"
+        )
+    if shadow.share <= 0:
+        raise ValueError(
+            "canary.shadow_requests: the route's [shadow] share is 0, so no copy would ever be paired"
+        )
 
 
 def canary_spec(model: CanaryModel) -> CanarySpec:
@@ -116,6 +144,7 @@ def canary_spec(model: CanaryModel) -> CanarySpec:
             latency_per_output_token=_ratio(g.latency_per_output_token),
             cost_per_request=_ratio(g.cost_per_request),
         ),
+        shadow_requests=model.shadow_requests,
     )
 
 

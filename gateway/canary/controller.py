@@ -3,11 +3,13 @@ declared canary's records from the shared request log, looks at them (`canary.an
 look decides (`canary.machine.after_look`) through the state store, whose compare-and-set lets exactly one process make
 each decision. It also carries out the operators' actions and answers their status requests.
 
-Reading: one `_Feed` per canary holds its `Evidence` and the last rowid read, so a tick reads only new rows
+Reading: one `_Feed` per canary holds its evidence and the last rowid read, so a tick reads only new rows
 (`request_log.Tail`: rowids follow commit order, so nothing is skipped whichever process wrote them). When the
-canary's key, epoch or step changes (here or in another process), the feed is rebuilt from the log: every process
-decides on all the records of the step, whoever wrote them. The blocking work runs in a thread; the caller
-publishes the returned `Update` to the live view on the event loop (the kill then applies to the next request).
+canary's key, epoch, step or phase changes (here or in another process), the feed is rebuilt from the log: every
+process decides on all the records of the step, whoever wrote them. In a served step the evidence counts requests
+per arm (`canary.analysis`); in the shadow phase it pairs the candidate's copies with the requests they copied
+(`canary.paired`). The blocking work runs in a thread; the caller publishes the returned `Update` to the live view
+on the event loop (the kill then applies to the next request).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gateway.canary.analysis import Evidence, describe, look, observation
+from gateway.canary import paired
+from gateway.canary.analysis import Evidence, Look, describe, look, observation
 from gateway.canary.machine import (
     ACTIVE,
     CanaryState,
@@ -33,11 +36,14 @@ from gateway.canary.spec import CanarySpec
 from gateway.control.live import LiveView
 from gateway.errors import Conflict, NotFound
 from gateway.policy import Route, Switches
+from gateway.records import Record
 from gateway.store.api import Entry, StateStore
 from gateway.store.request_log import Tail, Where
 
 _FIELDS: Final = [
     "ts",
+    "request_id",
+    "primary_id",  # the shadow phase pairs a copy with the request it copied
     "variant",
     "fallback_from",
     "fallback_reason",
@@ -49,9 +55,48 @@ _FIELDS: Final = [
     "cost",
     "forced",
     "bucket",
-    "shadow",  # shadow copies are read, then left out (`analysis.observation`)
+    "shadow",  # a served step leaves shadow copies out (`analysis.observation`); the shadow phase pairs them
 ]
 ACTOR: Final = "canary"  # the actor of automatic decisions in the audit log
+
+
+class _Served:
+    """A served step's evidence: each request counts for the arm the policy routed it to."""
+
+    def __init__(self, spec: CanarySpec, state: CanaryState) -> None:
+        self.spec = spec
+        self.evidence = Evidence(spec, step_start=state.step_started_at)
+
+    def add(self, record: Record) -> None:
+        obs = observation(self.spec, record)
+        if obs is not None:
+            self.evidence.add(obs)
+
+    def look(self, state: CanaryState, now: float) -> Look:
+        return look(self.spec, self.evidence, state.step, now)
+
+    def describe(self, seen: Look) -> dict[str, Any]:
+        return describe(self.spec, self.evidence, seen)
+
+
+class _Shadow:
+    """The shadow phase's evidence: the candidate's copies paired with the requests they copied."""
+
+    def __init__(self, spec: CanarySpec, route: Route) -> None:
+        self.spec = spec
+        # A copy and its request commit within a request's lifetime of each other: wait twice that for the other.
+        self.evidence = paired.PairedEvidence(
+            spec, max_wait_s=max(paired.MAX_WAIT_S, 2 * route.timeouts.total)
+        )
+
+    def add(self, record: Record) -> None:
+        self.evidence.add(record)
+
+    def look(self, state: CanaryState, now: float) -> Look:
+        return paired.look(self.spec, self.evidence, state.epoch, now)
+
+    def describe(self, seen: Look) -> dict[str, Any]:
+        return paired.describe(self.spec, self.evidence, seen)
 
 
 @dataclass(slots=True)
@@ -59,9 +104,20 @@ class _Feed:
     key: str
     epoch: float
     step_started_at: float
+    status: str
     spec: CanarySpec
-    evidence: Evidence
+    phase: _Served | _Shadow
     last_rowid: int = 0
+
+    @classmethod
+    def new(cls, route: Route, spec: CanarySpec, state: CanaryState) -> _Feed:
+        phase = _Shadow(spec, route) if state.status == "shadow" else _Served(spec, state)
+        return cls(state.key, state.epoch, state.step_started_at, state.status, spec, phase)
+
+    def same(self, spec: CanarySpec, state: CanaryState) -> bool:
+        """Whether this feed is still the evidence of `state` (else it is rebuilt from the log)."""
+        mine = (self.key, self.epoch, self.step_started_at, self.status == "shadow", self.spec)
+        return mine == (state.key, state.epoch, state.step_started_at, state.status == "shadow", spec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,27 +171,26 @@ class CanaryController:
         if state.status not in ACTIVE:
             self._feeds.pop(route.name, None)
             return False
-        feed = self._feed(route.name, spec, state)
-        seen = look(spec, feed.evidence, state.step, now)
+        feed = self._feed(route, spec, state)
+        seen = feed.phase.look(state, now)
         move = after_look(spec, state, seen, now)
         if move is None:
             return False
-        detail = {**describe(spec, feed.evidence, seen), "from": _brief(state), "to": _brief(move.state)}
+        detail = {**feed.phase.describe(seen), "from": _brief(state), "to": _brief(move.state)}
         entry = _entry(move, route.name, spec.candidate, ACTOR, detail, version)
         return self._store.move_canary(state, move, spec.candidate, entry) and move.kill
 
     def _start(
         self, route: Route, spec: CanarySpec, key: str, previous: CanaryState | None, now: float, version: str
     ) -> None:
-        new = initial(route.name, key, now)
-        if previous is not None:
-            new = CanaryState(route.name, key, "running", 0, now, now, now, previous.revision + 1)
+        new = initial(route.name, key, now, spec, previous.revision + 1 if previous is not None else 0)
         detail = {
             "candidate": spec.candidate,
             "baseline": spec.baseline,
             "steps": list(spec.steps),
             "unit": spec.unit,
             "on_fail": spec.on_fail,
+            "shadow_requests": spec.shadow_requests,
             "replaces": previous.key if previous is not None else None,
         }
         entry = Entry(
@@ -149,14 +204,11 @@ class CanaryController:
         )
         self._store.start_canary(new, previous, entry)
 
-    def _feed(self, route: str, spec: CanarySpec, state: CanaryState) -> _Feed:
-        feed = self._feeds.get(route)
-        current = (state.key, state.epoch, state.step_started_at, spec)
-        if feed is None or (feed.key, feed.epoch, feed.step_started_at, feed.spec) != current:
-            evidence = Evidence(spec, step_start=state.step_started_at)
-            feed = _Feed(state.key, state.epoch, state.step_started_at, spec, evidence)
-            self._feeds[route] = feed
-        _read_into(self._tail, route, feed)
+    def _feed(self, route: Route, spec: CanarySpec, state: CanaryState) -> _Feed:
+        feed = self._feeds.get(route.name)
+        if feed is None or not feed.same(spec, state):
+            feed = self._feeds[route.name] = _Feed.new(route, spec, state)
+        _read_into(self._tail, route.name, feed)
         return feed
 
     # -- operators ----------------------------------------------------------------------------------------------
@@ -219,22 +271,21 @@ class CanaryController:
             "steps": list(spec.steps),
             "unit": spec.unit,
             "on_fail": spec.on_fail,
+            "shadow_requests": spec.shadow_requests,
             "key": canary_key(route),
             "state": _brief(state) if state else None,
             "weights": {v.name: v.weight for v in route.variants},
         }
         if state is not None and state.status in ACTIVE:
-            seen_by = self._feed(route.name, spec, state)
-            body["look"] = describe(spec, seen_by.evidence, look(spec, seen_by.evidence, state.step, now))
+            phase = self._feed(route, spec, state).phase
+            body["look"] = phase.describe(phase.look(state, now))
         return body
 
 
 def _read_into(tail: Tail, route: str, feed: _Feed) -> None:
     for rowid, record in tail.after(route, feed.epoch, feed.last_rowid):
         feed.last_rowid = rowid
-        obs = observation(feed.spec, record)
-        if obs is not None:
-            feed.evidence.add(obs)
+        feed.phase.add(record)
 
 
 def _entry(
@@ -252,19 +303,17 @@ def _entry(
 
 
 def current_look(
-    records: Where, route: str, spec: CanarySpec, state: CanaryState, now: float
+    records: Where, route: Route, spec: CanarySpec, state: CanaryState, now: float
 ) -> dict[str, Any]:
-    """The look at an active canary's step in progress, from the request log alone (read-only, no gateway needed):
-    the same numbers a gateway process would decide on now (`gateway report` shows them)."""
-    feed = _Feed(
-        state.key, state.epoch, state.step_started_at, spec, Evidence(spec, step_start=state.step_started_at)
-    )
+    """The look at an active canary's step (or shadow phase) in progress, from the request log alone (read-only, no
+    gateway needed): the same numbers a gateway process would decide on now (`gateway report` shows them)."""
+    feed = _Feed.new(route, spec, state)
     tail = Tail(records, _FIELDS)
     try:
-        _read_into(tail, route, feed)
+        _read_into(tail, route.name, feed)
     finally:
         tail.close()
-    return describe(spec, feed.evidence, look(spec, feed.evidence, state.step, now))
+    return feed.phase.describe(feed.phase.look(state, now))
 
 
 def _brief(state: CanaryState) -> dict[str, Any]:

@@ -86,6 +86,7 @@ def running_entries(
         if spec is None or state is None or state.status not in ACTIVE or state.key != canary_key(route):
             continue
         since = dt.datetime.fromtimestamp(state.step_started_at, dt.UTC).strftime("%H:%M:%S")
+        what = "shadow phase" if state.status == "shadow" else "step"
         out.append(
             {
                 "at": now,
@@ -93,8 +94,8 @@ def running_entries(
                 "action": RUNNING,
                 "route": name,
                 "variant": spec.candidate,
-                "reason": f"{state.status}, step in progress since {since}: no decision yet",
-                "detail": current_look(records, name, spec, state, now),
+                "reason": f"{state.status}, {what} in progress since {since}: no decision yet",
+                "detail": current_look(records, route, spec, state, now),
             }
         )
     return out
@@ -134,6 +135,8 @@ def _row(e: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _step(d: dict[str, Any]) -> str:
+    if d.get("phase") == "shadow":
+        return "shadow"
     step, share = d.get("step"), d.get("share")
     if step is None:
         return "-"
@@ -141,7 +144,7 @@ def _step(d: dict[str, Any]) -> str:
 
 
 def _rate(arm: dict[str, Any]) -> str:
-    n = arm.get("requests")
+    n = arm.get("checked", arm.get("requests"))  # the shadow phase: pairs whose two verdicts were checked
     if not n:
         return "-"
     low, high = arm["invalid_ci"]

@@ -7,6 +7,10 @@ Slices stay contiguous in declaration order, so raising the candidate's weight o
 `unit = "user"` a sticky user who was on the candidate stays on it as the share grows (only users moving onto the
 candidate move). Reaching the last step (100) is the promotion: the candidate serves the whole route and the
 baseline is put first among the route's fallbacks. A killed or aborted canary gives the baseline the whole route.
+
+With `shadow_requests`, a shadow phase comes before the first step: the candidate serves nobody (weight 0) and
+answers copies of the route's requests (the route's `[shadow]`, which must name it), until that many copies are
+paired with the answers users got and every guardrail passed on the pairs (`canary.paired`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class CanarySpec:
     unit: Unit = "request"
     on_fail: OnFail = "kill"
     guardrails: Guardrails = Guardrails()
+    shadow_requests: int | None = None  # pairs the shadow phase needs before step 1; None: no shadow phase
 
     def share(self, step: int) -> float:
         """The candidate's share (0..1) at step index `step`."""

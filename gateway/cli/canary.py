@@ -69,17 +69,28 @@ def _print_canary(name: str, c: dict[str, Any]) -> None:
     state = c["state"] or {"status": "starting", "step": 0}
     steps = " → ".join(f"{s:g}%" for s in c["steps"])
     weights = ", ".join(f"{v} {w:g}" for v, w in c["weights"].items())
-    print(
-        f"{name}: {c['candidate']} vs {c['baseline']}  [{state['status']}]  step {state['step'] + 1}/{len(c['steps'])}"
-    )
-    print(f"  steps {steps}; unit {c['unit']}; on_fail {c['on_fail']}; weights now: {weights}")
+    where = "before step 1" if state["status"] == "shadow" else f"step {state['step'] + 1}/{len(c['steps'])}"
+    print(f"{name}: {c['candidate']} vs {c['baseline']}  [{state['status']}]  {where}")
+    shadow = c.get("shadow_requests")
+    first = f"shadow phase ({shadow} pairs) → " if shadow else ""
+    print(f"  steps {first}{steps}; unit {c['unit']}; on_fail {c['on_fail']}; weights now: {weights}")
     seen = c.get("look")
-    if not seen:
-        return
-    req, minutes = seen["minimums"]["candidate_requests"], seen["minimums"]["minutes"]
-    print(
-        f"  look: {seen['outcome']}; candidate requests {req[0]}/{req[1]}, minutes {minutes[0]:.2f}/{minutes[1]:g}"
-    )
+    if seen:
+        _print_look(seen)
+
+
+def _print_look(seen: dict[str, Any]) -> None:
+    if seen.get("phase") == "shadow":
+        pairs = seen["minimums"]["pairs"]
+        print(
+            f"  look (shadow phase): {seen['outcome']}; pairs {pairs[0]}/{pairs[1]}; requests routed to the "
+            f"candidate {seen['users_served']}"
+        )
+    else:
+        req, minutes = seen["minimums"]["candidate_requests"], seen["minimums"]["minutes"]
+        print(
+            f"  look: {seen['outcome']}; candidate requests {req[0]}/{req[1]}, minutes {minutes[0]:.2f}/{minutes[1]:g}"
+        )
     for check in seen["checks"]:
         stat = check["statistic"]
         shown = "n/a" if stat is None else (stat if isinstance(stat, str) else f"{stat:.4g}")

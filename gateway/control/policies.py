@@ -131,7 +131,7 @@ class PolicyModel(_Strict):
         if not any(v.weight > 0 for v in self.variants.values()):
             raise ValueError("at least one variant needs a positive weight")
         if self.canary is not None:
-            check_canary(self.canary, self.variants, self.fallback, self.sticky)
+            check_canary(self.canary, self.variants, self.fallback, self.sticky, self.shadow)
         if self.shadow is not None:
             _check_shadow(self.shadow, self.variants)
         return self
