@@ -7,7 +7,8 @@ bands (base model with the RAG prompt 5-25 %, crm-formatter@1 and @2 under 3 %, 
 versions batched alongside the base model; a canary promotes @2 and kills @4, which passes the golden set but
 regresses at the temperature live traffic uses; a hot swap under load loses no request; an engine restart is
 reconciled while requests fall back; each adapter check stops a broken version before the engine sees it; the
-release gate refuses @3. The measured rates are written to var/engine-results.json (CI prints them).
+release gate refuses @3; @3 in shadow behind the baseline is shown worse on the pairs (McNemar p < 0.01), and a
+shadow-gated canary of it is killed before its first step. The measured rates are written to var/engine-results.json (CI prints them).
 """
 
 from __future__ import annotations
@@ -572,13 +573,14 @@ share = 100
 max_in_flight = 64
 """
 SHADOW_PAIRS = 120
+SHADOW_PHASE = "shadow_requests = 200\n"  # at most: @3 fails its paired tests long before
 
 
 def behind_the_baseline(policy: str) -> str:
     """The shipped route with the whole traffic on its RAG baseline and @3 as a zero-weight variant. The release
     gate stays on: @3 fails it, and a zero-weight shadow variant is not gated (it serves nobody)."""
     return (
-        policy.replace("weight = 90", "weight = 100").replace("weight = 10", "weight = 0")
+        policy.replace("weight = 10\n", "weight = 0\n").replace("weight = 90\n", "weight = 100\n")
         + '\n[variants.v3]\nadapter = "crm-formatter@3"\nweight = 0\n'
     )
 
@@ -613,3 +615,30 @@ def test_a_shadow_of_the_regressed_version_shows_it_worse_without_serving_anyone
     assert summary["mcnemar_p"] < 0.01
     served = [r for r in gw.records() if not r.shadow]
     assert len(served) == sent and {r.variant for r in served} == {"baseline"}
+
+
+def test_a_shadow_gated_canary_of_the_regressed_version_is_killed_before_step_1(
+    make_gateway: GatewayMaker, engine: EngineProcess
+) -> None:
+    """A canary of @3 against the baseline with a shadow phase: @3 answers copies until the paired tests decide,
+    and it is killed there, before its first step, with no user ever served by it. The release gate, which would
+    refuse @3 as a canary candidate at load, is off: the shadow phase is the safety net when a version gets past
+    (or was never given) an offline evaluation."""
+    canary = CANARY.format(candidate="v3", baseline="baseline", steps="[10, 100]", min_requests=25)
+    gw = make_gateway(
+        behind_the_baseline(without_release_gate(SHIPPED))
+        + SHADOW
+        + canary.replace("[canary.guardrails]", SHADOW_PHASE + "\n[canary.guardrails]")
+    )
+    wait_for(lambda: "crm-formatter@3" in engine_models(engine.spec.base_url), timeout=ENGINE_WAIT_S)
+    tally: Tally = {}
+    sent = drive(gw.url, lambda: decided(gw), tally=tally)
+    kill = next(e for e in audit_actions(gw) if e["action"] == "canary_kill")
+    print(f"\ncrm-formatter@3 killed in its shadow phase after {sent} requests: {kill['reason']}")
+    assert set(tally) == {"baseline"}, tally
+    assert kill["actor"] == "canary" and "no user was served by the candidate" in kill["reason"]
+    detail = kill["detail"]
+    assert (detail["phase"], detail["users_served"]) == ("shadow", 0)
+    assert (detail["from"]["status"], detail["to"]["status"]) == ("shadow", "killed")
+    assert not [r for r in gw.records() if r.variant == "v3" and not r.shadow]
+    assert gw.app.components.live.view.switches.variant_killed("crm-assistant", "v3")
