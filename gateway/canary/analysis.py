@@ -185,13 +185,18 @@ class Evidence:
         self.step = {"candidate": ArmTally(), "baseline": ArmTally()}
 
     def _first(self, name: str, unit: float | None) -> bool:
-        if unit is None:
-            return True
-        seen = self._seen[name]
-        if unit in seen:
-            return False
-        seen.add(unit)
+        return first_of_unit(self._seen[name], unit)
+
+
+def first_of_unit(seen: set[float], unit: float | None) -> bool:
+    """Whether this is the unit's first event of a kind (`seen`: the units that had one); a request that is its
+    own unit (None) always is. With unit = "user" a user counts once per event kind."""
+    if unit is None:
         return True
+    if unit in seen:
+        return False
+    seen.add(unit)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +235,11 @@ def rate_check(name: str, guardrail: RateGuardrail, test: CountTest, total: dict
         "candidate_requests": n_b,
         "baseline_requests": n_a,
     }
+    return count_check(name, guardrail, test, counts)
+
+
+def count_check(name: str, guardrail: RateGuardrail, test: CountTest, counts: dict[str, Any]) -> Check:
+    """The count test's verdict: FAIL once M >= 1/alpha (M is shown capped below float overflow)."""
     log_m = test.log_m  # once: it is a log-sum-exp over the grid
     verdict = Verdict.FAIL if log_m >= -math.log(guardrail.alpha) else Verdict.PASS
     return Check(name, verdict, math.exp(min(log_m, 709.0)), 1.0 / guardrail.alpha, counts)

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from gateway.canary.analysis import ERRORS, Check, Look, Outcome
+from gateway.canary.analysis import ERRORS, Check, Look, Outcome, count_check, first_of_unit
 from gateway.canary.spec import CanarySpec, RateGuardrail, RatioGuardrail
 from gateway.canary.stats import CountTest, Verdict
 from gateway.records import SHADOW_DROPPED, Record
@@ -205,21 +205,13 @@ class PairedEvidence:
                 self.ratios[name].add(unit, cand / base)
 
     def _first(self, name: str, unit: float | None) -> bool:
-        if unit is None:
-            return True
-        seen = self._seen[name]
-        if unit in seen:
-            return False
-        seen.add(unit)
-        return True
+        return first_of_unit(self._seen[name], unit)
 
 
 def rate_check(name: str, guardrail: RateGuardrail, test: CountTest, pairs: int) -> Check:
     """The count test over discordant pairs: FAIL once M >= 1/alpha."""
     counts = {"candidate_only": test.x_b, "baseline_only": test.x_a, "pairs": pairs}
-    log_m = test.log_m
-    verdict = Verdict.FAIL if log_m >= -math.log(guardrail.alpha) else Verdict.PASS
-    return Check(name, verdict, math.exp(min(log_m, 709.0)), 1.0 / guardrail.alpha, counts)
+    return count_check(name, guardrail, test, counts)
 
 
 def ratio_check(name: str, guardrail: RatioGuardrail, ratios: list[float]) -> Check:
