@@ -267,6 +267,7 @@ def create_app(
         replica_window_s=3 * settings.heartbeat_s,
         engines=c.engines.status,
         shadow_in_flight=c.shadows.running,
+        viewer_token=settings.viewer_token.get_secret_value() if settings.viewer_token else None,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(

@@ -29,6 +29,7 @@ PURE = [
     "canary.analysis",
     "shadow.pairs",
     "store.api",
+    "console.session",
 ]
 # Top-level modules that mean I/O: SQLite, threads and queues (the request log's writer), event loops, HTTP
 # clients and servers, OTel exporters; and the gateway's own I/O modules.
