@@ -42,6 +42,7 @@ from gateway.admin.http import AdminContext, check_bearer, error_response, json_
 from gateway.admin.routes import admin_routes
 from gateway.admin.shadow import shadow_routes
 from gateway.canary.controller import CanaryController
+from gateway.console.routes import console_routes
 from gateway.control.adapters import scan
 from gateway.control.live import LiveView
 from gateway.control.lora import LoraManager
@@ -278,6 +279,7 @@ def create_app(
             *admin_routes(admin),
             *canary_routes(admin),
             *shadow_routes(admin),
+            *console_routes(settings, admin),
         ],
         exception_handlers={
             GatewayError: _on_gateway_error,

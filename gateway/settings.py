@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # The session cookie's Secure attribute: "auto" sets it when the request came over https; "on" behind a proxy
     # that terminates TLS.
     console_secure_cookie: Literal["auto", "on", "off"] = "auto"
+    # How often the console's pages fetch their figures again.
+    console_refresh_s: float = Field(default=3.0, ge=0.5, le=3600)
+    # Where `gateway loadtest` writes its runs (one directory each); the console lists them and serves their reports.
+    loadtest_dir: Path = Path("var/loadtests")
     # `/metrics` answers only a bearer token: the metrics token (for a scraper, which should not hold the admin
     # token) or the admin token. "off" serves it to anyone who reaches the listener.
     metrics_auth: Literal["on", "off"] = "on"
