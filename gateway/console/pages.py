@@ -7,12 +7,12 @@ series. Pure.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.console.charts import Line, line_chart, share_bar
-from gateway.console.figures import LIVE_S, WINDOWS, Figures, Series
+from gateway.console.figures import LIVE_S, WINDOWS, Figures, Point, Series
 from gateway.console.html import (
     Chrome,
     Html,
@@ -186,19 +186,24 @@ def figures_live(data: FiguresData) -> Html:
     )
 
 
-def _series_chart(data: FiguresData, title: str, pick: Any, fmt: Any) -> Html:
+def _series_chart(
+    data: FiguresData, title: str, pick: Callable[[Series], list[Point]], fmt: Callable[[float], str]
+) -> Html:
     lines = [Line(s.variant, pick(s)) for s in data.series]
     return line_chart(f"{title}, {data.route.name}", lines, since=data.since, until=data.until, fmt=fmt)
 
 
-def _cell(fn: Any) -> Any:
+Cell = Callable[[Figures | None], str]
+
+
+def _cell(fn: Callable[[Figures], object]) -> Cell:
     def cell(f: Figures | None) -> str:
         return "—" if f is None else str(fn(f))
 
     return cell
 
 
-_FIGURE_ROWS: Sequence[tuple[str, Any]] = (
+_FIGURE_ROWS: Sequence[tuple[str, Cell]] = (
     ("requests", _cell(lambda f: f.summary.requests)),
     (
         "invalid calls (95 % CI)",
