@@ -42,6 +42,7 @@ from gateway.admin.http import AdminContext, check_bearer, error_response, json_
 from gateway.admin.routes import admin_routes
 from gateway.admin.shadow import shadow_routes
 from gateway.canary.controller import CanaryController
+from gateway.console.routes import console_routes
 from gateway.control.adapters import scan
 from gateway.control.live import LiveView
 from gateway.control.lora import LoraManager
@@ -273,6 +274,7 @@ def create_app(
         replica_window_s=3 * settings.heartbeat_s,
         engines=c.engines.status,
         shadow_in_flight=c.shadows.running,
+        viewer_token=settings.viewer_token.get_secret_value() if settings.viewer_token else None,
     )
     chat = ChatEndpoint(deps)
     starlette = Starlette(
@@ -283,6 +285,7 @@ def create_app(
             *admin_routes(admin),
             *canary_routes(admin),
             *shadow_routes(admin),
+            *console_routes(settings, admin),
         ],
         exception_handlers={
             GatewayError: _on_gateway_error,

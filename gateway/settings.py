@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.pool import HealthPolicy, parse_engines
@@ -43,6 +43,22 @@ class Settings(BaseSettings):
     # Records older than this many days are deleted (hourly; Postgres drops whole days); unset: kept forever.
     records_retention_days: float | None = Field(default=None, gt=0)
     admin_token: SecretStr | None = None
+    # A token that may read what the admin token may (the console's pages, the admin API's GET routes) and change
+    # nothing; each token's name is the console's actor in the audit log (`console:<name>`).
+    viewer_token: SecretStr | None = None
+    admin_token_name: str = Field(default="admin", min_length=1, max_length=64, pattern=r"^[\w.@-]+$")
+    viewer_token_name: str = Field(default="viewer", min_length=1, max_length=64, pattern=r"^[\w.@-]+$")
+    # The key console session cookies are signed with; unset, one derived from the tokens (every replica sharing
+    # the tokens then accepts the others' sessions). Changing it, or the token a session signed in with, ends it.
+    console_secret: SecretStr | None = None
+    console_session_s: float = Field(default=8 * 3600.0, gt=0, le=30 * 86400.0)
+    # The session cookie's Secure attribute: "auto" sets it when the request came over https; "on" behind a proxy
+    # that terminates TLS.
+    console_secure_cookie: Literal["auto", "on", "off"] = "auto"
+    # How often the console's pages fetch their figures again.
+    console_refresh_s: float = Field(default=3.0, ge=0.5, le=3600)
+    # Where `gateway loadtest` writes its runs (one directory each); the console lists them and serves their reports.
+    loadtest_dir: Path = Path("var/loadtests")
     # `/metrics` answers only a bearer token: the metrics token (for a scraper, which should not hold the admin
     # token) or the admin token. "off" serves it to anyone who reaches the listener.
     metrics_auth: Literal["on", "off"] = "on"
@@ -104,6 +120,21 @@ class Settings(BaseSettings):
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL (unset: SQLite files in GATEWAY_DATA_DIR)")
+        return value
+
+    @field_validator("viewer_token")
+    @classmethod
+    def _viewer_differs(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        admin = info.data.get("admin_token")
+        if value is not None and admin is not None and value.get_secret_value() == admin.get_secret_value():
+            raise ValueError("must differ from GATEWAY_ADMIN_TOKEN")
+        return value
+
+    @field_validator("viewer_token_name")
+    @classmethod
+    def _names_differ(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("admin_token_name"):
+            raise ValueError("must differ from GATEWAY_ADMIN_TOKEN_NAME")
         return value
 
     @field_validator("connect_timeout", "first_byte_timeout", "total_timeout")

@@ -31,6 +31,15 @@ PURE = [
     "shadow.pairs",
     "shadow.overrides",
     "store.api",
+    "console.session",
+    "console.figures",
+    "console.trajectory",
+    "console.charts",
+    "console.html",
+    "console.pages",
+    "console.canary_page",
+    "console.shadow_page",
+    "console.history_pages",
 ]
 # Top-level modules that mean I/O: SQLite, threads and queues (the request log's writer), event loops, HTTP
 # clients and servers, OTel exporters; and the gateway's own I/O modules.

@@ -78,7 +78,7 @@ async def _lineage(ctx: AdminContext, request: Request) -> Response:
     since = query_number(request, "since", low=0, high=MAX_TIMESTAMP) or 0.0
     given_until = query_number(request, "until", low=0, high=MAX_TIMESTAMP)
     until = float("inf") if given_until is None else given_until
-    served = await asyncio.to_thread(_served, ctx.records, route, since, until)
+    served = await asyncio.to_thread(served_versions, ctx.records, route, since, until)
     catalog = ctx.catalog()
     for row in served:
         version = catalog.get(row["adapter"]) if row["adapter"] else None
@@ -90,7 +90,7 @@ async def _lineage(ctx: AdminContext, request: Request) -> Response:
     )
 
 
-def _served(where: Where, route: str, since: float, until: float) -> list[dict[str, Any]]:
+def served_versions(where: Where, route: str, since: float, until: float) -> list[dict[str, Any]]:
     groups: dict[tuple[str | None, str | None, str | None], dict[str, Any]] = {}
     if isinstance(where, Path) and not where.exists():
         return []

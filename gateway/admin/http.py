@@ -53,6 +53,7 @@ class AdminContext:
     replica_window_s: float  # a replica whose last heartbeat is older is not listed
     engines: Callable[[], dict[str, list[dict[str, Any]]]]  # each pool's members (`EnginePool.status`)
     shadow_in_flight: Callable[[str], int]  # a route's shadow copies running in this process
+    viewer_token: str | None = None  # may use the read-only routes (GET), nothing else
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -72,19 +73,26 @@ def guard(ctx: AdminContext, handler: Handler) -> Endpoint:
 
 
 def authorize(ctx: AdminContext, request: Request) -> None:
-    if ctx.token is None:
+    """The admin token may do anything; the viewer token only read (GET): on any other method it gets 403."""
+    reading = request.method in ("GET", "HEAD")
+    if ctx.token is None and not (reading and ctx.viewer_token):
         raise PermissionDenied("The admin API is disabled: set GATEWAY_ADMIN_TOKEN to enable it.")
-    check_bearer(request, [ctx.token], where="The admin API", token="admin token")
+    tokens = [t for t in (ctx.token, ctx.viewer_token) if t is not None]
+    matched = check_bearer(request, tokens, where="The admin API", token="admin token")
+    if matched == ctx.viewer_token and not reading:
+        raise PermissionDenied("The viewer token may only read: this needs the admin token.")
 
 
-def check_bearer(request: Request, tokens: Sequence[str], *, where: str, token: str) -> None:
-    """The request's bearer token must equal one of `tokens` (each compared in constant time)."""
+def check_bearer(request: Request, tokens: Sequence[str], *, where: str, token: str) -> str:
+    """The one of `tokens` the request's bearer token equals (each compared in constant time)."""
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise AuthenticationError(f"{where} needs 'Authorization: Bearer <{token}>'.")
     given = presented.strip().encode()
-    if not any([hmac.compare_digest(given, t.encode()) for t in tokens]):  # a list: every token compared
+    matches = [hmac.compare_digest(given, t.encode()) for t in tokens]  # a list: every token compared
+    if not any(matches):
         raise AuthenticationError(f"Incorrect {token}.")
+    return tokens[matches.index(True)]
 
 
 class AdminBody:

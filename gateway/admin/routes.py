@@ -79,8 +79,8 @@ async def _flip(ctx: AdminContext, request: Request, scope: str, killed: bool) -
             "action": flip.action,
             "route": flip.route or None,
             "variant": flip.variant or None,
-            "switches": _switches_json(now),
-            "routes": _routes_json(now, ctx.counters),
+            "switches": switches_json(now),
+            "routes": routes_json(now, ctx.counters),
         }
     )
 
@@ -104,17 +104,17 @@ async def _status(ctx: AdminContext, request: Request) -> Response:
     return json_response(
         {
             "policy_version": view.policy.version,
-            "switches": _switches_json(view),
-            "routes": _routes_json(view, ctx.counters),
+            "switches": switches_json(view),
+            "routes": routes_json(view, ctx.counters),
             "shadow_overrides": overrides_json(ctx.ops.live),
             "answered_by": ctx.replica_id,
-            "replicas": _replicas_json(replicas),
+            "replicas": replicas_json(replicas),
             "engines": ctx.engines(),
         }
     )
 
 
-def _replicas_json(replicas: list[Replica]) -> list[dict[str, Any]]:
+def replicas_json(replicas: list[Replica]) -> list[dict[str, Any]]:
     """Each live replica, flagged `in_step` when it serves what most replicas serve (policy and switches)."""
     served = Counter((r.policy_version, r.switches) for r in replicas)
     common = max(served, key=lambda key: (served[key], key)) if served else None
@@ -130,17 +130,20 @@ async def _audit(ctx: AdminContext, request: Request) -> Response:
 
 
 async def _adapters(ctx: AdminContext, request: Request) -> Response:
+    return json_response({"adapters": adapter_versions(ctx)})
+
+
+def adapter_versions(ctx: AdminContext) -> list[dict[str, Any]]:
     """Every version in the catalog with its lineage, and which live variants reference it."""
     used: dict[str, list[str]] = {}
     for name, route in ctx.ops.live.view.policy.routes.items():
         for v in route.variants:
             if v.adapter:
                 used.setdefault(v.adapter, []).append(f"{name}/{v.name}")
-    versions = [{**v.summary(), "referenced_by": used.get(v.ref, [])} for v in ctx.catalog()]
-    return json_response({"adapters": versions})
+    return [{**v.summary(), "referenced_by": used.get(v.ref, [])} for v in ctx.catalog()]
 
 
-def _switches_json(view: View) -> dict[str, Any]:
+def switches_json(view: View) -> dict[str, Any]:
     s = view.switches
     return {
         "global_kill": s.global_kill,
@@ -149,7 +152,7 @@ def _switches_json(view: View) -> dict[str, Any]:
     }
 
 
-def _routes_json(view: View, counters: Counter[tuple[str, str, str, str]]) -> dict[str, Any]:
+def routes_json(view: View, counters: Counter[tuple[str, str, str, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, plan in view.plans.items():
         route = plan.route
