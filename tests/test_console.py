@@ -467,6 +467,28 @@ def test_the_canary_page_shows_each_guardrail_against_its_bound(make_app_gateway
     assert 'data-status="paused"' in op.get("/console/canaries").text
 
 
+def test_a_canary_in_its_shadow_phase_shows_its_pairs_and_only_the_operations_that_apply(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    policy = (
+        CANARY_POLICY.replace('on_fail = "kill"', 'on_fail = "kill"\nshadow_requests = 1000000')
+        + '\n[shadow]\nvariant = "formatter"\nshare = 100\nmax_in_flight = 64\n'
+    )
+    gw = make_app_gateway(policies={"crm.toml": policy}, canary_interval_s=0.05)
+    traffic(gw, 40)
+    op = Operator(gw)
+    page = op.get("/console/canaries").text
+    assert 'data-status="shadow"' in page and "serves nobody" in page
+    pairs = re.search(r"Shadow phase: pairs (\d+) of 1000000", page)
+    assert pairs is not None and 0 < int(pairs.group(1)) <= 40
+    assert "requests routed to the candidate 0" in page
+    rows = dict(re.findall(r'data-guardrail="(\w+)" data-statistic="[^"]*" data-bound="([\d.]+)"', page))
+    assert rows == {"invalid_call_rate": "20.0", "error_rate": "20.0"}
+    assert "pairs only the candidate" in page and page.count('<svg class="chart"') == 2
+    labels = set(re.findall(r'aria-label="(\w+) the canary of crm-assistant"', page))
+    assert labels == {"Promote", "Abort"}  # pause and resume do not apply to a shadow phase
+
+
 def test_the_shadow_page_shows_the_paired_comparison(make_app_gateway: AppGatewayFactory) -> None:
     gw = make_app_gateway(policies={"crm.toml": SHADOW_POLICY})
     traffic(gw, 30)

@@ -122,6 +122,11 @@ _ALLOWED: Final[Mapping[Operation, frozenset[str]]] = {
 }
 
 
+def operations(status: str) -> tuple[Operation, ...]:
+    """The operators' transitions that apply to a canary in `status`."""
+    return tuple(op for op, allowed in _ALLOWED.items() if status in allowed)
+
+
 def operate(spec: CanarySpec, state: CanaryState, op: Operation, now: float, reason: str) -> Transition:
     """An operator's transition; ValueError when `op` does not apply to the state (the API answers 409)."""
     if state.status not in _ALLOWED[op]:

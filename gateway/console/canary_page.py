@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.canary.analysis import RATES
-from gateway.canary.machine import Operation
+from gateway.canary.machine import operations
 from gateway.console.charts import Line, line_chart
 from gateway.console.html import Chrome, Html, Row, action_form, h, join, number, pct, table, when
 from gateway.console.trajectory import Trajectory
 from gateway.store.api import AuditEntry
-
-OPERATIONS: tuple[Operation, ...] = ("pause", "resume", "promote", "abort")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +38,12 @@ def _canary(chrome: Chrome, c: CanaryData) -> Html:
     state = s.get("state")
     steps = " → ".join(f"{x:g}" for x in s["steps"]) + " %"
     where = "not started yet (it starts at the next look)"
-    if state is not None:
+    if state is not None and state["status"] == "shadow":
+        where = (
+            f"shadow phase before step 1 since {when(state['step_started_at'])}: the candidate answers copies "
+            "and serves nobody"
+        )
+    elif state is not None:
         share = s["steps"][state["step"]]
         where = (
             f"{state['status']}, step {state['step'] + 1} of {len(s['steps'])} ({share:g} %) since "
@@ -55,7 +58,7 @@ def _canary(chrome: Chrome, c: CanaryData) -> Html:
             does=f"{op.capitalize()} the canary of {c.route}",
             danger=op in ("abort", "promote"),
         )
-        for op in OPERATIONS
+        for op in (operations(state["status"]) if state is not None else ())
     )
     return Html(
         f'<section class="canary" data-route="{h(c.route)}">'
@@ -71,12 +74,25 @@ def _look(c: CanaryData) -> Html:
     if look is None:
         return Html('<p class="meta">No look: the canary is not running.</p>')
     minimums = look["minimums"]
+    shadow = look.get("phase") == "shadow"
+    if shadow:
+        pairs = look["pairs"]
+        progress = (
+            f"Shadow phase: pairs {minimums['pairs'][0]} of {minimums['pairs'][1]} ({pairs['waiting']} copies or "
+            f"requests waiting for their other side, {pairs['unpaired']} copies unpaired); requests routed to "
+            f"the candidate {look['users_served']}. Candidate = its copies, baseline = what users got."
+        )
+    else:
+        progress = (
+            f"Step minimums: candidate requests {minimums['candidate_requests'][0]} of "
+            f"{minimums['candidate_requests'][1]}, minutes {minimums['minutes'][0]:.1f} of "
+            f"{minimums['minutes'][1]:g}."
+        )
     head = (
         f'<h3>Now: <span class="outcome" data-outcome="{h(look["outcome"])}">{h(look["outcome"])}</span></h3>'
-        f'<p class="meta">Step minimums: candidate requests {minimums["candidate_requests"][0]} of '
-        f"{minimums['candidate_requests'][1]}, minutes {minimums['minutes'][0]:.1f} of {minimums['minutes'][1]:g}.</p>"
+        f'<p class="meta">{h(progress)}</p>'
     )
-    rows = [_check_row(check) for check in look["checks"]]
+    rows = [_paired_row(check) if shadow else _check_row(check) for check in look["checks"]]
     guardrails = table(
         ["guardrail", "statistic", "bound", "verdict", "candidate", "baseline", "P(candidate worse)"],
         rows,
@@ -91,7 +107,7 @@ def _look(c: CanaryData) -> Html:
             "s per token, median",
             "cost, median",
         ],
-        [_arm_row(name, look[name]) for name in ("candidate", "baseline")],
+        [_arm_row(name, {**_NO_MEDIANS, **look[name]}) for name in ("candidate", "baseline")],
         caption=f"Arms of {c.route}",
     )
     return Html(head + guardrails + arms)
@@ -121,6 +137,29 @@ def _check_row(check: Mapping[str, Any]) -> Row:
         "data-bound": str(check["bound"]),
     }
     return Row(cells, attrs)
+
+
+def _paired_row(check: Mapping[str, Any]) -> Row:
+    """A guardrail of the shadow phase: the discordant pairs of a rate, or the median of the per-pair ratios."""
+    statistic = check["statistic"]
+    if check["guardrail"] in RATES:
+        cand = f"{check['candidate_only']} pairs only the candidate's"
+        base = f"{check['baseline_only']} pairs only the baseline's"
+    else:
+        cand = f"median ratio {number(statistic)} over {check['pairs']} pairs"
+        low, high = check.get("ratio_low"), check.get("ratio_high")
+        base = "" if low is None else f"95 % interval {number(low)} to {number(high)}"
+    attrs = {
+        "data-guardrail": check["guardrail"],
+        "data-statistic": str(statistic),
+        "data-bound": str(check["bound"]),
+    }
+    return Row(
+        [check["guardrail"], _stat(statistic), f"{check['bound']:g}", check["verdict"], cand, base, ""], attrs
+    )
+
+
+_NO_MEDIANS: Mapping[str, Any] = {"latency_per_token_median": None, "cost_median": None}  # the pairs' arms
 
 
 def _arm_row(name: str, arm: Mapping[str, Any]) -> list[object]:
@@ -181,7 +220,10 @@ def _evidence(key: int, detail: Mapping[str, Any] | None) -> Html:
         for ch in detail["checks"]
     )
     step = detail.get("step")
-    summary = f"step {step + 1 if isinstance(step, int) else '?'}, {detail.get('outcome', '')}"
+    where = f"step {step + 1 if isinstance(step, int) else '?'}"
+    if detail.get("phase") == "shadow":
+        where = f"shadow phase, {detail.get('users_served', '?')} requests served by the candidate"
+    summary = f"{where}, {detail.get('outcome', '')}"
     return Html(f'<details data-key="c{key}"><summary>{h(summary)}</summary><ul>{lines}</ul></details>')
 
 

@@ -89,7 +89,11 @@ def canary_data(ctx: AdminContext, now: float) -> list[CanaryData]:
         if route is not None and route.canary is not None and state is not None:
             rows = records(ctx.records, route=name, since=state["epoch"])
             found = trajectories(
-                route.canary, rows, epoch=state["epoch"], step_started_at=state["step_started_at"]
+                route.canary,
+                rows,
+                epoch=state["epoch"],
+                step_started_at=state["step_started_at"],
+                shadow=state["status"] == "shadow",
             )
         query = AuditQuery(limit=200, route=name, actions=("canary_%", "drill"))
         out.append(CanaryData(name, status, found, ctx.ops.store.audit(query), now))

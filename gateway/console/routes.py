@@ -25,10 +25,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from gateway.admin.canary import OPERATIONS
 from gateway.admin.http import MAX_REASON_CHARS, AdminContext
 from gateway.canary.machine import Operation
 from gateway.console import views
-from gateway.console.canary_page import OPERATIONS
 from gateway.console.html import Chrome, confirm_page, error_page, sign_in_page
 from gateway.console.session import COOKIE, Principal, Sessions, Token, same_origin
 from gateway.console.views import PREFIX, Handler

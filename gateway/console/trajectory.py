@@ -1,17 +1,19 @@
 """Each canary guardrail's statistic over time, for the console's canary chart: the canary's records replayed in
 time order through the controller's own evidence (`canary.analysis`), with the guardrails checked at up to
 `POINTS` moments. The rate tests accumulate over the whole canary (from its epoch) and are compared with 1/alpha;
-the ratio checks cover the current step and are compared with `max_ratio`. Pure: the caller reads the records.
+the ratio checks cover the current step and are compared with `max_ratio`. In a canary's shadow phase the records
+are paired instead (`canary.paired`): the same guardrails, tested on the pairs. Pure: the caller reads the records.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from gateway.canary.analysis import Evidence, checks, observation
+from gateway.canary import paired
+from gateway.canary.analysis import Check, Evidence, checks, observation
 from gateway.canary.spec import CanarySpec
 from gateway.records import Record
 
@@ -26,18 +28,34 @@ class Trajectory:
 
 
 def trajectories(
-    spec: CanarySpec, records: Iterable[Record], *, epoch: float, step_started_at: float
+    spec: CanarySpec, records: Iterable[Record], *, epoch: float, step_started_at: float, shadow: bool = False
 ) -> list[Trajectory]:
-    """One per guardrail, in the spec's order, over the records at or after `epoch`."""
+    """One per guardrail, in the spec's order, over the records at or after `epoch` (`shadow`: the canary is in
+    its shadow phase, whose evidence is the pairs)."""
+    rows = sorted((r for r in records if r.ts >= epoch), key=lambda r: r.ts)
+    if shadow:
+        pairs = paired.PairedEvidence(spec)
+        return _replay(rows, pairs.add, lambda: paired.checks(spec, pairs))
     evidence = Evidence(spec, step_start=step_started_at)
-    seen = [(r.ts, obs) for r in records if r.ts >= epoch and (obs := observation(spec, r)) is not None]
-    seen.sort(key=lambda pair: pair[0])
-    every = max(1, math.ceil(len(seen) / POINTS))
-    found = {c.guardrail: Trajectory(c.guardrail, c.bound) for c in checks(spec, evidence)}
-    for i, (ts, obs) in enumerate(seen, start=1):
-        evidence.add(obs)
-        if i % every == 0 or i == len(seen):
-            for check in checks(spec, evidence):
+
+    def add(rec: Record) -> None:
+        obs = observation(spec, rec)
+        if obs is not None:
+            evidence.add(obs)
+
+    return _replay(rows, add, lambda: checks(spec, evidence))
+
+
+def _replay(
+    rows: list[Record], add: Callable[[Record], None], look: Callable[[], tuple[Check, ...]]
+) -> list[Trajectory]:
+    """Feed `rows` one at a time, checking the guardrails at up to `POINTS` moments."""
+    every = max(1, math.ceil(len(rows) / POINTS))
+    found = {c.guardrail: Trajectory(c.guardrail, c.bound) for c in look()}
+    for i, rec in enumerate(rows, start=1):
+        add(rec)
+        if i % every == 0 or i == len(rows):
+            for check in look():
                 if math.isfinite(check.statistic):
-                    found[check.guardrail].points.append((ts, check.statistic))
+                    found[check.guardrail].points.append((rec.ts, check.statistic))
     return list(found.values())
