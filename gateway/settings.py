@@ -22,6 +22,9 @@ def _default_engines() -> dict[str, str | list[str]]:
     return {"default": "http://127.0.0.1:8001"}
 
 
+DEFAULT_LOADTEST_DIR = Path("var/loadtests")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", frozen=True, extra="ignore")
 
@@ -58,7 +61,7 @@ class Settings(BaseSettings):
     # How often the console's pages fetch their figures again.
     console_refresh_s: float = Field(default=3.0, ge=0.5, le=3600)
     # Where `gateway loadtest` writes its runs (one directory each); the console lists them and serves their reports.
-    loadtest_dir: Path = Path("var/loadtests")
+    loadtest_dir: Path = DEFAULT_LOADTEST_DIR
     # `/metrics` answers only a bearer token: the metrics token (for a scraper, which should not hold the admin
     # token) or the admin token. "off" serves it to anyone who reaches the listener.
     metrics_auth: Literal["on", "off"] = "on"

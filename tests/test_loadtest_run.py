@@ -272,3 +272,21 @@ def test_open_loop_sends_every_request_and_counts_late_starts(
     assert doc["load"]["late"] == sum(1 for r in rows if r["late_s"] > 0.010) >= 7
     assert doc["variants"][0]["variant"] == "-" and doc["variants"][0]["verdicts"]["unknown"] == 8
     assert f"{doc['load']['late']} started late" in printed
+
+
+def test_without_out_a_run_goes_where_the_console_looks(
+    engine_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    scenario = tmp_path / "here.toml"
+    scenario.write_text(
+        f'name = "here"\n[target]\nurl = "{engine_url}"\nroute = "crm-base"\n[requests]\ngolden = "{golden.name}"\n'
+        '[load]\narrival = "concurrent"\nconcurrency = 1\nrequests = 2\n'
+    )
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("GATEWAY_LOADTEST_DIR", str(runs))
+    code, _ = run_loadtest(capsys, str(scenario))
+    assert code == 0
+    (run,) = runs.iterdir()
+    assert run.name.startswith("here-") and (run / "report.html").is_file()

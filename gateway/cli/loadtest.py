@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("scenario", help="the scenario file, or the word compare")
     p.add_argument("results", nargs="*", type=Path, help="compare: the two result.json files")
-    p.add_argument("--out", type=Path, help="output directory (default: var/loadtests/NAME-TIME)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (default: $GATEWAY_LOADTEST_DIR or var/loadtests, /NAME-TIME)",
+    )
     p.add_argument("--url", help="target gateway URL (overrides target.url)")
     p.add_argument("--requests", type=int, help="measured requests (overrides load.requests/duration_s)")
     p.add_argument("--duration", type=float, help="seconds to run (overrides load.requests/duration_s)")
@@ -98,7 +103,10 @@ def _run(args: argparse.Namespace) -> int:
     except LoadTestError as err:
         raise _failed(str(err)) from None
     doc = summarize(data, loaded)
-    out = args.out or Path("var/loadtests") / f"{loaded.scenario.name}-{_stamp(data.started_at)}"
+    from gateway.settings import DEFAULT_LOADTEST_DIR
+
+    runs = Path(os.environ.get("GATEWAY_LOADTEST_DIR") or DEFAULT_LOADTEST_DIR)  # where the console looks
+    out = args.out or runs / f"{loaded.scenario.name}-{_stamp(data.started_at)}"
     write_outputs(out, doc, data.samples)
     sys.stdout.write(format_result(doc))
     window = doc["window"]
