@@ -274,6 +274,19 @@ def test_discordant_pairs_feed_the_count_test_at_rho_one_half() -> None:
     assert checks["error_rate"].counts["pairs"] == 24
 
 
+@pytest.mark.parametrize(("x_b", "x_a", "expected"), [(12, 3, 9.928), (20, 6, 26.253), (10, 10, 0.383)])
+def test_the_paired_check_values_of_the_statistics_page(x_b: int, x_a: int, expected: float) -> None:
+    """docs/canary-statistics.md §6: x_b pairs invalid only on the candidate's copy, x_a only on the served answer."""
+    evidence = PairedEvidence(SPEC)
+    for _ in range(x_b):
+        _pair(evidence, base={"tool_verdict": "valid"}, cand={"tool_verdict": "invalid"})
+    for _ in range(x_a):
+        _pair(evidence, base={"tool_verdict": "invalid"}, cand={"tool_verdict": "valid"})
+    check = next(c for c in look(SPEC, evidence, 0.0, 1.0).checks if c.guardrail == "invalid_call_rate")
+    assert check.statistic == pytest.approx(expected, abs=5e-4)
+    assert check.verdict is (Verdict.FAIL if expected >= 20 else Verdict.PASS)
+
+
 def test_the_count_test_fails_exactly_when_m_reaches_one_over_alpha() -> None:
     x_b = next(n for n in range(1, 100) if _m(0, n) >= 20.0)  # candidate-only pairs, none the other way
     evidence = PairedEvidence(SPEC)
