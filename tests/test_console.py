@@ -499,6 +499,18 @@ def test_the_shadow_page_shows_the_paired_comparison(make_app_gateway: AppGatewa
     assert "(30 requests)" in op.get("/console/routes").text  # the copies are not counted as served
 
 
+def test_the_shadow_page_shows_an_operators_override(make_app_gateway: AppGatewayFactory) -> None:
+    gw = make_app_gateway(policies={"crm.toml": SHADOW_POLICY})
+    r = gw.admin(
+        "POST", "/admin/shadow/crm-assistant/stop", json={"variant": "formatter", "reason": "costly"}
+    )
+    assert r.status_code == 200, r.text
+    page = Operator(gw).get("/console/shadow").text
+    assert "Operators&#x27; overrides" in page or "Operators' overrides" in page
+    row = re.search(r"<tr><td>crm-assistant</td><td>stop</td><td>formatter</td>.*?</tr>", page, re.S)
+    assert row is not None and "costly" in row.group(0) and "applied" in row.group(0)
+
+
 def test_names_and_reasons_are_escaped(make_app_gateway: AppGatewayFactory) -> None:
     gw = make_app_gateway()
     markup = '<img src=x onerror="alert(1)">'

@@ -11,6 +11,7 @@ from pathlib import Path
 from gateway.admin.adapters import served_versions
 from gateway.admin.http import AdminContext
 from gateway.admin.routes import adapter_versions, replicas_json
+from gateway.admin.shadow import overrides_json
 from gateway.console.canary_page import CanaryData
 from gateway.console.figures import LIVE_S, baseline_of, live_counts, live_shares, series, variant_figures
 from gateway.console.history_pages import AdaptersData, AuditFilters
@@ -108,6 +109,7 @@ def shadow_data(ctx: AdminContext, window: str, seconds: float, now: float) -> S
         specs={name: route.shadow for name, route in policy.routes.items()},
         in_flight={name: ctx.shadow_in_flight(name) for name in policy.routes},
         summaries=pairs.summarize(found),
+        overrides=overrides_json(ctx.ops.live),
     )
 
 

@@ -1,16 +1,17 @@
 """The console's shadow page, as markup from data: each route's `[shadow]` as the live policy has it, its copies
 in flight here, and the paired comparison of the shadow variant with what users were served over the window
 (`shadow.pairs`: invalid-call rates with 95 % intervals, the paired difference with McNemar's test, errors,
-latency percentiles and their ratio, cost per 1,000 requests, drops). Pure.
+latency percentiles and their ratio, cost per 1,000 requests, drops), and the operators' runtime overrides. Pure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.console.figures import WINDOWS
-from gateway.console.html import Html, filters, h, join, money, ms, rate_ci, select, table
+from gateway.console.html import Html, filters, h, join, money, ms, rate_ci, select, table, when
 from gateway.policy import ShadowSpec
 from gateway.shadow.pairs import ShadowSummary
 
@@ -21,6 +22,7 @@ class ShadowData:
     specs: Mapping[str, ShadowSpec | None]  # route → its [shadow]
     in_flight: Mapping[str, int]
     summaries: Sequence[ShadowSummary]
+    overrides: Sequence[Mapping[str, Any]] = ()  # operators' runtime overrides (`shadow.overrides.status`)
 
 
 def shadow_controls(window: str) -> Html:
@@ -40,10 +42,33 @@ def shadow_live(data: ShadowData) -> Html:
             caption="Shadow traffic in the live policy",
         )
     ]
+    if data.overrides:
+        parts.append(_overrides(data.overrides))
     if not data.summaries:
         parts.append(Html(f'<p class="meta">No shadow copies in the last {h(data.window)}.</p>'))
     parts += [_summary(s) for s in data.summaries]
     return join(parts)
+
+
+def _overrides(found: Sequence[Mapping[str, Any]]) -> Html:
+    rows = [
+        [
+            o["route"],
+            o["mode"],
+            o["variant"],
+            "policy's" if o["share"] is None else f"{o['share']:g} %",
+            o["actor"],
+            o["reason"],
+            when(o["at"]),
+            f"stale: {o['problem']}" if o["stale"] else "applied",
+        ]
+        for o in found
+    ]
+    return table(
+        ["route", "override", "variant", "share", "by", "reason", "since", "state"],
+        rows,
+        caption="Operators' overrides (gateway shadow start|stop; clear gives the policy's [shadow] back)",
+    )
 
 
 def _summary(s: ShadowSummary) -> Html:
