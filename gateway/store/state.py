@@ -1,8 +1,9 @@
 """`TableStore`: the state store (`store.api.StateStore`) on a `Database`, SQLite's file or a shared Postgres.
 
 Each table's SQL lives in its own module (`switches`, `pins`, `canaries`, `shadow_overrides`, `console_sessions`,
-`audit`), in the dialect both backends share; this class composes them: every change is one write transaction with its audit
-entry. `open_sqlite` and `open_postgres` build it on each backend with the schema of every table.
+`audit`), in the dialect both backends share; this class composes them: every change to what is served is one write
+transaction with its audit entry. `open_sqlite` and `open_postgres` build it on each backend with the schema of
+every table.
 """
 
 from __future__ import annotations
