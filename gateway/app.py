@@ -148,6 +148,7 @@ class Components:
             self.state.pins(),
             self.state.canary_states(),
             self.state.shadow_overrides(),
+            self.state.ended_sessions(),
         )
         self.canary = CanaryController(self.state, self.live, _records_where(settings))
         self.state.note_served(served_adapters(self.live.view.policy), actor="gateway", action="start")

@@ -1,11 +1,15 @@
 """The operator console over HTTP, as a browser uses it (in process): signing in and out, the session cookie and
-its limits, CSRF and origin checks, who may act, kills from the console reaching the next request and the audit
+its limits, a sign-out holding for copies of the cookie on every process sharing the store, the sign-in throttle,
+CSRF and origin checks, who may act, kills from the console reaching the next request and the audit
 log, every page rendering on both backends, escaping, labels, and the load-test reports' paths. The same pages in
 a real browser are tests/test_console_browser.py."""
 
 from __future__ import annotations
 
+import copy
+import logging
 import re
+import sqlite3
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,7 +20,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from gateway.console.session import COOKIE, Sessions, Token, same_origin
+from gateway.console.session import COOKIE, Sessions, Throttle, Token, same_origin
 from gateway.devtools.postgres import PostgresServer
 from gateway.settings import Settings
 from tests.conftest import (
@@ -70,6 +74,13 @@ class Operator:
         assert r.status_code == 303, r.text
         self.cookie = r.headers["set-cookie"].split(";")[0]
         self.csrf = self.csrf_of(self.get("/console/routes").text)
+
+    def copy(self, gw: Gateway | None = None) -> Operator:
+        """Another browser holding a copy of this session's cookie (and its CSRF token), sending to `gw`."""
+        other = copy.copy(self)
+        other.gw = gw or self.gw
+        other.origin = other.gw.url
+        return other
 
     @staticmethod
     def csrf_of(page: str) -> str:
@@ -167,13 +178,103 @@ def test_a_failed_sign_in_does_not_say_which_tokens_exist(make_app_gateway: AppG
     assert "viewer" not in answers[0].lower().replace("admin or viewer token", "")
 
 
-def test_sign_out_clears_the_cookie(make_app_gateway: AppGatewayFactory) -> None:
+def test_sign_out_clears_the_cookie_and_ends_the_session_for_its_copies(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
     gw = make_app_gateway()
-    op = Operator(gw)
+    op, other = Operator(gw), Operator(gw)
+    stolen = op.copy()  # the same cookie, taken before the sign-out
     r = op.post("/console/sign-out", {"csrf": op.csrf})
     assert r.status_code == 303 and r.headers["location"] == "/console/sign-in"
     cleared = r.headers["set-cookie"]
     assert cleared.startswith(f"{COOKIE}=") and cookie_attributes(cleared)["max-age"] == "0"
+    r = stolen.get("/console/audit")
+    assert r.status_code == 303 and r.headers["location"].startswith("/console/sign-in?next=")
+    assert stolen.get("/console/sign-in").status_code == 200  # the form, not a redirect into the console
+    r = stolen.act("/console/actions/kill", route="crm-assistant", variant="formatter", reason="stolen")
+    assert r.status_code == 401 and gw.app.components.state.audit() == []
+    assert stolen.post("/console/sign-out", {"csrf": stolen.csrf}).status_code == 303  # nothing left to end
+    assert other.get("/console/routes").status_code == 200  # another session goes on
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_sign_out_holds_on_another_gateway_process_within_a_poll(
+    make_app_gateway: AppGatewayFactory, request: pytest.FixtureRequest, backend: str
+) -> None:
+    shared = (
+        {} if backend == "sqlite" else {"database_url": request.getfixturevalue("postgres").new_database()}
+    )
+    a, b = make_app_gateway(**shared), make_app_gateway(**shared)  # one state store
+    op = Operator(a)
+    on_b = op.copy(b)
+    assert on_b.get("/console/routes").status_code == 200  # the replicas share the tokens, so the session
+    assert op.post("/console/sign-out", {"csrf": op.csrf}).status_code == 303
+    started = time.monotonic()
+    while on_b.get("/console/routes").status_code == 200:
+        assert time.monotonic() - started < 2.0, "the other process still accepts the signed-out cookie"
+        time.sleep(0.01)
+    r = on_b.act("/console/actions/kill", route="crm-assistant", variant="formatter", reason="stolen")
+    assert r.status_code == 401 and b.app.components.state.audit() == []
+    later = op.copy(make_app_gateway(**shared))  # a process started later reads the sign-outs at start
+    assert later.get("/console/routes").status_code == 303
+
+
+def test_a_sign_out_the_store_cannot_record_keeps_the_session_and_says_so(
+    make_app_gateway: AppGatewayFactory,
+) -> None:
+    gw = make_app_gateway()
+    op = Operator(gw)
+    with sqlite3.connect(gw.settings.state_db) as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON console_signouts BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+    r = op.post("/console/sign-out", {"csrf": op.csrf})
+    assert r.status_code == 503 and "still valid" in r.text and "set-cookie" not in r.headers
+    assert op.get("/console/routes").status_code == 200
+
+
+def test_failed_sign_ins_are_throttled_per_address_even_for_the_right_token(
+    make_app_gateway: AppGatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = make_app_gateway()
+
+    def sign_in(token: str) -> httpx.Response:
+        return gw.http.post("/console/sign-in", data={"token": token}, headers={"origin": APP_URL})
+
+    for _ in range(15):
+        assert sign_in(ADMIN_TOKEN).status_code == 303  # successes are not counted
+    with caplog.at_level(logging.WARNING, logger="gateway.console.routes"):
+        assert [sign_in(f"guess-{i}").status_code for i in range(10)] == [401] * 10
+        for token in ("guess-10", ADMIN_TOKEN):
+            r = sign_in(token)
+            assert r.status_code == 429 and "set-cookie" not in r.headers, token
+            assert 1 <= int(r.headers["retry-after"]) <= 60
+            assert "Too many failed sign-ins" in r.text and 'name="token"' in r.text
+            assert r.headers["content-security-policy"].startswith("default-src 'none'")
+    logged = [rec for rec in caplog.records if rec.name == "gateway.console.routes"]
+    assert len(logged) == 10 and {rec.levelno for rec in logged} == {logging.WARNING}
+    assert "127.0.0.1" in logged[0].getMessage() and "10 of 10" in logged[-1].getMessage()
+    assert not any("guess" in rec.getMessage() or ADMIN_TOKEN in rec.getMessage() for rec in caplog.records)
+
+
+def test_the_throttle_lets_an_address_try_again_once_its_window_has_passed() -> None:
+    now = [0.0]
+    throttle = Throttle(limit=3, window_s=60, max_addresses=2, clock=lambda: now[0])
+    for _ in range(3):
+        assert throttle.wait_s("a") == 0
+        throttle.failed("a")
+        now[0] += 10
+    assert throttle.wait_s("a") == 30 and throttle.wait_s("b") == 0  # failed at 0, 10, 20; now 30
+    now[0] = 59.5
+    assert throttle.wait_s("a") == 1
+    now[0] = 60.0  # the first failure has left the window: one more try
+    assert throttle.wait_s("a") == 0
+    assert throttle.failed("a") == 3 and throttle.wait_s("a") == 10  # 10, 20, 60 in the window
+    now[0] = 200.0
+    assert throttle.wait_s("a") == 0 and throttle.failed("a") == 1
+    throttle.failed("b")
+    throttle.failed("c")
+    assert throttle.addresses == 2  # bounded: the address quiet longest ("a") is forgotten
 
 
 def test_an_expired_altered_or_foreign_cookie_is_no_session(make_app_gateway: AppGatewayFactory) -> None:
@@ -217,6 +318,11 @@ def test_sessions_end_with_their_expiry_their_token_or_the_secret() -> None:
     assert shared.read(cookie) == who
     assert shared.csrf_ok(who, sessions.csrf(who)) and not shared.csrf_ok(who, "x")
     assert sessions.sign_in("") is None and sessions.sign_in("A-TOKEN") is None
+    ended = {who.sid}
+    signed_out = Sessions([admin], secret=None, lifetime_s=60, clock=lambda: now[0], ended=ended.__contains__)
+    assert signed_out.read(cookie) is None
+    fresh = signed_out.sign_in("a-token")  # a new session of the same token is another id
+    assert fresh is not None and signed_out.read(signed_out.cookie(fresh)) == fresh
 
 
 def test_same_origin_compares_the_origin_or_referer_with_the_host() -> None:

@@ -20,12 +20,12 @@ from gateway.store.api import AuditQuery, Entry, Replica, StoreError
 from gateway.store.postgres import migrate
 from gateway.store.state import POSTGRES_MIGRATIONS, TableStore, open_postgres, open_sqlite
 
-Opener = Callable[[], TableStore]
+Opener = Callable[..., TableStore]
 
 
 @dataclass
 class Backend:
-    open: Opener  # a new handle on this test's storage
+    open: Opener  # a new handle on this test's storage (`clock=`: the store's clock)
     where: Path | str  # the SQLite file or the Postgres URL
 
 
@@ -44,8 +44,12 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         where = request.getfixturevalue("postgres").new_database()
     opened: list[TableStore] = []
 
-    def open_one() -> TableStore:
-        opened.append(open_sqlite(where) if isinstance(where, Path) else open_postgres(where, poll_s=0.2))
+    def open_one(clock: Callable[[], float] = time.time) -> TableStore:
+        opened.append(
+            open_sqlite(where, clock=clock)
+            if isinstance(where, Path)
+            else open_postgres(where, poll_s=0.2, clock=clock)
+        )
         return opened[-1]
 
     yield Backend(open_one, where)
@@ -170,6 +174,30 @@ def test_a_shadow_override_whose_entry_is_refused_writes_nothing(backend: Backen
     assert store.shadow_overrides() == {} and store.audit() == []
 
 
+def test_a_signed_out_session_is_seen_by_another_handle_until_it_expires(backend: Backend) -> None:
+    now = [1000.0]
+    one, two = backend.open(clock=lambda: now[0]), backend.open(clock=lambda: now[0])
+    assert one.ended_sessions() == frozenset()
+    seen = two.data_version()
+    assert one.end_session("sid-a", 1060.0) == {"sid-a"}
+    deadline = time.monotonic() + 5
+    while two.data_version() == seen and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert two.data_version() != seen, "the other handle was not told of the sign-out"
+    assert two.end_session("sid-b", 2000.0) == {"sid-a", "sid-b"}
+    assert one.end_session("sid-a", 1060.0) == {"sid-a", "sid-b"}  # signing out twice is one sign-out
+    assert one.ended_sessions() == two.ended_sessions() == {"sid-a", "sid-b"}
+    now[0] = 1060.0  # sid-a's cookie has expired: refused anyway, no longer listed
+    assert two.ended_sessions() == {"sid-b"}
+    assert two.end_session("sid-c", 1500.0) == {"sid-b", "sid-c"}
+    now[0] = 1000.0
+    assert one.ended_sessions() == {
+        "sid-b",
+        "sid-c",
+    }  # sid-a's row was deleted by the sign-out after its expiry
+    assert one.audit() == []  # a sign-out changes nothing served
+
+
 def test_of_two_handles_moving_a_canary_only_one_writes(backend: Backend) -> None:
     one, two = backend.open(), backend.open()
     start = initial("crm", "k", 0.0)
@@ -234,6 +262,20 @@ def test_a_database_from_before_shadow_overrides_gains_the_table_and_keeps_its_s
         store.close()
 
 
+def test_a_database_from_before_console_signouts_gains_the_table(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    assert (
+        migrate(url, "state", POSTGRES_MIGRATIONS[:3]) == 0
+    )  # as the release before console sign-outs left it
+    store = open_postgres(url)
+    try:
+        assert store.ended_sessions() == frozenset()
+        assert store.end_session("sid", time.time() + 60) == {"sid"}
+    finally:
+        store.close()
+    assert migrate(url, "state", POSTGRES_MIGRATIONS) == len(POSTGRES_MIGRATIONS)  # nothing left to apply
+
+
 def test_a_cut_listen_connection_is_caught_by_the_poll_and_reopened(postgres: PostgresServer) -> None:
     url = postgres.new_database()
     writer, reader = open_postgres(url), open_postgres(url, poll_s=0.3)
@@ -270,7 +312,7 @@ def test_a_readonly_sqlite_file_from_before_a_table_reads_it_as_empty(tmp_path: 
     store = open_sqlite(path, readonly=True)
     try:
         assert store.canary_states() == {} and store.audit() == [] and not store.switches().global_kill
-        assert store.shadow_overrides() == {}
+        assert store.shadow_overrides() == {} and store.ended_sessions() == frozenset()
     finally:
         store.close()
 

@@ -111,7 +111,7 @@ def serve_on(settings: Settings, sockets: list[socket.socket] | None = None) -> 
         loop="uvloop",
         http="httptools",
         access_log=False,  # every request has its record; an access log would repeat it at a cost
-        proxy_headers=False,  # client addresses are not used (nor recorded)
+        proxy_headers=False,  # the peer's address, not a header a client could forge (the console's throttle)
         lifespan="on",
         log_level="info",
         # The gateway ends its own requests at GATEWAY_DRAIN_S (with an error event and a record); uvicorn's

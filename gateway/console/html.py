@@ -138,10 +138,16 @@ def error_page(status: int, message: str, chrome: Chrome | None) -> str:
     return page(f"Error {status}", chrome, live=body)
 
 
-def sign_in_page(*, failed: bool, enabled: bool, next_url: str) -> str:
+def sign_in_page(*, failed: bool, enabled: bool, next_url: str, wait_s: int = 0) -> str:
+    """The sign-in form; after a failed sign-in, or with `wait_s`, when this address must wait to try again."""
     note = ""
     if failed:
         note = '<p class="error" role="alert">That token was not accepted.</p>'
+    if wait_s:
+        note = (
+            '<p class="error" role="alert">Too many failed sign-ins from this address: '
+            f"try again in {wait_s} s.</p>"
+        )
     if not enabled:
         note = (
             '<p class="error" role="alert">The console is disabled: set GATEWAY_ADMIN_TOKEN or '

@@ -1,6 +1,9 @@
 """The console's route table under `/console` and what changes anything: sign-in, sign-out and the actions (kill
 and revive a variant or a route; pause, resume, promote, abort a canary). The pages are `views`'.
 
+- Sign-in is throttled per client address (`session.Throttle`: 429 with `Retry-After` past the limit, whatever
+  token is presented); each failure is logged at warning level with the address, never with what was presented.
+- Sign-out ends the session on every replica (`Operations.end_session`), not only the cookie in that browser.
 - Signed out, a page redirects to the sign-in page (303) and a POST is refused (401).
 - Every POST must come from the console's origin (`session.same_origin`), and every action carries the session's
   CSRF token and needs the admin token's session: a viewer's is refused (403) whatever it sends.
@@ -12,6 +15,7 @@ and revive a variant or a route; pause, resume, promote, abort a canary). The pa
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,13 +34,14 @@ from gateway.admin.http import MAX_REASON_CHARS, AdminContext
 from gateway.canary.machine import Operation
 from gateway.console import views
 from gateway.console.html import Chrome, confirm_page, error_page, sign_in_page
-from gateway.console.session import COOKIE, Principal, Sessions, Token, same_origin
+from gateway.console.session import COOKIE, Principal, Sessions, Throttle, Token, same_origin
 from gateway.console.views import PREFIX, Handler
 from gateway.errors import AuthenticationError, BadRequest, GatewayError, PermissionDenied
 from gateway.policy import Flip
 from gateway.settings import Settings
 from gateway.store.api import StoreError
 
+log = logging.getLogger(__name__)
 MAX_FORM_BYTES: Final = 16 * 1024
 SECURITY: Final = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -55,6 +60,7 @@ class Console:
     refresh_s: float
     loadtest_dir: Path
     secure_cookie: Literal["auto", "on", "off"]
+    throttle: Throttle
     clock: Callable[[], float] = time.time
 
     def principal(self, request: Request) -> Principal | None:
@@ -79,12 +85,19 @@ def console_routes(settings: Settings, admin: AdminContext) -> list[Route]:
         if t
     ]
     secret = settings.console_secret.get_secret_value() if settings.console_secret else None
+    live = admin.ops.live
     console = Console(
         admin,
-        Sessions(tokens, secret=secret, lifetime_s=settings.console_session_s),
+        Sessions(
+            tokens,
+            secret=secret,
+            lifetime_s=settings.console_session_s,
+            ended=lambda sid: sid in live.ended_sessions,
+        ),
         settings.console_refresh_s,
         settings.loadtest_dir,
         settings.console_secure_cookie,
+        Throttle(),
     )
     return _table(console)
 
@@ -151,8 +164,15 @@ async def _sign_in(c: Console, request: Request) -> Response:
         raise PermissionDenied("This form must be sent from the console's own pages.")
     form = await _form(request)
     next_url = _local(form.get("next"))
+    # No await from the throttle's check to its count: concurrent guesses from one address cannot all slip in.
+    address = request.client.host if request.client else "unknown"
+    wait_s = c.throttle.wait_s(address)
+    if wait_s:
+        page_ = sign_in_page(failed=False, enabled=c.sessions.enabled, next_url=next_url, wait_s=wait_s)
+        return HTMLResponse(page_, 429, headers={"retry-after": str(wait_s)})
     who = c.sessions.sign_in(form.get("token", ""))
     if who is None:
+        _failed(c.throttle, address)
         page_ = sign_in_page(failed=True, enabled=c.sessions.enabled, next_url=next_url)
         return HTMLResponse(page_, 401)
     response = RedirectResponse(next_url, 303)
@@ -168,9 +188,26 @@ async def _sign_in(c: Console, request: Request) -> Response:
     return response
 
 
+def _failed(throttle: Throttle, address: str) -> None:
+    """Count and log a failed sign-in (its address, never what it presented)."""
+    failures = throttle.failed(address)
+    full = "; further sign-ins from it wait" if failures >= throttle.limit else ""
+    log.warning(
+        "console: a sign-in from %s failed (%d of %d allowed in %.0f s)%s",
+        address,
+        failures,
+        throttle.limit,
+        throttle.window_s,
+        full,
+    )
+
+
 async def _sign_out(c: Console, request: Request) -> Response:
+    """End the session on every replica, then clear the cookie; when the store cannot record it, an error page
+    (503) says the session goes on, and the cookie stays for another try."""
     if c.principal(request) is not None:
-        await _acting(c, request, act=False)
+        chrome, _ = await _acting(c, request, act=False)
+        await c.admin.ops.end_session(chrome.who.sid, chrome.who.expires)
     response = RedirectResponse(PREFIX + "/sign-in", 303)
     response.delete_cookie(COOKIE, path=PREFIX, secure=_secure(c, request), httponly=True, samesite="strict")
     return response

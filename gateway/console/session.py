@@ -1,12 +1,15 @@
-"""Who is signed in to the console: the token check, the signed session cookie, the CSRF token and the same-origin
-check on state-changing requests.
+"""Who is signed in to the console: the token check and its throttle, the signed session cookie, the CSRF token and
+the same-origin check on state-changing requests.
 
 - Sign-in takes the admin token (may act) or the viewer token (may only look), each compared in constant time,
   every configured token every time, so a failed sign-in tells nothing of which kinds exist.
 - The session is a cookie `role.expiry.sid.signature`: HMAC-SHA256 over the first three and the SHA-256 of the
   role's token, keyed by `GATEWAY_CONSOLE_SECRET`, or by a key derived from the tokens when that is unset (every
   replica sharing the tokens then accepts the others' sessions). A changed token or secret ends its sessions; an
-  expired or altered cookie is no session.
+  expired or altered cookie is no session, nor is one whose session id `ended` says was signed out (the ids come
+  from the state store, so a sign-out on one replica holds on all of them).
+- `Throttle` counts failed sign-ins per client address: past its limit an address is refused, even with a right
+  token, until its oldest failure in the window is old enough (that is what stops guessing).
 - The CSRF token is an HMAC of the session's random id: every POST carries it as a form field, and it is worth
   nothing in another session.
 - A POST must also come from the console's own origin: its `Origin` header (else its `Referer`) must name the host
@@ -19,8 +22,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -64,10 +69,12 @@ class Sessions:
         secret: str | None,
         lifetime_s: float,
         clock: Callable[[], float] = time.time,
+        ended: Callable[[str], bool] = lambda sid: False,
     ) -> None:
         self._tokens: dict[str, Token] = {t.role: t for t in tokens}
         self.lifetime_s = lifetime_s
         self._clock = clock
+        self._ended = ended  # whether a session id was signed out
         material = secret if secret is not None else "\0".join(t.secret for t in tokens)
         self._key = hmac.new(material.encode(), b"gateway console session", hashlib.sha256).digest()
 
@@ -90,7 +97,7 @@ class Sessions:
         return f"{body}.{self._sign(body, self._tokens[who.role])}"
 
     def read(self, value: str | None) -> Principal | None:
-        """The session a cookie carries: None when absent, altered, expired, or its token has changed."""
+        """The session a cookie carries: None when absent, altered, expired, signed out, or its token has changed."""
         parts = (value or "").split(".")
         if len(parts) != 4:
             return None
@@ -100,7 +107,7 @@ class Sessions:
             return None
         if not hmac.compare_digest(signature.encode(), self._sign(f"{role}.{expires}.{sid}", token).encode()):
             return None
-        if float(expires) <= self._clock():
+        if float(expires) <= self._clock() or self._ended(sid):
             return None
         return Principal(token.role, token.name, float(expires), sid)
 
@@ -113,6 +120,48 @@ class Sessions:
     def _sign(self, body: str, token: Token) -> str:
         bound = hashlib.sha256(token.secret.encode()).hexdigest()
         return _b64(hmac.new(self._key, f"{body}.{bound}".encode(), hashlib.sha256).digest())
+
+
+class Throttle:
+    """Failed sign-ins per client address: at most `limit` in any `window_s`, after which the address waits until
+    the oldest of them is `window_s` old. It remembers the `max_addresses` that failed most recently (bounded
+    memory: the address quiet longest is forgotten first). Successes are not counted."""
+
+    def __init__(
+        self,
+        *,
+        limit: int = 10,
+        window_s: float = 60.0,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._max_addresses = max_addresses
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # address → its last `limit` failures
+
+    def wait_s(self, address: str) -> int:
+        """Whole seconds until `address` may try again (a `Retry-After`); 0 when it may now."""
+        failures = self._failures.get(address)
+        if failures is None or len(failures) < self.limit:
+            return 0
+        return max(0, math.ceil(failures[0] + self.window_s - self._clock()))
+
+    def failed(self, address: str) -> int:
+        """Count a failed sign-in from `address`; how many it has in the window now."""
+        now = self._clock()
+        failures = self._failures.pop(address, None) or deque(maxlen=self.limit)
+        failures.append(now)
+        self._failures[address] = failures
+        while len(self._failures) > self._max_addresses:
+            self._failures.popitem(last=False)
+        return sum(1 for at in failures if at > now - self.window_s)
+
+    @property
+    def addresses(self) -> int:
+        """How many addresses it remembers."""
+        return len(self._failures)
 
 
 def _b64(raw: bytes) -> str:

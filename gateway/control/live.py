@@ -1,6 +1,6 @@
 """`LiveView`: the one holder of what requests read, the `View` built from the policy files, the operators' adapter
-pins, the canaries' states, the operators' shadow overrides and the kill switches. Only `control.operations`
-changes it.
+pins, the canaries' states, the operators' shadow overrides and the kill switches, and the console sessions
+signed out. Only `control.operations` changes it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class LiveView:
         pins: Mapping[tuple[str, str], str] | None = None,
         canaries: Mapping[str, CanaryState] | None = None,
         shadow_overrides: Mapping[str, ShadowOverride] | None = None,
+        ended_sessions: frozenset[str] = frozenset(),
     ) -> None:
         self.files = policy  # as the policy files say; `view.policy` has pins, canaries, overrides applied
         self.pins: Mapping[tuple[str, str], str] = dict(pins or {})
@@ -30,6 +31,8 @@ class LiveView:
         self.shadow_overrides: Mapping[str, ShadowOverride] = dict(shadow_overrides or {})
         self.declared = policy  # `view.policy` before the shadow overrides (set by `_compose`)
         self.view: View = build_view(self._compose(), switches)
+        # The ids of console sessions signed out on any replica: the console refuses their cookies.
+        self.ended_sessions = ended_sessions
 
     def _compose(self) -> PolicySnapshot:
         self.declared = with_canaries(with_pins(self.files, self.pins), self.canaries)

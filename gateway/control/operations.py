@@ -1,6 +1,7 @@
 """`Operations`: the one path for every change to what is served, whoever asks (the admin API, the CLI through it,
 the canary controller, later the console): kill and revive, policy reload, adapter swap and rollback, canary
-operations and ticks, drills, shadow overrides, and picking up what another gateway process changed.
+operations and ticks, drills, shadow overrides, console sign-outs, and picking up what another gateway process
+changed.
 
 Each change is checked against the live view first (unknown route or variant → `NotFound`; a kill that would
 leave a route dark → `Conflict` unless forced; a version that fails the route's release gate → `Conflict`), then
@@ -255,16 +256,30 @@ class Operations:
         overrides = await _written(self.store.set_shadow_override, route, override, entry)
         return self.live.set_shadow_overrides(overrides)
 
+    # -- console sessions ------------------------------------------------------------------------------------
+
+    async def end_session(self, sid: str, expires: float) -> None:
+        """Sign a console session out on every replica: recorded in the store until its expiry, refused here at
+        once and by the others from their next `sync`. `NotDurable` when it could not be recorded."""
+        try:
+            self.live.ended_sessions = await asyncio.to_thread(self.store.end_session, sid, expires)
+        except StoreError as err:
+            raise NotDurable(
+                f"The sign-out could not be recorded ({err}): the session is still valid; sign out again.",
+                code="sign_out_failed",
+            ) from None
+
     # -- other processes -----------------------------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Publish what another gateway process sharing the store changed: switches, canary states and shadow
-        overrides at once, not under `lock` (a reload may hold it while adapters load: a kill from elsewhere must
-        apply within a poll); then adapter pins (a swap or rollback made elsewhere), once their versions are loaded
-        here too."""
+        """Publish what another gateway process sharing the store changed: switches, canary states, shadow
+        overrides and console sign-outs at once, not under `lock` (a reload may hold it while adapters load: a kill
+        from elsewhere must apply within a poll); then adapter pins (a swap or rollback made elsewhere), once their
+        versions are loaded here too."""
         self.live.set_switches(await asyncio.to_thread(self.store.switches))
         self.live.set_canaries(await asyncio.to_thread(self.store.canary_states))
         self.live.set_shadow_overrides(await asyncio.to_thread(self.store.shadow_overrides))
+        self.live.ended_sessions = await asyncio.to_thread(self.store.ended_sessions)
         pins = await asyncio.to_thread(self.store.pins)
         if pins != self.live.pins:
             async with self.lock:

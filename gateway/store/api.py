@@ -1,5 +1,6 @@
 """The store's interfaces. `StateStore`: what the gateway reads and writes of operator state that must survive a
-restart (kill switches, adapter pins and history, canary rows, shadow overrides, the audit log);
+restart (kill switches, adapter pins and history, canary rows, shadow overrides, the audit log, the console
+sessions signed out);
 `store.state.TableStore` implements it on a `Database`: one SQLite file (`store.sqlite`) or a Postgres database
 shared by every replica (`store.postgres`). `RequestLog`: where requests' records go.
 
@@ -177,6 +178,16 @@ class StateStore(Protocol):
     ) -> ShadowOverrides:
         """Set (None: clear) a route's shadow override with its audit entry (the row's time is the entry's);
         return the overrides now in force."""
+        ...
+
+    # -- console sessions signed out ------------------------------------------------------------------------
+    def ended_sessions(self) -> frozenset[str]:
+        """The ids of the console sessions signed out that have not expired yet."""
+        ...
+
+    def end_session(self, sid: str, expires: float) -> frozenset[str]:
+        """Record that console session `sid`, valid until `expires`, was signed out (not audited: it changes
+        nothing served), forgetting those past their expiry; return the ids ended now."""
         ...
 
     # -- audit log -----------------------------------------------------------------------------------------

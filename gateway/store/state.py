@@ -1,8 +1,9 @@
 """`TableStore`: the state store (`store.api.StateStore`) on a `Database`, SQLite's file or a shared Postgres.
 
-Each table's SQL lives in its own module (`switches`, `pins`, `canaries`, `shadow_overrides`, `audit`), in the
-dialect both backends share; this class composes them: every change is one write transaction with its audit
-entry. `open_sqlite` and `open_postgres` build it on each backend with the schema of every table.
+Each table's SQL lives in its own module (`switches`, `pins`, `canaries`, `shadow_overrides`, `console_sessions`,
+`audit`), in the dialect both backends share; this class composes them: every change to what is served is one write
+transaction with its audit entry. `open_sqlite` and `open_postgres` build it on each backend with the schema of
+every table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TypeVar
 from gateway.canary.machine import CanaryState, Transition
 from gateway.policy import Flip, Switches
 from gateway.shadow.overrides import ShadowOverride
-from gateway.store import audit, canaries, pins, replicas, shadow_overrides, switches
+from gateway.store import audit, canaries, console_sessions, pins, replicas, shadow_overrides, switches
 from gateway.store.api import (
     AuditEntry,
     AuditQuery,
@@ -33,13 +34,20 @@ from gateway.store.sqlite import SqliteDatabase
 
 T = TypeVar("T")
 SQLITE_SCHEMA = (
-    switches.SQLITE + pins.SQLITE + canaries.SQLITE + audit.SQLITE + replicas.SQLITE + shadow_overrides.SQLITE
+    switches.SQLITE
+    + pins.SQLITE
+    + canaries.SQLITE
+    + audit.SQLITE
+    + replicas.SQLITE
+    + shadow_overrides.SQLITE
+    + console_sessions.SQLITE
 )
 # Postgres migrations: step i takes a database from version i to i + 1; append, never edit a released step.
 POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (switches.POSTGRES, pins.POSTGRES, canaries.POSTGRES, audit.POSTGRES),
     (replicas.POSTGRES,),
     (shadow_overrides.POSTGRES,),
+    (console_sessions.POSTGRES,),
 )
 
 
@@ -132,6 +140,16 @@ class TableStore:
             shadow_overrides.write(db, route, override, at=at)
             audit.insert(db, entry, at=at)
         return self.shadow_overrides()
+
+    # -- console sessions signed out ------------------------------------------------------------------------
+
+    def ended_sessions(self) -> frozenset[str]:
+        return self._read(lambda db: console_sessions.ended(db, now=self._clock()), frozenset())
+
+    def end_session(self, sid: str, expires: float) -> frozenset[str]:
+        with self._write() as (db, at):
+            console_sessions.end(db, sid, expires, now=at)
+            return console_sessions.ended(db, now=at)
 
     # -- audit log -----------------------------------------------------------------------------------------
 
