@@ -114,29 +114,13 @@ def _look(c: CanaryData) -> Html:
 
 
 def _check_row(check: Mapping[str, Any]) -> Row:
-    statistic = check["statistic"]
     if check["guardrail"] in RATES:
         cand = f"{check['candidate_events']} of {check['candidate_requests']}"
         base = f"{check['baseline_events']} of {check['baseline_requests']}"
     else:
         cand = f"median {number(check.get('candidate_median'))} ({check['candidate_samples']} samples)"
         base = f"median {number(check.get('baseline_median'))} ({check['baseline_samples']} samples)"
-    worse = check.get("p_candidate_worse")
-    cells = [
-        check["guardrail"],
-        _stat(statistic),
-        f"{check['bound']:g}",
-        check["verdict"],
-        cand,
-        base,
-        pct(worse),
-    ]
-    attrs = {
-        "data-guardrail": check["guardrail"],
-        "data-statistic": str(statistic),
-        "data-bound": str(check["bound"]),
-    }
-    return Row(cells, attrs)
+    return _row(check, cand, base, pct(check.get("p_candidate_worse")))
 
 
 def _paired_row(check: Mapping[str, Any]) -> Row:
@@ -149,14 +133,19 @@ def _paired_row(check: Mapping[str, Any]) -> Row:
         cand = f"median ratio {number(statistic)} over {check['pairs']} pairs"
         low, high = check.get("ratio_low"), check.get("ratio_high")
         base = "" if low is None else f"95 % interval {number(low)} to {number(high)}"
+    return _row(check, cand, base, "")
+
+
+def _row(check: Mapping[str, Any], cand: str, base: str, worse: str) -> Row:
+    """A guardrail's row: its statistic against its bound and verdict, each arm's counts, P(candidate worse)."""
+    statistic = check["statistic"]
+    cells = [check["guardrail"], _stat(statistic), f"{check['bound']:g}", check["verdict"], cand, base, worse]
     attrs = {
         "data-guardrail": check["guardrail"],
         "data-statistic": str(statistic),
         "data-bound": str(check["bound"]),
     }
-    return Row(
-        [check["guardrail"], _stat(statistic), f"{check['bound']:g}", check["verdict"], cand, base, ""], attrs
-    )
+    return Row(cells, attrs)
 
 
 _NO_MEDIANS: Mapping[str, Any] = {"latency_per_token_median": None, "cost_median": None}  # the pairs' arms

@@ -13,7 +13,7 @@ from typing import Any
 from gateway.console.figures import WINDOWS
 from gateway.console.html import Html, filters, h, join, money, ms, rate_ci, select, table, when
 from gateway.policy import ShadowSpec
-from gateway.shadow.pairs import ShadowSummary
+from gateway.shadow.pairs import ShadowSummary, difference_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,17 +97,7 @@ def _summary(s: ShadowSummary) -> Html:
             rows,
             caption=f"Shadow pairs of {s.route}",
         )
-        + f'<p class="meta">{h(_difference(s))}</p></section>'
-    )
-
-
-def _difference(s: ShadowSummary) -> str:
-    if s.difference is None:
-        return "Paired difference: n/a (no pair with both tool calls checked)."
-    low, high = s.difference_ci
-    return (
-        f"Paired difference (shadow − served): {s.difference * 100:+.1f} points [{low * 100:+.1f}, "
-        f"{high * 100:+.1f}], McNemar p = {s.mcnemar_p:.2g} ({s.mcnemar_method})."
+        + f'<p class="meta">{h(difference_text(s))}</p></section>'
     )
 
 

@@ -210,7 +210,7 @@ def _block(s: ShadowSummary) -> str:
         f"shadow {s.route}: {s.variant}, {s.pairs} pairs ({s.copies} copies, {s.unpaired} unpaired; served by"
         f" {served_by}); dropped: {drops}",
         *("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows),
-        "  " + _difference(s),
+        "  " + difference_text(s),
     ]
     return "\n".join(lines) + "\n"
 
@@ -222,7 +222,8 @@ def _invalid_cell(arm: ArmFigures, checked: int) -> str:
     return f"{arm.invalid}/{checked} {arm.invalid_rate:.1%} [{low:.1%}, {high:.1%}]"
 
 
-def _difference(s: ShadowSummary) -> str:
+def difference_text(s: ShadowSummary) -> str:
+    """The paired difference of invalid-call rates with its interval and McNemar's test, in words."""
     if s.difference is None:
         return "paired difference (shadow − served): n/a (no pair with both tool calls checked)"
     low, high = s.difference_ci
