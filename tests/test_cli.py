@@ -301,6 +301,8 @@ def test_the_sim_demo_serves_without_keys_and_prints_its_admin_token(tmp_path: P
             url + "/admin/status", headers={"Authorization": "Bearer demo-admin-token"}, timeout=5.0
         )
         assert status.status_code == 200
+        console = httpx.get(url + "/console/sign-in", timeout=5.0)  # the console it points to answers
+        assert console.status_code == 200 and 'name="token"' in console.text
     finally:
         demo.send_signal(signal.SIGINT)  # as Ctrl-C: the gateway drains, then the demo stops its engine
         _, stderr = demo.communicate(timeout=30)
@@ -309,6 +311,7 @@ def test_the_sim_demo_serves_without_keys_and_prints_its_admin_token(tmp_path: P
     )
     assert where in stderr
     assert "admin token: demo-admin-token  (gateway status / kill / revive / audit)" in stderr
+    assert f"console: {url}/console  (sign in with the admin token)" in stderr
     assert demo.returncode == 0
 
 

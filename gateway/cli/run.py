@@ -190,7 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"\ndemo: engine {engine_url}; gateway on {settings.admin_url} (policies: {settings.policies_dir})\n"
             "  try (the update_crm tool of loadtests/golden/crm.jsonl; -i shows the x-gateway-* headers):\n"
             f"  {demo_curl(settings.admin_url, golden_tools(GOLDEN_SET))}\n"
-            f"  admin token: {token}  (gateway status / kill / revive / audit)\n",
+            f"  admin token: {token}  (gateway status / kill / revive / audit)\n"
+            f"  console: {settings.admin_url}/console  (sign in with the admin token)\n",
             file=sys.stderr,
         )
         return serve_on(settings)
