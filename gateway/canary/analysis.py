@@ -85,34 +85,49 @@ def observation(spec: CanarySpec, rec: Record) -> Observation | None:
 
 
 @dataclass(slots=True)
+class Samples:
+    """Samples of one measure: one per request (or pair), or with unit = "user" one per user (the mean of the
+    user's values), so that a user who sends many requests is still one sample."""
+
+    plain: list[float] = field(default_factory=list)
+    by_unit: dict[float, list[float]] = field(default_factory=dict)
+
+    def add(self, unit: float | None, value: float) -> None:
+        if unit is None:  # unit = "request", or a request without a sticky key: its own unit
+            self.plain.append(value)
+        else:
+            self.by_unit.setdefault(unit, []).append(value)
+
+    def values(self) -> list[float]:
+        return self.plain + [sum(v) / len(v) for v in self.by_unit.values()]
+
+
+@dataclass(slots=True)
 class ArmTally:
-    """One arm's counts, and its latency and cost samples: one per request, or with unit = "user" one per user
-    (the mean of the user's requests), so that a user who sends many requests is still one sample."""
+    """One arm's counts, and its latency and cost samples (`Samples`)."""
 
     requests: int = 0
     invalid: int = 0
     errors: int = 0
-    _latency: list[float] = field(default_factory=list)
-    _cost: list[float] = field(default_factory=list)
-    _latency_by_unit: dict[float, list[float]] = field(default_factory=dict)
-    _cost_by_unit: dict[float, list[float]] = field(default_factory=dict)
+    _latency: Samples = field(default_factory=Samples)
+    _cost: Samples = field(default_factory=Samples)
 
     def add(self, obs: Observation) -> None:
         self.requests += 1
         self.invalid += obs.invalid
         self.errors += obs.error
         if obs.latency_per_token is not None:
-            _sample(self._latency, self._latency_by_unit, obs.unit, obs.latency_per_token)
+            self._latency.add(obs.unit, obs.latency_per_token)
         if obs.cost is not None:
-            _sample(self._cost, self._cost_by_unit, obs.unit, obs.cost)
+            self._cost.add(obs.unit, obs.cost)
 
     @property
     def latency(self) -> list[float]:
-        return self._latency + [sum(v) / len(v) for v in self._latency_by_unit.values()]
+        return self._latency.values()
 
     @property
     def cost(self) -> list[float]:
-        return self._cost + [sum(v) / len(v) for v in self._cost_by_unit.values()]
+        return self._cost.values()
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -126,13 +141,6 @@ class ArmTally:
             "latency_per_token_median": _median_or_none(self.latency),
             "cost_median": _median_or_none(self.cost),
         }
-
-
-def _sample(plain: list[float], by_unit: dict[float, list[float]], unit: float | None, value: float) -> None:
-    if unit is None:  # unit = "request", or a request without a sticky key: its own unit
-        plain.append(value)
-    else:
-        by_unit.setdefault(unit, []).append(value)
 
 
 def _rate(x: int, n: int) -> float | None:
@@ -149,9 +157,7 @@ class Evidence:
 
     def __init__(self, spec: CanarySpec, step_start: float = -math.inf) -> None:
         self.spec = spec
-        g = spec.guardrails
-        rates = (("invalid_call_rate", g.invalid_call_rate), ("error_rate", g.error_rate))
-        self.tests = {name: CountTest(alpha=r.alpha) for name, r in rates if r is not None}
+        self.tests = rate_tests(spec)
         self._seen: dict[str, set[float]] = {name: set() for name in self.tests}
         self.total = {"candidate": ArmTally(), "baseline": ArmTally()}
         self.step_start = step_start
@@ -186,6 +192,13 @@ class Evidence:
 
     def _first(self, name: str, unit: float | None) -> bool:
         return first_of_unit(self._seen[name], unit)
+
+
+def rate_tests(spec: CanarySpec) -> dict[str, CountTest]:
+    """A fresh count test per rate guardrail the spec declares, by guardrail name."""
+    g = spec.guardrails
+    rates = (("invalid_call_rate", g.invalid_call_rate), ("error_rate", g.error_rate))
+    return {name: CountTest(alpha=r.alpha) for name, r in rates if r is not None}
 
 
 def first_of_unit(seen: set[float], unit: float | None) -> bool:

@@ -32,10 +32,19 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
-from gateway.canary.analysis import ERRORS, Check, Look, Outcome, count_check, first_of_unit
+from gateway.canary.analysis import (
+    ERRORS,
+    Check,
+    Look,
+    Outcome,
+    Samples,
+    count_check,
+    first_of_unit,
+    rate_tests,
+)
 from gateway.canary.spec import CanarySpec, RateGuardrail, RatioGuardrail
 from gateway.canary.stats import CountTest, Verdict
 from gateway.records import SHADOW_DROPPED, Record
@@ -83,23 +92,6 @@ def _routed(rec: Record) -> str | None:
 
 
 @dataclass(slots=True)
-class _Samples:
-    """Ratio samples: one per pair, or with unit = "user" one per user (the mean of the user's pairs)."""
-
-    plain: list[float] = field(default_factory=list)
-    by_unit: dict[float, list[float]] = field(default_factory=dict)
-
-    def add(self, unit: float | None, value: float) -> None:
-        if unit is None:
-            self.plain.append(value)
-        else:
-            self.by_unit.setdefault(unit, []).append(value)
-
-    def values(self) -> list[float]:
-        return self.plain + [sum(v) / len(v) for v in self.by_unit.values()]
-
-
-@dataclass(slots=True)
 class _Tally:
     """Both sides' events over the pairs, for people (the tests decide)."""
 
@@ -118,11 +110,9 @@ class PairedEvidence:
         self, spec: CanarySpec, *, max_unmatched: int = MAX_UNMATCHED, max_wait_s: float = MAX_WAIT_S
     ) -> None:
         self.spec = spec
-        g = spec.guardrails
-        rates = (("invalid_call_rate", g.invalid_call_rate), ("error_rate", g.error_rate))
-        self.tests = {name: CountTest(alpha=r.alpha) for name, r in rates if r is not None}
+        self.tests = rate_tests(spec)
         self._seen: dict[str, set[float]] = {name: set() for name in self.tests}
-        self.ratios = {"latency_per_output_token": _Samples(), "cost_per_request": _Samples()}
+        self.ratios = {"latency_per_output_token": Samples(), "cost_per_request": Samples()}
         self.tally = _Tally()
         self.users_served = 0  # requests the policy routed to the candidate
         self.unpaired = 0  # copies dropped from the buffer without their request
